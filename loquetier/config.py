@@ -1,0 +1,78 @@
+"""Dataclass configs. Plain data: what the engine is asked to be, decided once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a user-facing dtype name to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: fixed-size blocks from one pool sized by a memory budget (or an explicit count)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None          # explicit pool size; wins over the memory budget
+    memory_budget_bytes: int | None = None  # default: 256 MiB on CPU, 90% of free memory on GPU
+
+
+@dataclass
+class LoraConfig:
+    """Adapter slots: `max_loras` live on the device, up to `max_cpu_loras` more wait in a CPU cache."""
+
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 64
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step token budget and admission limits (policy knobs)."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_waiting: int = 4096
+    # SLOs in seconds; None disables the SLO-aware cap on training tokens.
+    slo_ttft: float | None = None
+    slo_tpot: float | None = None
+    # "slo" (cost-model driven) or "fixed" (the paper's N inference steps per training step).
+    train_policy: str = "slo"
+    infer_steps_per_train_step: int = 5
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model: str
+    dtype: str = "float32"
+    device: str | None = None  # default: cuda if available else cpu
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 8192)
+    seed: int = 0
+    attention_backend: str = "auto"  # "torch" (reference) | "triton" | "auto"
+    lora_backend: str = "auto"       # "torch" (reference) | "triton" | "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,214 @@
+"""Engine: the step loop. Each `step()` schedules, runs one mixed batch, and advances every request."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import CapacityError, RequestError
+from ..lora.adapter import AdapterWeights, load_peft_adapter
+from ..lora.manager import AdapterManager
+from ..models.loader import load_model
+from ..sampling_params import SamplingParams
+from .batch import LossSegment, build_mixed_batch
+from .kv_cache import KVCache
+from .runner import ModelRunner, StepResult
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass
+class RequestOutput:
+    """What a caller sees of a request after a step (incremental while running, whole when finished)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    adapter: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class StepParticipant(Protocol):
+    """Something that rides training/eval segments along with inference (the trainer)."""
+
+    def next_segments(self, budget: int, num_inference_tokens: int) -> list[LossSegment]: ...
+    def on_losses(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor) -> None: ...
+
+
+class Engine:
+    """Owns the model, KV cache, adapters, scheduler and runner; `step()` is the hot loop."""
+
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        device, dtype = config.torch_device, config.torch_dtype
+        self.device, self.dtype = device, dtype
+        torch.manual_seed(config.seed)
+        from ..models.config import ModelArgs
+        self.args = ModelArgs.from_dir(config.model)
+        self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
+        lora_backend = config.lora_backend
+        self.model = load_model(config.model, dtype, device, self.max_model_len, config.lora.max_loras,
+                                config.lora.max_lora_rank, lora_backend)
+        self.model.set_attention_backend(config.attention_backend)
+        self.kv = KVCache(self.args, config.cache, dtype, device)
+        self.model.kv_caches = self.kv.layers
+        self.adapters = AdapterManager(self.model, config.lora)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
+        self.runner = ModelRunner(self.model)
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(self.args.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.requests: dict[str, Sequence] = {}
+        self.participant: StepParticipant | None = None
+        self._ids = itertools.count()
+        self.step_observers: list = []   # callables(step_info dict) for cost models and metrics
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Read a PEFT adapter and register it; errors leave the engine untouched."""
+        weights = load_peft_adapter(path, self.args, self.config.lora.max_lora_rank)
+        self.adapters.add(name, weights)
+
+    def add_adapter(self, name: str, weights: AdapterWeights, parent: str | None = None) -> None:
+        self.adapters.add(name, weights, parent)
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.remove(name)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> str:
+        if adapter is not None:
+            self.adapters.get(adapter)  # raises AdapterNotFoundError
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.args.vocab_size for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.args.vocab_size})")
+        n = len(prompt_token_ids)
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                               f"asks for {n} prompt tokens + {params.max_tokens} max_tokens = {n + params.max_tokens}")
+        if self.kv.blocks_needed(n + params.max_tokens) > self.kv.num_blocks:
+            raise RequestError(f"prompt + max_tokens = {n + params.max_tokens} tokens does not fit the KV cache "
+                               f"({self.kv.num_blocks * self.kv.block_size} tokens)")
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
+            raise CapacityError(f"{len(self.scheduler.waiting)} requests are waiting; try again later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(list(prompt_token_ids), params, adapter, request_id)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+            seq.finish_time = time.monotonic()
+            self.scheduler.free(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ the step
+    def step(self, loss_segments: list[LossSegment] | None = None, keep_logits: bool = False
+             ) -> list[RequestOutput]:
+        """One scheduling round and one forward over the mixed batch."""
+        t0 = time.perf_counter()
+        sched: SchedulerOutput = self.scheduler.schedule()
+        segments = list(loss_segments or [])
+        if self.participant is not None:
+            segments += self.participant.next_segments(sched.leftover_budget, sched.num_inference_tokens)
+        if not sched.scheduled and not segments:
+            return []
+        names = {s.seq.adapter for s in sched.scheduled} | {s.adapter for s in segments}
+        names.discard(None)
+        slot_of: dict[str | None, int] = {None: -1, **self.adapters.activate(names)}
+        train_dropout = {slot_of[s.adapter]: self.adapters.dropout_of(s.adapter) for s in segments if s.train}
+        batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout, self.device)
+        result: StepResult = self.runner.execute(batch, keep_logits)
+        self.last_result = result
+        for s in batch.scheduled:
+            s.seq.num_computed_tokens += s.length
+        outputs = self._advance(batch.sample_seqs, result)
+        if segments:
+            if self.participant is not None:
+                self.participant.on_losses(batch.loss_segments, result.loss_sums, result.loss_counts)
+        info = {"time": time.perf_counter() - t0,
+                "num_decode_tokens": sum(1 for s in batch.scheduled if s.length == 1),
+                "num_prefill_tokens": sum(s.length for s in batch.scheduled if s.length > 1),
+                "num_train_tokens": sum(len(s.token_ids) for s in segments if s.train),
+                "num_eval_tokens": sum(len(s.token_ids) for s in segments if not s.train)}
+        for observer in self.step_observers:
+            observer(info)
+        return outputs
+
+    def _advance(self, seqs: list[Sequence], result: StepResult) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, result.tokens, result.logprobs):
+            seq.output_token_ids.append(token)
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                seq.finish_time = now
+                self.scheduler.free(seq)
+                self.requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason = "stop"
+        if p.stop and self.tokenizer is not None and reason is None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            # only look where a new match can start: the tail that this token may have completed
+            start = max(0, len(seq.text) - max(len(s) for s in p.stop))
+            hits = [i for s in p.stop if (i := text.find(s, start)) >= 0]
+            seq.text = text
+            if hits:
+                seq.stop_text_len = min(hits)
+                reason = "stop"
+        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+
+    def detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if seq.stop_text_len is not None:
+            text = text[:seq.stop_text_len]
+        return text
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        metrics = {"arrival_time": seq.arrival_time, "first_scheduled_time": seq.first_scheduled_time,
+                   "first_token_time": seq.first_token_time, "finish_time": seq.finish_time,
+                   "num_preemptions": seq.num_preemptions}
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
+                             self.detokenize(seq) if finished else "", finished, seq.finish_reason,
+                             list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                             seq.adapter, metrics)

@@ -1,0 +1,61 @@
+"""Paged KV cache: one preallocated pool of fixed-size blocks and an allocator with a free list."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from ..config import CacheConfig
+from ..models.config import ModelArgs
+
+
+class BlockAllocator:
+    """Hands out block ids from a free list; blocks come back when a sequence ends or is preempted."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self.free), "caller must check can_allocate first"
+        return [self.free.popleft() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)
+
+
+class KVCache:
+    """K/V tensors for every layer, [num_blocks, block_size, kv_heads, head_dim] each, from one pool."""
+
+    def __init__(self, args: ModelArgs, config: CacheConfig, dtype: torch.dtype, device: torch.device):
+        self.block_size = config.block_size
+        bytes_per_block = 2 * args.num_layers * config.block_size * args.kv_size * torch.tensor([], dtype=dtype).element_size()
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        else:
+            budget = config.memory_budget_bytes
+            if budget is None:
+                if device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(device)
+                    budget = int(free * 0.9)
+                else:
+                    budget = 256 << 20
+            num_blocks = max(1, budget // bytes_per_block)
+        self.num_blocks = num_blocks
+        # one allocation for the whole pool; per-layer views into it
+        self.pool = torch.zeros(args.num_layers, 2, num_blocks, config.block_size, args.num_kv_heads,
+                                args.head_dim, dtype=dtype, device=device)
+        self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(args.num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.allocator.num_free / self.num_blocks

@@ -1,0 +1,123 @@
+"""Scheduler (policy): which sequences run this step and how many tokens each, under a token budget.
+
+Decode tokens of running sequences go first, then prefill chunks (a long prompt is cut so it
+cannot stall decoding), and whatever budget is left is offered to training/evaluation. When the KV
+pool runs dry, the newest running sequence is preempted and later recomputed, never dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..config import SchedulerConfig
+from ..lora.manager import AdapterManager
+from .batch import ScheduledSeq
+from .kv_cache import KVCache
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    leftover_budget: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_inference_tokens(self) -> int:
+        return sum(s.length for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCache, adapters: AdapterManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.adapters = adapters
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free(self, seq: Sequence) -> None:
+        """Return a finished or aborted sequence's blocks and adapter pin."""
+        if seq.block_table:
+            self.kv.allocator.release(seq.block_table)
+            seq.block_table = []
+        if seq in self.running:
+            self.running.remove(seq)
+            if seq.adapter is not None:
+                self.adapters.unpin(seq.adapter)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.allocator.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.running.remove(seq)
+        if seq.adapter is not None:
+            self.adapters.unpin(seq.adapter)
+        self.waiting.appendleft(seq)
+
+    def _reserve(self, seq: Sequence, upto_tokens: int) -> bool:
+        """Make sure seq has blocks for its first `upto_tokens` tokens."""
+        need = self.kv.blocks_needed(upto_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.kv.allocator.num_free:
+            return False
+        seq.block_table += self.kv.allocator.allocate(need)
+        return True
+
+    def schedule(self, budget: int | None = None) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens if budget is None else budget
+        out = SchedulerOutput()
+        # 1) running sequences, oldest first; decode (1 pending token) before prefill chunks
+        running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in running:
+            if seq not in self.running:
+                continue  # preempted below to make room for an older one
+            pending = seq.num_tokens - seq.num_computed_tokens
+            n = min(pending, budget)
+            if n <= 0:
+                continue
+            while not self._reserve(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+        # 2) admit waiting sequences while budget, slots and blocks last
+        now = time.monotonic()
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            wanted = {s.adapter for s in self.running if s.adapter} | ({seq.adapter} if seq.adapter else set())
+            if not self.adapters.fits(wanted):
+                break
+            pending = seq.num_tokens - seq.num_computed_tokens
+            n = min(pending, budget)
+            if not self._reserve(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            self.running.append(seq)
+            if seq.adapter is not None:
+                self.adapters.pin(seq.adapter)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+        out.leftover_budget = budget
+        return out

@@ -1,0 +1,47 @@
+"""User-facing exceptions. Every error a user can cause is one of these; internal invariants are asserts."""
+
+
+class LoquetierError(Exception):
+    """Base class of every error a user can cause. `status` is the HTTP status the server maps it to."""
+
+    status: int = 400
+    code: str = "invalid_request"
+
+
+class ModelLoadError(LoquetierError):
+    """The base model checkpoint cannot be read or is not a supported architecture."""
+
+    code = "model_load_error"
+
+
+class AdapterError(LoquetierError):
+    """An adapter cannot be loaded: missing/unsafe files, shapes that do not fit, too large a rank..."""
+
+    code = "invalid_adapter"
+
+
+class AdapterNotFoundError(LoquetierError):
+    """A request names an adapter that is not loaded."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class AdapterInUseError(LoquetierError):
+    """The adapter is pinned (training, or every slot busy) and cannot be detached or evicted now."""
+
+    status = 409
+    code = "adapter_in_use"
+
+
+class RequestError(LoquetierError):
+    """A generation request is invalid (prompt too long, bad sampling parameters...)."""
+
+    code = "invalid_request"
+
+
+class CapacityError(LoquetierError):
+    """The engine cannot take more work right now (waiting queue full)."""
+
+    status = 429
+    code = "capacity_exceeded"

@@ -1,0 +1,114 @@
+"""Attention over the paged KV cache (inference) and over variable-length segments (training).
+
+Cache layout, one tensor per layer and kind: [num_blocks, block_size, num_kv_heads, head_dim].
+Token at position p of a sequence lives in block `block_table[p // block_size]`, offset `p % block_size`.
+Query head h reads kv head h // (num_heads // num_kv_heads) (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values [T, kvh, d] into their cache slots (flat index block*block_size+off)."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _causal_mask(q_pos: torch.Tensor, k_len: int, sliding_window: int | None) -> torch.Tensor:
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    return mask
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q [T, H, D], k/v [S, KVH, D], mask [T, S] bool -> [T, H, D]."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+                            scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention inside each segment [cu[i], cu[i+1]) with no cache (training/eval). Differentiable."""
+    outs = []
+    for i in range(len(cu) - 1):
+        a, b = cu[i], cu[i + 1]
+        if b == a:
+            continue
+        if sliding_window is None or b - a <= sliding_window:
+            qt, kt, vt = q[a:b].transpose(0, 1), k[a:b], v[a:b]
+            n_rep = q.shape[1] // k.shape[1]
+            if n_rep > 1:
+                kt, vt = kt.repeat_interleave(n_rep, dim=1), vt.repeat_interleave(n_rep, dim=1)
+            o = F.scaled_dot_product_attention(qt, kt.transpose(0, 1), vt.transpose(0, 1),
+                                               is_causal=True, scale=scale)
+            outs.append(o.transpose(0, 1))
+        else:
+            pos = torch.arange(b - a, device=q.device)
+            outs.append(_sdpa(q[a:b], k[a:b], v[a:b], _causal_mask(pos, b - a, sliding_window), scale))
+    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached positions as [length, kvh, d]."""
+    bs = cache.shape[1]
+    n_blocks = (length + bs - 1) // bs
+    return cache[block_table[:n_blocks]].flatten(0, 1)[:length]
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, cu: list[int], context_lens: list[int],
+                                scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Prefill chunks: sequence i's queries q[cu[i]:cu[i+1]] are its last positions before
+    context_lens[i]; they attend causally to everything cached for that sequence (chunked prefill)."""
+    out = torch.empty_like(q)
+    for i in range(len(cu) - 1):
+        a, b = cu[i], cu[i + 1]
+        ctx_len = context_lens[i]
+        k = gather_kv(k_cache, block_tables[i], ctx_len)
+        v = gather_kv(v_cache, block_tables[i], ctx_len)
+        q_pos = torch.arange(ctx_len - (b - a), ctx_len, device=q.device)
+        out[a:b] = _sdpa(q[a:b], k, v, _causal_mask(q_pos, ctx_len, sliding_window), scale).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
+    """One query per sequence [B, H, D] over its cached context; batched gather, masked by length."""
+    B, H, D = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    max_len = block_tables.shape[1] * bs
+    k = k_cache[block_tables].reshape(B, max_len, kvh, D)
+    v = v_cache[block_tables].reshape(B, max_len, kvh, D)
+    n_rep = H // kvh
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=2), v.repeat_interleave(n_rep, dim=2)
+    pos = torch.arange(max_len, device=q.device)
+    valid = pos[None, :] < context_lens[:, None]
+    if sliding_window is not None:
+        valid &= pos[None, :] >= (context_lens[:, None] - sliding_window)
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("bhs,bshd->bhd", probs, v.float()).to(q.dtype)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           sliding_window=None, backend: str = "auto"):
+    """Dispatch: Triton kernel on CUDA (no sliding window), reference elsewhere."""
+    if q.is_cuda and backend != "torch" and sliding_window is None:
+        from .attention_triton import paged_decode_attention as kernel
+        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)

@@ -1,0 +1,180 @@
+"""Segmented Multi-LoRA Multiplication (SMLM): every segment's LoRA delta for one layer in one op.
+
+Layout of one (possibly fused) virtual layer's adapter table, shared with the Triton kernels:
+  lora_a  [L, S*R, d_in]        slot l, slice s uses rows s*R .. s*R+r (rank r <= R, rest zero)
+  lora_b  [L, d_out, R]         rows slice_offsets[s] .. slice_offsets[s+1] belong to slice s
+  scaling [L, S] float32        alpha/r (or alpha/sqrt(r)); 0 where the adapter skips that module
+The flat token batch is cut into segments (`seg_cu`, `seg_slot`, -1 = base only). Training
+segments come first, so the tokens that need a backward are the prefix `[:num_train_tokens]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoraBatchMeta:
+    """Per-step segment metadata for SMLM, built once per step on the host and copied once."""
+
+    seg_cu: torch.Tensor        # int32 [G+1] on device
+    seg_slot: torch.Tensor      # int32 [G] on device, -1 = no adapter
+    token_slot: torch.Tensor    # int32 [N] on device, -1 = no adapter
+    seg_cu_host: list[int]
+    seg_slot_host: list[int]
+    max_seg_len: int
+    num_train_tokens: int = 0   # training segments are the prefix [0, num_train_tokens)
+    num_train_segments: int = 0
+    # LoRA dropout probability of each slot trained this step (applied to training segments only)
+    train_dropout: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def any_adapter(self) -> bool:
+        return any(s >= 0 for s in self.seg_slot_host)
+
+
+# ----------------------------------------------------------------------------- reference path
+def shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """v[t] = lora_a[slot(t)] @ x[t]; zero for tokens without an adapter. Returns [N, S*R]."""
+    v = x.new_zeros(x.shape[0], lora_a.shape[1])
+    cu = meta.seg_cu_host
+    for g, slot in enumerate(meta.seg_slot_host):
+        if slot >= 0 and cu[g + 1] > cu[g]:
+            v[cu[g]:cu[g + 1]] = x[cu[g]:cu[g + 1]] @ lora_a[slot].t()
+    return v
+
+
+def expand_ref_(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+                slice_offsets: tuple[int, ...], meta: LoraBatchMeta) -> torch.Tensor:
+    """In place: y[t, slice s] += scaling[l, s] * v[t, s*R:(s+1)*R] @ lora_b[l, slice s].T."""
+    rank = lora_b.shape[2]
+    cu = meta.seg_cu_host
+    for g, slot in enumerate(meta.seg_slot_host):
+        if slot < 0 or cu[g + 1] == cu[g]:
+            continue
+        for s in range(len(slice_offsets) - 1):
+            lo, hi = slice_offsets[s], slice_offsets[s + 1]
+            vs = v[cu[g]:cu[g + 1], s * rank:(s + 1) * rank]
+            y[cu[g]:cu[g + 1], lo:hi] += (vs @ lora_b[slot, lo:hi].t()) * scaling[slot, s].to(y.dtype)
+    return y
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend == "torch" or not x.is_cuda:
+        return False
+    from . import smlm_triton  # noqa: F401  (import error => fall back below)
+    return True
+
+
+def shrink(x, lora_a, meta: LoraBatchMeta, backend: str = "auto"):
+    if _use_triton(x, backend):
+        from .smlm_triton import shrink as shrink_triton
+        return shrink_triton(x, lora_a, meta.seg_cu, meta.seg_slot, meta.token_slot, meta.max_seg_len)
+    return shrink_ref(x, lora_a, meta)
+
+
+def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: str = "auto"):
+    if _use_triton(y, backend):
+        from .smlm_triton import expand_ as expand_triton
+        return expand_triton(y, v, lora_b, scaling, slice_offsets, meta.seg_cu, meta.seg_slot,
+                             meta.token_slot, meta.max_seg_len)
+    return expand_ref_(y, v, lora_b, scaling, slice_offsets, meta)
+
+
+# ----------------------------------------------------------------------------- autograd
+@dataclass(frozen=True)
+class TrainParamRef:
+    """Where a trainable parameter lives in the slot table: slot, slice, 'A' or 'B', its rank."""
+
+    slot: int
+    slice: int
+    kind: str
+    rank: int
+
+
+class _SMLMFunction(torch.autograd.Function):
+    """out = y + SMLM(x). Backward: grads only from training segments, only for trainable slots."""
+
+    @staticmethod
+    def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, refs, backend, *params):
+        n_train = meta.num_train_tokens
+        x_lora = x
+        masks: dict[int, torch.Tensor] = {}
+        if meta.train_dropout and any(p > 0 for p in meta.train_dropout.values()):
+            x_lora = x.clone()
+            cu = meta.seg_cu_host
+            for g in range(meta.num_train_segments):
+                p = meta.train_dropout.get(meta.seg_slot_host[g], 0.0)
+                if p > 0:
+                    keep = torch.empty_like(x[cu[g]:cu[g + 1]]).bernoulli_(1 - p) / (1 - p)
+                    x_lora[cu[g]:cu[g + 1]] *= keep
+                    masks[g] = keep
+        v = shrink(x_lora, lora_a, meta, backend)
+        out = y.clone()
+        expand_(out, v, lora_b, scaling, slice_offsets, meta, backend)
+        ctx.save_for_backward(x_lora[:n_train], v[:n_train], lora_a, lora_b, scaling)
+        ctx.meta, ctx.refs, ctx.slice_offsets, ctx.masks = meta, refs, slice_offsets, masks
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x_train, v_train, lora_a, lora_b, scaling = ctx.saved_tensors
+        meta, refs, offs = ctx.meta, ctx.refs, ctx.slice_offsets
+        rank = lora_b.shape[2]
+        num_slices = len(offs) - 1
+        cu = meta.seg_cu_host
+        dA: dict[int, torch.Tensor] = {}
+        dB: dict[int, torch.Tensor] = {}
+        dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device) if ctx.needs_input_grad[0] else None
+        for g in range(meta.num_train_segments):
+            slot = meta.seg_slot_host[g]
+            a, b = cu[g], cu[g + 1]
+            if slot < 0 or a == b:
+                continue
+            dy = dout[a:b]
+            dv = torch.empty_like(v_train[a:b])
+            gB = dB.setdefault(slot, torch.zeros_like(lora_b[slot], dtype=torch.float32))
+            for s in range(num_slices):
+                lo, hi = offs[s], offs[s + 1]
+                sc = scaling[slot, s]
+                dys = dy[:, lo:hi]
+                dv[:, s * rank:(s + 1) * rank] = (dys @ lora_b[slot, lo:hi]) * sc.to(dy.dtype)
+                gB[lo:hi] += (dys.t().float() @ v_train[a:b, s * rank:(s + 1) * rank].float()) * sc
+            gA = dA.setdefault(slot, torch.zeros_like(lora_a[slot], dtype=torch.float32))
+            gA += dv.t().float() @ x_train[a:b].float()
+            if dx is not None:
+                dxg = dv @ lora_a[slot]
+                if g in ctx.masks:
+                    dxg = dxg * ctx.masks[g]
+                dx[a:b] = dxg
+        param_grads = []
+        for ref in refs:
+            if ref.kind == "A":
+                g = dA.get(ref.slot)
+                param_grads.append(None if g is None else
+                                   g[ref.slice * rank:ref.slice * rank + ref.rank].to(lora_a.dtype))
+            else:
+                g = dB.get(ref.slot)
+                lo, hi = offs[ref.slice], offs[ref.slice + 1]
+                param_grads.append(None if g is None else g[lo:hi, :ref.rank].to(lora_b.dtype))
+        return (dx, dout, None, None, None, None, None, None, None, *param_grads)
+
+
+def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+         scaling: torch.Tensor, slice_offsets: tuple[int, ...], meta: LoraBatchMeta,
+         train_refs: tuple[TrainParamRef, ...] = (), train_params: tuple[torch.Tensor, ...] = (),
+         backend: str = "auto") -> torch.Tensor:
+    """Return y + each segment's `scale * (x A^T) B^T`.
+
+    Without training tokens (or with grad disabled) the delta is added into `y` in place and no
+    graph is recorded. With training tokens, an autograd node gives grads for x (training rows)
+    and for `train_params` (views of the slot table described by `train_refs`).
+    """
+    if meta.num_train_tokens == 0 or not torch.is_grad_enabled():
+        v = shrink(x, lora_a, meta, backend)
+        return expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
+    return _SMLMFunction.apply(x, y, lora_a, lora_b, scaling, slice_offsets, meta, train_refs,
+                               backend, *train_params)

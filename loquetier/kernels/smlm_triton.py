@@ -1,0 +1,345 @@
+"""Triton kernels for Segmented Multi-LoRA Multiplication (SMLM).
+
+One flat token batch, split into contiguous segments that each use one adapter slot:
+
+    shrink:  v[t]                  = lora_a[slot(t)] @ x[t]                          # [S*R]
+    expand:  y[t, o_s:o_{s+1}]    += scaling[slot(t), s] * lora_b[slot(t), o_s:o_{s+1}] @ v[t, s*R:(s+1)*R]
+
+Layouts (one, possibly fused, linear layer with S output slices and max rank R):
+    x        [N, d_in]                 activations, unit last stride
+    lora_a   [L, S*R, d_in]            slice s uses rows s*R..(s+1)*R, ranks < R zero-padded
+    lora_b   [L, d_out_total, R]       rows o_s..o_{s+1} belong to slice s
+    scaling  [L, S] fp32
+    seg_cu   [G+1] int32 token offsets; seg_slot [G] int32 (-1 = no adapter)
+    token_slot [N] int32, used by the decode (gather) path
+
+Each op is one launch for all segments and slices. Two paths, picked on the host from
+``max_seg_len``: segment-grouped ``tl.dot`` tiles for prefill/training, and a per-token gather
+(GEMV) for decode where every segment is one token. The backward for training segments is plain
+torch (``smlm_backward``): its matmuls are few and large, cuBLAS does them well.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SLICES = 4  # expand takes the slice boundaries as scalar arguments
+GATHER_MAX_SEG_LEN = 1  # segments no longer than this use the per-token gather path
+
+# Segment-grouped path (prefill / training).
+SHRINK_BLOCK_M = 32
+SHRINK_BLOCK_N_MAX = 64
+SHRINK_BLOCK_K = 64
+EXPAND_BLOCK_M = 64
+EXPAND_BLOCK_N = 128
+# Gather path (decode).
+SHRINK_GATHER_BLOCK_N_MAX = 64
+SHRINK_GATHER_BLOCK_K = 128
+EXPAND_GATHER_BLOCK_N = 128
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise run as tf32 on GPU; 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
+
+
+# --------------------------------------------------------------------------- shrink
+
+
+@triton.jit
+def _shrink_segment_kernel(
+    x_ptr, a_ptr, v_ptr, seg_cu_ptr, seg_slot_ptr,
+    d_in, num_rows,  # num_rows = S*R
+    stride_xm, stride_al, stride_an, stride_vm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # grid: (segment, token tile within the segment, tile of the S*R outputs)
+    pid_g = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    seg_end = tl.load(seg_cu_ptr + pid_g + 1)
+    m_start = tl.load(seg_cu_ptr + pid_g) + pid_m * BLOCK_M
+    if m_start >= seg_end:
+        return
+    slot = tl.load(seg_slot_ptr + pid_g)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < seg_end
+    mask_n = offs_n < num_rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if slot >= 0:  # slot -1: the rows are written as zeros
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        a_ptrs = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :] * stride_an + offs_k[:, None]
+        for k in range(0, tl.cdiv(d_in, BLOCK_K)):
+            mask_k = offs_k < d_in - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+    v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_vm + offs_n[None, :]
+    tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _shrink_gather_kernel(
+    x_ptr, a_ptr, v_ptr, token_slot_ptr,
+    d_in, num_rows,
+    stride_xm, stride_al, stride_an, stride_vm,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grid: (token, tile of the S*R outputs); one GEMV per token
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(token_slot_ptr + t)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < num_rows
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if slot >= 0:
+        x_ptrs = x_ptr + t.to(tl.int64) * stride_xm + offs_k
+        a_ptrs = a_ptr + slot.to(tl.int64) * stride_al + offs_n[:, None] * stride_an + offs_k[None, :]
+        for k in range(0, tl.cdiv(d_in, BLOCK_K)):
+            mask_k = offs_k < d_in - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
+            a = tl.load(a_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+            acc += a.to(tl.float32) * x[None, :]
+            x_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+    out = tl.sum(acc, axis=1)
+    tl.store(v_ptr + t.to(tl.int64) * stride_vm + offs_n, out.to(v_ptr.dtype.element_ty), mask=mask_n)
+
+
+def shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_cu: torch.Tensor,
+    seg_slot: torch.Tensor,
+    token_slot: torch.Tensor,
+    max_seg_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """v[t] = lora_a[slot(t)] @ x[t] for all tokens in one launch; [N, S*R] in x.dtype, 0 where slot -1.
+
+    ``out`` (optional, [N, S*R], unit last stride) is written instead of a new tensor.
+    """
+    assert x.dim() == 2 and lora_a.dim() == 3 and x.shape[1] == lora_a.shape[2]
+    assert x.stride(1) == 1 and lora_a.stride(2) == 1 and x.dtype == lora_a.dtype
+    num_tokens, d_in = x.shape
+    num_rows = lora_a.shape[1]
+    if out is None:
+        out = torch.empty(num_tokens, num_rows, dtype=x.dtype, device=x.device)
+    assert out.shape == (num_tokens, num_rows) and out.stride(1) == 1
+    v = out
+    if num_tokens == 0:
+        return v
+    if max_seg_len <= GATHER_MAX_SEG_LEN:
+        block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_GATHER_BLOCK_N_MAX)
+        grid = (num_tokens, triton.cdiv(num_rows, block_n))
+        _shrink_gather_kernel[grid](
+            x, lora_a, v, token_slot, d_in, num_rows,
+            x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0),
+            BLOCK_N=block_n, BLOCK_K=SHRINK_GATHER_BLOCK_K,
+        )
+    else:
+        block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_BLOCK_N_MAX)
+        num_segments = seg_slot.numel()
+        grid = (num_segments, triton.cdiv(max_seg_len, SHRINK_BLOCK_M), triton.cdiv(num_rows, block_n))
+        _shrink_segment_kernel[grid](
+            x, lora_a, v, seg_cu, seg_slot, d_in, num_rows,
+            x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0),
+            BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K,
+            DOT_PRECISION=_dot_precision(x.dtype),
+        )
+    return v
+
+
+# --------------------------------------------------------------------------- expand
+
+
+@triton.jit
+def _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4):
+    """Map a flat output-tile index to (slice, first tile of the slice, o_s, o_{s+1})."""
+    s = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32) + (pid_n >= T3).to(tl.int32)
+    tile0 = tl.where(s == 0, 0, tl.where(s == 1, T1, tl.where(s == 2, T2, T3)))
+    o_lo = tl.where(s == 0, 0, tl.where(s == 1, O1, tl.where(s == 2, O2, O3)))
+    o_hi = tl.where(s == 0, O1, tl.where(s == 1, O2, tl.where(s == 2, O3, O4)))
+    return s, tile0, o_lo, o_hi
+
+
+@triton.jit
+def _expand_segment_kernel(
+    y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
+    rank,
+    T1, T2, T3, O1, O2, O3, O4,
+    stride_ym, stride_vm, stride_bl, stride_bn, stride_sl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # grid: (segment, token tile within the segment, output tile of some slice)
+    pid_g = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    slot = tl.load(seg_slot_ptr + pid_g)
+    seg_end = tl.load(seg_cu_ptr + pid_g + 1)
+    m_start = tl.load(seg_cu_ptr + pid_g) + pid_m * BLOCK_M
+    if slot < 0 or m_start >= seg_end:
+        return
+    s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RANK_PAD)
+    mask_m = offs_m < seg_end
+    mask_n = offs_n < o_hi
+    mask_r = offs_r < rank
+    v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_vm + s * rank + offs_r[None, :]
+    v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BM, RP]
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]
+    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [RP, BN]
+    acc = tl.dot(v, b, input_precision=DOT_PRECISION)
+    scale = tl.load(scaling_ptr + slot * stride_sl + s)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _expand_gather_kernel(
+    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+    rank,
+    T1, T2, T3, O1, O2, O3, O4,
+    stride_ym, stride_vm, stride_bl, stride_bn, stride_sl,
+    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
+):
+    # grid: (token, output tile of some slice)
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(token_slot_ptr + t)
+    if slot < 0:
+        return
+    s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
+    offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RANK_PAD)
+    mask_n = offs_n < o_hi
+    mask_r = offs_r < rank
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + s * rank + offs_r, mask=mask_r, other=0.0)
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :]
+    b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, RP]
+    acc = tl.sum(b.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
+    scale = tl.load(scaling_ptr + slot * stride_sl + s)
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n
+    y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _slice_tiles(slice_offsets: tuple[int, ...], block_n: int) -> tuple[int, list[int], list[int]]:
+    """Flat tiling of the output columns, slice by slice: (total tiles, [T1..T3], [O1..O4])."""
+    num_slices = len(slice_offsets) - 1
+    assert 1 <= num_slices <= MAX_SLICES, f"expand supports 1..{MAX_SLICES} slices, got {num_slices}"
+    d_out = slice_offsets[-1]
+    starts = [0]
+    for s in range(num_slices):
+        starts.append(starts[-1] + triton.cdiv(slice_offsets[s + 1] - slice_offsets[s], block_n))
+    total = starts[-1]
+    tile_starts = [starts[s] if s < num_slices else total for s in range(1, MAX_SLICES)]
+    bounds = [slice_offsets[s] if s <= num_slices else d_out for s in range(1, MAX_SLICES + 1)]
+    return total, tile_starts, bounds
+
+
+def expand_(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    seg_cu: torch.Tensor,
+    seg_slot: torch.Tensor,
+    token_slot: torch.Tensor,
+    max_seg_len: int,
+) -> torch.Tensor:
+    """In place: y[t, o_s:o_{s+1}] += scaling[l, s] * lora_b[l, o_s:o_{s+1}] @ v[t, s*R:(s+1)*R]; returns y."""
+    num_tokens = y.shape[0]
+    num_slices = len(slice_offsets) - 1
+    rank = lora_b.shape[2]
+    assert y.stride(1) == 1 and v.stride(1) == 1 and lora_b.stride(2) == 1 and scaling.stride(1) == 1
+    assert y.shape[1] == slice_offsets[-1] == lora_b.shape[1] and v.shape == (num_tokens, num_slices * rank)
+    assert scaling.dtype == torch.float32 and scaling.shape == (lora_b.shape[0], num_slices)
+    if num_tokens == 0:
+        return y
+    rank_pad = _rank_pad(rank)
+    if max_seg_len <= GATHER_MAX_SEG_LEN:
+        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
+        _expand_gather_kernel[(num_tokens, total_tiles)](
+            y, v, lora_b, scaling, token_slot, rank, *tiles, *bounds,
+            y.stride(0), v.stride(0), lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
+            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad,
+        )
+    else:
+        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_BLOCK_N)
+        grid = (seg_slot.numel(), triton.cdiv(max_seg_len, EXPAND_BLOCK_M), total_tiles)
+        _expand_segment_kernel[grid](
+            y, v, lora_b, scaling, seg_cu, seg_slot, rank, *tiles, *bounds,
+            y.stride(0), v.stride(0), lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
+            BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
+            DOT_PRECISION=_dot_precision(v.dtype),
+        )
+    return y
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def smlm_backward(
+    x_train: torch.Tensor,
+    v_train: torch.Tensor,
+    dy_train: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    seg_cu_train: list[int],
+    seg_slot_train: list[int],
+) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """LoRA part of the backward for training segments (plain torch, fp32).
+
+    Returns dx_train [n, d_in] in x_train.dtype (LoRA contribution only; rows of slot -1 are 0)
+    and {slot: (dA [S*R, d_in], dB [d_out_total, R])} in fp32, summed over that slot's segments,
+    with scaling[slot, s] already applied.
+    """
+    num_slices = len(slice_offsets) - 1
+    rank = lora_b.shape[2]
+    dx = torch.zeros(x_train.shape, dtype=torch.float32, device=x_train.device)
+    grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    scales = scaling.detach().float()  # stays on device: no host sync in the backward
+    for g, slot in enumerate(seg_slot_train):
+        lo, hi = seg_cu_train[g], seg_cu_train[g + 1]
+        if slot < 0 or hi <= lo:
+            continue
+        x = x_train[lo:hi].float()  # [n, d_in]
+        v = v_train[lo:hi].float()  # [n, S*R]
+        dy = dy_train[lo:hi].float()  # [n, d_out_total]
+        b = lora_b[slot].float()  # [d_out_total, R]
+        dv = torch.empty_like(v)
+        db = torch.empty_like(b)
+        for s in range(num_slices):
+            o_lo, o_hi, scale = slice_offsets[s], slice_offsets[s + 1], scales[slot, s]
+            r = slice(s * rank, (s + 1) * rank)
+            dv[:, r] = scale * (dy[:, o_lo:o_hi] @ b[o_lo:o_hi])  # [n, R]
+            db[o_lo:o_hi] = scale * (dy[:, o_lo:o_hi].t() @ v[:, r])  # [w_s, R]
+        da = dv.t() @ x  # [S*R, d_in]
+        dx[lo:hi] = dv @ lora_a[slot].float()
+        if slot in grads:
+            grads[slot][0].add_(da)
+            grads[slot][1].add_(db)
+        else:
+            grads[slot] = (da, db)
+    return dx.to(x_train.dtype), grads

@@ -1,0 +1,74 @@
+"""`LLM`: the offline Python API, shaped like vLLM's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+from .engine.engine import Engine, RequestOutput
+from .errors import RequestError
+from .sampling_params import SamplingParams
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, or None when the directory has no tokenizer files."""
+    path = Path(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLM:
+    """Load a base model once; serve it and any number of LoRA adapters through `generate`."""
+
+    def __init__(self, model: str, *, max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int = 64,
+                 dtype: str = "float32", device: str | None = None, max_model_len: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, seed: int = 0,
+                 attention_backend: str = "auto", lora_backend: str = "auto"):
+        config = EngineConfig(
+            model=str(model), dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
+            attention_backend=attention_backend, lora_backend=lora_backend,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_cache_memory),
+            lora=LoraConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs))
+        self.tokenizer = load_tokenizer(model)
+        self.engine = Engine(config, self.tokenizer)
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer; pass prompts as lists of token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(self, prompts: str | list[int] | list[str | list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: str | None | list[str | None] = None) -> list[RequestOutput]:
+        """Generate for every prompt with continuous batching; outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        names = adapters if isinstance(adapters, list) else [adapters] * n
+        if len(params) != n or len(names) != n:
+            raise RequestError("prompts, sampling_params and adapters must have the same length")
+        ids = [self.engine.add_request(self.encode(p), sp, a) for p, sp, a in zip(prompts, params, names)]
+        results: dict[str, RequestOutput] = {}
+        try:
+            while len(results) < n:
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in results:
+                    self.engine.abort(rid)
+        return [results[rid] for rid in ids]

@@ -1,0 +1,183 @@
+"""One implementation of the Llama family (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) on a flat token batch.
+
+Every projection that LoRA may target is a `VirtualLoraLinear` over the shared base weight;
+q/k/v and gate/up are fused at load time (one base GEMM each, LoRA slices kept apart).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..engine.context import BatchContext
+from ..kernels import attention as attn_ops
+from ..lora.layer import VirtualLoraLinear
+from .config import ModelArgs
+from .rotary import RotaryEmbedding
+
+# PEFT target module name -> (fused layer attribute path, slice name)
+TARGET_MODULES = {
+    "q_proj": ("self_attn.qkv_proj", "q_proj"),
+    "k_proj": ("self_attn.qkv_proj", "k_proj"),
+    "v_proj": ("self_attn.qkv_proj", "v_proj"),
+    "o_proj": ("self_attn.o_proj", "o_proj"),
+    "gate_proj": ("mlp.gate_up_proj", "gate_proj"),
+    "up_proj": ("mlp.gate_up_proj", "up_proj"),
+    "down_proj": ("mlp.down_proj", "down_proj"),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def _linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias, device="meta")
+    layer.requires_grad_(False)
+    return layer
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, backend: str):
+        super().__init__()
+        self.args = args
+        self.qkv_proj = VirtualLoraLinear(
+            _linear(args.hidden_size, args.q_size + 2 * args.kv_size, args.attention_bias),
+            ("q_proj", "k_proj", "v_proj"), (args.q_size, args.kv_size, args.kv_size),
+            lora_slots, lora_rank, backend)
+        self.o_proj = VirtualLoraLinear(_linear(args.q_size, args.hidden_size, False), ("o_proj",),
+                                        (args.hidden_size,), lora_slots, lora_rank, backend)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.scale = args.head_dim ** -0.5
+        self.attention_backend = "auto"
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext, rotary: RotaryEmbedding,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        a = self.args
+        qkv = self.qkv_proj(x, ctx.lora)  # [N, q + 2 kv]
+        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
+        q = q.reshape(-1, a.num_heads, a.head_dim)
+        k = k.reshape(-1, a.num_kv_heads, a.head_dim)
+        v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, ctx.positions)
+        out = self._attend(q, k, v, ctx.attn, kv_cache)
+        return self.o_proj(out.reshape(-1, a.q_size), ctx.lora)
+
+    def _attend(self, q, k, v, m, kv_cache) -> torch.Tensor:
+        parts = []
+        sw = self.args.sliding_window
+        n_loss = m.num_loss_tokens
+        if n_loss:
+            parts.append(attn_ops.varlen_causal_attention(q[:n_loss], k[:n_loss], v[:n_loss], m.loss_cu,
+                                                          self.scale, sw))
+        if q.shape[0] > n_loss:
+            k_cache, v_cache = kv_cache
+            # the cache holds values, never graph: inference rows need no gradient
+            attn_ops.write_kv(k_cache, v_cache, k[n_loss:].detach(), v[n_loss:].detach(), m.slot_mapping)
+            if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
+                lo, hi = m.prefill_cu[0], m.prefill_cu[-1]
+                cu = [c - lo for c in m.prefill_cu]
+                parts.append(attn_ops.paged_prefill_attention_ref(
+                    q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens,
+                    self.scale, sw))
+            if q.shape[0] > m.decode_start:
+                parts.append(attn_ops.paged_decode_attention(
+                    q[m.decode_start:], k_cache, v_cache, m.decode_block_tables, m.decode_context_lens,
+                    self.scale, sw, self.attention_backend))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, backend: str):
+        super().__init__()
+        inter = args.intermediate_size
+        self.gate_up_proj = VirtualLoraLinear(_linear(args.hidden_size, 2 * inter, False),
+                                              ("gate_proj", "up_proj"), (inter, inter),
+                                              lora_slots, lora_rank, backend)
+        self.down_proj = VirtualLoraLinear(_linear(inter, args.hidden_size, False), ("down_proj",),
+                                           (args.hidden_size,), lora_slots, lora_rank, backend)
+        self.inter = inter
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, ctx.lora)
+        gate, up = gate_up.split((self.inter, self.inter), dim=-1)
+        return self.down_proj(F.silu(gate) * up, ctx.lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, lora_slots, lora_rank, backend)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args, lora_slots, lora_rank, backend)
+
+    def forward(self, x, ctx, rotary, kv_cache):
+        h = x + self.self_attn(self.input_layernorm(x), ctx, rotary, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+
+
+class LlamaModel(nn.Module):
+    """Decoder over a flat token batch: `forward(input_ids [N], ctx) -> hidden [N, hidden]`."""
+
+    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, lora_backend: str = "auto"):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(args, lora_slots, lora_rank, lora_backend)
+                                    for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else _linear(args.hidden_size, args.vocab_size, False)
+        self.rotary: RotaryEmbedding | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def init_runtime(self, max_positions: int) -> None:
+        """After the weights are loaded: rotary tables and empty adapter slot tables."""
+        w = self.embed_tokens.weight
+        a = self.args
+        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, w.dtype, w.device)
+        for table in self.virtual_layers():
+            for layer in set(table.values()):
+                layer.allocate()
+
+    def set_attention_backend(self, backend: str) -> None:
+        for layer in self.layers:
+            layer.self_attn.attention_backend = backend
+
+    def virtual_layers(self) -> list[dict[str, VirtualLoraLinear]]:
+        """Per decoder layer: PEFT module name -> the virtual layer holding that slice."""
+        out = []
+        for layer in self.layers:
+            table = {}
+            for name, (path, _slice) in TARGET_MODULES.items():
+                mod = layer
+                for part in path.split("."):
+                    mod = getattr(mod, part)
+                table[name] = mod
+            out.append(table)
+        return out
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, self.rotary, None if self.kv_caches is None else self.kv_caches[i])
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)

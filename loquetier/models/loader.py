@@ -1,0 +1,103 @@
+"""Load a Hugging Face Llama-family checkpoint (safetensors, single or sharded) into `LlamaModel`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ModelLoadError
+from .config import ModelArgs
+from .llama import LlamaModel
+
+# HF name inside a decoder layer -> (our fused parameter, slice index within the fusion, parts)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj.base", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj.base", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj.base", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj.base", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj.base", 1),
+    "self_attn.o_proj": ("self_attn.o_proj.base", None),
+    "mlp.down_proj": ("mlp.down_proj.base", None),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise ModelLoadError(f"{path} has only pickle weights (*.bin/*.pt); Loquetier reads safetensors only "
+                                 "(convert with `transformers`: model.save_pretrained(dir, safe_serialization=True))")
+        raise ModelLoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def _slice_rows(args: ModelArgs, fused: str, index: int) -> tuple[int, int]:
+    if fused.startswith("self_attn.qkv_proj"):
+        sizes = (args.q_size, args.kv_size, args.kv_size)
+    else:
+        sizes = (args.intermediate_size, args.intermediate_size)
+    lo = sum(sizes[:index])
+    return lo, lo + sizes[index]
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               lora_slots: int, lora_rank: int, lora_backend: str = "auto") -> LlamaModel:
+    """Build the model on the meta device, allocate it once on `device`, and stream the weights in."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory (a Hugging Face checkpoint is expected)")
+    args = ModelArgs.from_dir(path)
+    with torch.device("meta"):
+        model = LlamaModel(args, lora_slots, lora_rank, lora_backend).to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    loaded_rows: dict[str, int] = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target, rows = _map_name(args, name)
+                if target is None:
+                    continue
+                if target not in params:
+                    raise ModelLoadError(f"checkpoint tensor {name} has no place in a {args.family} model")
+                tensor = f.get_tensor(name)
+                param = params[target]
+                dst = param.data if rows is None else param.data[rows[0]:rows[1]]
+                if dst.shape != tensor.shape:
+                    raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+                dst.copy_(tensor)
+                loaded_rows[target] = loaded_rows.get(target, 0) + dst.shape[0]
+    missing = sorted(n for n, p in params.items() if loaded_rows.get(n, 0) != p.shape[0])
+    if missing:
+        raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.init_runtime(max_positions)
+    return model
+
+
+def _map_name(args: ModelArgs, name: str) -> tuple[str | None, tuple[int, int] | None]:
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if name == "model.norm.weight":
+        return "norm.weight", None
+    if name == "lm_head.weight":
+        return (None if args.tie_word_embeddings else "lm_head.weight"), None
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None, None  # e.g. rotary inv_freq buffers saved by old exports
+    layer, module, kind = m.groups()
+    prefix = f"layers.{layer}."
+    if module in _FUSED:
+        fused, index = _FUSED[module]
+        if index is None:
+            return f"{prefix}{fused}.{kind}", None
+        return f"{prefix}{fused}.{kind}", _slice_rows(args, fused, index)
+    return f"{prefix}{module}.{kind}", None

@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+# Triton kernels run on the CPU only through the interpreter; set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    from helpers import write_checkpoint
+    path = tmp_path_factory.mktemp("llama")
+    write_checkpoint(path, "llama")
+    return path

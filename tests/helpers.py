@@ -1,0 +1,64 @@
+"""Tiny random-weight HF checkpoints and PEFT adapters for the tests (written with transformers/peft)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+
+
+def hf_config(family: str, **overrides):
+    import transformers as tf
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**{**common, **overrides})
+    elif family == "llama3":  # Llama 3.1 rope scaling
+        cfg = tf.LlamaConfig(**{**common, "rope_theta": 500000.0,
+                                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                **overrides})
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**{**common, "sliding_window": None, **overrides})
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    else:
+        raise ValueError(family)
+    return cfg
+
+
+def write_checkpoint(path: Path, family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """Save a random tiny model of `family` to `path` (safetensors) and return the HF model (eval mode)."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    # random biases too, so q/k/v bias handling is really exercised
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def write_adapter(base_model, path: Path, r: int, targets, alpha: float = 16, seed: int = 0,
+                  use_rslora: bool = False, **kw):
+    """Make a PEFT LoRA adapter with random (non-zero) A and B, save it, and return the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                     use_rslora=use_rslora, task_type="CAUSAL_LM", **kw)
+    import copy
+    peft_model = get_peft_model(copy.deepcopy(base_model), cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(path)
+    return peft_model.eval()
