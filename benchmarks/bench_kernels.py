@@ -12,7 +12,9 @@ With --attention it also times paged decode attention (Llama-3-8B heads) against
 contiguous cache of the same length.
 
 Usage: python benchmarks/bench_kernels.py [results.json] [--dtype bf16] [--rank 16] ...
-Prints a table (median microseconds, triton.testing.do_bench) and writes JSON to the path.
+Prints tables of median microseconds, eager (triton.testing.do_bench: includes Python and launch
+overhead, which dominates small decode cases) and replayed from a CUDA graph
+(do_bench_cudagraph: GPU time, what a graph-captured decode step pays), and writes JSON.
 """
 
 from __future__ import annotations
@@ -125,11 +127,18 @@ def run_torch_bmm(c):
 
 
 def bench(fn, args):
+    """(eager, graph) median microseconds: eager includes Python/launch overhead, graph is GPU time."""
     import triton.testing
 
     fn()  # compile / warm caches
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e3  # us
+    eager = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e3
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e3
+    except Exception as e:  # a baseline that cannot be captured still gets its eager time
+        print(f"  (graph capture failed: {type(e).__name__}: {e})", file=sys.stderr)
+        graph = float("nan")
+    return eager, graph
 
 
 def smlm_rows(args, dtype, device):
@@ -154,12 +163,13 @@ def smlm_rows(args, dtype, device):
         methods["torch_bmm"] = lambda: run_torch_bmm(c)
         for method, fn in methods.items():
             try:
-                us = bench(fn, args)
+                eager, graph = bench(fn, args)
             except torch.OutOfMemoryError:
-                us = float("nan")
+                eager = graph = float("nan")
                 torch.cuda.empty_cache()
-            rows.append(dict(case=name, tokens=sum(lengths), segments=len(lengths), method=method, median_us=us))
-            print(f"{name:<26} {method:<15} {us:10.1f} us", flush=True)
+            rows.append(dict(case=name, tokens=sum(lengths), segments=len(lengths), method=method,
+                             median_us=eager, graph_us=graph))
+            print(f"{name:<26} {method:<15} eager {eager:10.1f} us   graph {graph:10.1f} us", flush=True)
         del c
         torch.cuda.empty_cache()
     return rows
@@ -189,20 +199,20 @@ def attention_rows(args, dtype, device):
         }
         name = f"attn b={batch} ctx={ctx}"
         for method, fn in methods.items():
-            us = bench(fn, args)
-            rows.append(dict(case=name, tokens=batch, segments=batch, method=method, median_us=us))
-            print(f"{name:<26} {method:<22} {us:10.1f} us", flush=True)
+            eager, graph = bench(fn, args)
+            rows.append(dict(case=name, tokens=batch, segments=batch, method=method, median_us=eager, graph_us=graph))
+            print(f"{name:<26} {method:<22} eager {eager:10.1f} us   graph {graph:10.1f} us", flush=True)
         del k_cache, v_cache, kd, vd
         torch.cuda.empty_cache()
     return rows
 
 
-def print_table(rows):
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+def print_table(rows, key, title):
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    by = {(r["case"], r["method"]): r["median_us"] for r in rows}
-    width = max(14, *(len(m) + 2 for m in methods))
-    print("\n" + f"{'case (median us)':<26}" + "".join(f"{m:>{width}}" for m in methods))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["case"], r["method"]): r[key] for r in rows}
+    width = max(12, *(len(m) + 2 for m in methods))
+    print("\n" + f"{title:<26}" + "".join(f"{m:>{width}}" for m in methods))
     for case in cases:
         cells = [by.get((case, m)) for m in methods]
         print(f"{case:<26}" + "".join(f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}" for v in cells))
@@ -218,7 +228,12 @@ def main(argv=None) -> int:
     rows = smlm_rows(args, dtype, device)
     if args.attention:
         rows += attention_rows(args, dtype, device)
-    print_table(rows)
+    smlm = [r for r in rows if not r["case"].startswith("attn")]
+    attn = [r for r in rows if r["case"].startswith("attn")]
+    for part in [smlm, attn]:
+        if part:
+            print_table(part, "graph_us", "CUDA graph, median us")
+            print_table(part, "median_us", "eager, median us")
     import triton
 
     meta = dict(

@@ -62,3 +62,28 @@ def write_adapter(base_model, path: Path, r: int, targets, alpha: float = 16, se
                 p.copy_(torch.randn_like(p) * 0.2)
     peft_model.save_pretrained(path)
     return peft_model.eval()
+
+
+def forward_all(engine, prompts, adapters):
+    """Prefill every prompt in ONE mixed batch through `engine` and return each prompt's logits
+    at every position ([len, vocab] each). Blocks are taken from and returned to the pool."""
+    from loquetier.engine.batch import ScheduledSeq, build_mixed_batch
+    from loquetier.engine.sequence import Sequence
+    from loquetier.sampling_params import SamplingParams
+    seqs = [Sequence(list(p), SamplingParams(max_tokens=1), a) for p, a in zip(prompts, adapters)]
+    for s in seqs:
+        s.block_table = engine.kv.allocator.allocate(engine.kv.blocks_needed(len(s.prompt_token_ids)))
+    names = {a for a in adapters if a}
+    slot_of = {None: -1, **engine.adapters.activate(names)}
+    batch = build_mixed_batch([], [ScheduledSeq(s, 0, len(s.prompt_token_ids)) for s in seqs], slot_of,
+                              engine.kv.block_size, {}, engine.device)
+    with torch.no_grad():
+        hidden = engine.model(batch.input_ids, batch.ctx)
+        logits = engine.model.compute_logits(hidden)
+    out, start = {}, 0
+    for sch in batch.scheduled:   # the builder may reorder (prefill before decode)
+        out[id(sch.seq)] = logits[start:start + sch.length]
+        start += sch.length
+    for s in seqs:
+        engine.kv.allocator.release(s.block_table)
+    return [out[id(s)] for s in seqs]

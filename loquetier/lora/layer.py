@@ -86,18 +86,19 @@ class VirtualLoraLinear(nn.Module):
         R = self.max_rank
         return self.lora_a[slot, s * R:s * R + rank], self.lora_b[slot, lo:hi, :rank]
 
-    def make_trainable(self, slot: int, ranks: dict[str, int]) -> list[nn.Parameter]:
+    def make_trainable(self, slot: int, ranks: dict[str, int]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """Expose the slot's A/B of the given slices as Parameters that alias the table."""
-        refs, params = [], []
+        refs, params, out = [], [], {}
         for name, r in ranks.items():
             a, b = self.read_slice(slot, name, r)
             s = self.slice_index(name)
-            for kind, view in (("A", a), ("B", b)):
-                refs.append(TrainParamRef(slot, s, kind, r))
-                params.append(nn.Parameter(view, requires_grad=True))
+            pa, pb = nn.Parameter(a, requires_grad=True), nn.Parameter(b, requires_grad=True)
+            refs += [TrainParamRef(slot, s, "A", r), TrainParamRef(slot, s, "B", r)]
+            params += [pa, pb]
+            out[name] = (pa, pb)
         self.train_refs[slot] = tuple(refs)
         self.train_params[slot] = tuple(params)
-        return params
+        return out
 
     def freeze(self, slot: int) -> None:
         self.train_refs.pop(slot, None)

@@ -131,11 +131,11 @@ class AdapterManager:
             rec.pins -= 1
 
     # ------------------------------------------------------------------ training
-    def make_trainable(self, name: str) -> list[nn.Parameter]:
-        """Pin the adapter to a slot and return its A/B as Parameters aliasing the slot table."""
+    def make_trainable(self, name: str) -> dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]]:
+        """Pin the adapter to a slot; return (layer, module) -> (A, B) Parameters aliasing the slot table."""
         rec = self.get(name)
         self.activate({name})
-        params: list[nn.Parameter] = []
+        params: dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]] = {}
         by_layer: dict[int, dict[str, int]] = {}
         for (layer, module), (a, _) in rec.weights.modules.items():
             by_layer.setdefault(layer, {})[module] = a.shape[0]
@@ -146,7 +146,8 @@ class AdapterManager:
                 vl = self.layers[layer][module]
                 groups.setdefault(id(vl), (vl, {}))[1][module] = r
             for vl, sub in groups.values():
-                params += vl.make_trainable(rec.slot, sub)
+                for module, pair in vl.make_trainable(rec.slot, sub).items():
+                    params[(layer, module)] = pair
         rec.trainable = True
         return params
 

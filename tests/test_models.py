@@ -1,0 +1,54 @@
+"""Base-model logits equal transformers' for every supported family, in one flat batch."""
+
+import pytest
+import torch
+
+from helpers import FAMILIES, forward_all, write_checkpoint
+from loquetier import LLM, SamplingParams
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_base_logits_match_transformers(tmp_path, family):
+    hf = write_checkpoint(tmp_path, family)
+    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=128)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 19, 33)]
+    ours = forward_all(llm.engine, prompts, [None] * len(prompts))
+    for p, logits in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0]
+        assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_and_bf16(tmp_path):
+    hf = write_checkpoint(tmp_path / "src", "llama")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    prompt = list(range(5, 25))
+    ref = hf(torch.tensor([prompt])).logits[0]
+    llm = LLM(str(tmp_path / "sharded"), num_kv_blocks=32)
+    assert (forward_all(llm.engine, [prompt], [None])[0] - ref).abs().max().item() <= 1e-4
+    bf = LLM(str(tmp_path / "sharded"), num_kv_blocks=32, dtype="bfloat16")
+    ref_bf = hf.to(torch.bfloat16)(torch.tensor([prompt])).logits[0].float()
+    err = (forward_all(bf.engine, [prompt], [None])[0].float() - ref_bf).abs().max().item()
+    assert err < 0.1 * ref_bf.abs().max().item()
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    from loquetier.errors import ModelLoadError
+    hf = write_checkpoint(tmp_path, "llama")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        LLM(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    hf = write_checkpoint(tmp_path, family)
+    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=256)
+    prompts = [[5, 6, 7], list(range(10, 40)), [100] * 9]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p):]
+        assert o.token_ids == ref.tolist()
