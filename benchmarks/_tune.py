@@ -18,21 +18,28 @@ def t(fn):
     return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 cases = {"dec1": case([1], 1), "dec32": case([1]*32, 4), "dec128": case([1]*128, 4), "pre4x512": case([512]*4, 4), "train2048": case([2048], 1), "mix": case([512]+[1]*64, 4)}
 which = sys.argv[1]
+S = lambda c, m: K.shrink(c["x"], c["a"], c["cu"], c["ss"], c["ts"], m)
 if which == "gather":
-    for name in ["dec1", "dec32", "dec128"]:
-        c = cases[name]; v = K.shrink(c["x"], c["a"], c["cu"], c["ss"], c["ts"], 1)
-        for bn, bk, w in itertools.product([16, 32, 64], [64, 128, 256, 512], [0]):
+    cases["dec8"] = case([1]*8, 4)
+    for name in ["dec1", "dec8", "dec32", "dec128"]:
+        c = cases[name]
+        for bn, bk, waves in itertools.product([16, 32], [128, 256, 512], [0, 1, 2, 4]):
             K.SHRINK_GATHER_BLOCK_N_MAX, K.SHRINK_GATHER_BLOCK_K = bn, bk
-            print(name, "shrink_g", bn, bk, round(t(lambda: K.shrink(c["x"], c["a"], c["cu"], c["ss"], c["ts"], 1)), 1), flush=True)
-        for bn in [32, 64, 128, 256, 512]:
-            K.EXPAND_GATHER_BLOCK_N = bn
-            print(name, "expand_g", bn, round(t(lambda: K.expand_(c["y"], v, c["b"], c["sc"], offs, c["cu"], c["ss"], c["ts"], 1)), 1), flush=True)
+            K.SHRINK_GATHER_SPLIT_K_MAX, K.SHRINK_GATHER_WAVES = (1, 1) if waves == 0 else (16, waves)
+            print(name, "shrink_g", bn, bk, waves, round(t(lambda: S(c, 1)), 1), flush=True)
+elif which == "shrink":
+    for name in ["pre4x512", "train2048", "mix", "dec32"]:
+        c = cases[name]
+        for bm, bn, bk, w, st in itertools.product([32, 64, 128], [16, 32], [128, 256], [4, 8], [2, 3, 4]):
+            K.SHRINK_BLOCK_M, K.SHRINK_BLOCK_N_MAX, K.SHRINK_BLOCK_K, K.SHRINK_NUM_WARPS, K.SHRINK_NUM_STAGES = bm, bn, bk, w, st
+            try:
+                r = round(t(lambda: S(c, max(2, c["m"]))), 1)
+            except Exception as e:
+                r = "ERR " + type(e).__name__
+            print(name, "shrink_s", bm, bn, bk, w, st, r, flush=True)
 else:
-    for name in ["dec32", "pre4x512", "train2048", "mix"]:
-        c = cases[name]; v = K.shrink(c["x"], c["a"], c["cu"], c["ss"], c["ts"], c["m"])
-        for bm, bn, bk in itertools.product([16, 32, 64], [16, 64], [64, 128, 256]):
-            K.SHRINK_BLOCK_M, K.SHRINK_BLOCK_N_MAX, K.SHRINK_BLOCK_K = bm, bn, bk
-            print(name, "shrink_s", bm, bn, bk, round(t(lambda: K.shrink(c["x"], c["a"], c["cu"], c["ss"], c["ts"], c["m"])), 1), flush=True)
-        for bm, bn in itertools.product([16, 32, 64, 128], [64, 128, 256]):
-            K.EXPAND_BLOCK_M, K.EXPAND_BLOCK_N = bm, bn
-            print(name, "expand_s", bm, bn, round(t(lambda: K.expand_(c["y"], v, c["b"], c["sc"], offs, c["cu"], c["ss"], c["ts"], c["m"])), 1), flush=True)
+    for name in ["pre4x512", "train2048", "mix", "dec32"]:
+        c = cases[name]; v = S(c, 2)
+        for bm, bn, w, st in itertools.product([32, 64, 128], [64, 128], [4, 8], [2, 3]):
+            K.EXPAND_BLOCK_M, K.EXPAND_BLOCK_N, K.EXPAND_NUM_WARPS, K.EXPAND_NUM_STAGES = bm, bn, w, st
+            print(name, "expand_s", bm, bn, w, st, round(t(lambda: K.expand_(c["y"], v, c["b"], c["sc"], offs, c["cu"], c["ss"], c["ts"], max(2, c["m"]))), 1), flush=True)

@@ -87,3 +87,17 @@ def forward_all(engine, prompts, adapters):
     for s in seqs:
         engine.kv.allocator.release(s.block_table)
     return [out[id(s)] for s in seqs]
+
+
+def write_model_with_tokenizer(path: Path, family: str = "llama", seed: int = 0, **overrides):
+    """A tiny checkpoint plus the package's offline tokenizer in the same directory."""
+    from loquetier.tiny import VOCAB_SIZE, build_tokenizer
+    hf = write_checkpoint(path, family, seed, vocab_size=VOCAB_SIZE, pad_token_id=0, **overrides)
+    build_tokenizer(path)
+    return hf
+
+
+def write_prompt_completion(path: Path, n: int, seed: int = 0) -> Path:
+    from loquetier.tiny import arithmetic_examples, write_jsonl
+    write_jsonl(arithmetic_examples(n, seed, max_operand=30), path)
+    return path

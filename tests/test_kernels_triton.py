@@ -70,6 +70,7 @@ def make_lora(num_slots, num_slices, rank, d_in, offsets, dtype=torch.float32, d
 # --------------------------------------------------------------------------- SMLM (interpreter-sized)
 
 CASES = {
+    "single_token": ([1], [3], 3, 16, 80, (20, 9, 9)),
     # name: (segment lengths, slots, S, R, d_in, slice widths)
     "prefill_mixed": ([13, 0, 21, 5, 9], [2, 1, -1, 0, 2], 3, 8, 72, (40, 12, 12)),
     "decode_only": ([1] * 11, [0, 3, -1, 1, 0, 0, 2, -1, 3, 1, 1], 1, 16, 50, (90,)),
@@ -89,15 +90,19 @@ def _case(name):
 
 
 # "gather" forces the per-token path (valid for any batch: it reads token_slot only);
-# "segment" forces the tiled path, also for decode-only batches.
-PATHS = ["segment", "gather"]
+# "gather_split" the same with d_in split across programs; "segment" forces the tiled path.
+PATHS = ["segment", "gather", "gather_split"]
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_shrink_matches_reference(name, path):
+def test_shrink_matches_reference(name, path, monkeypatch):
     x, a, _, _, _, seg_cu, seg_slot, token_slot, max_len = _case(name)
-    max_len = 1 if path == "gather" else max(max_len, 2)
+    max_len = 1 if path.startswith("gather") else max(max_len, 2)
+    if path == "gather_split":
+        monkeypatch.setattr(smlm_triton, "SHRINK_GATHER_BLOCK_K", 16)
+        monkeypatch.setattr(smlm_triton, "SHRINK_GATHER_WAVES", 1000)
+        assert smlm_triton._gather_split_k(x.shape[0], x.shape[1], x.device) > 1
     out = torch.full((x.shape[0], a.shape[1]), float("nan"), device=DEVICE)
     v = smlm_triton.shrink(x, a, seg_cu, seg_slot, token_slot, max_len, out=out)
     assert v.data_ptr() == out.data_ptr()
@@ -105,7 +110,7 @@ def test_shrink_matches_reference(name, path):
     assert (v[token_slot < 0] == 0).all()
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["segment", "gather"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_expand_matches_reference_and_touches_only_its_columns(name, path):
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)

@@ -26,6 +26,7 @@ class LossSegment:
     adapter: str
     train: bool
     owner: object = None   # whoever asked for it (a training job); gets the loss back
+    generator: torch.Generator | None = None  # the owner's RNG for LoRA dropout
 
 
 @dataclass
@@ -56,7 +57,7 @@ class MixedBatch:
 
 def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
                       slot_of: dict[str | None, int], block_size: int, train_dropout: dict[int, float],
-                      device: torch.device) -> MixedBatch:
+                      device: torch.device, dropout_generators: dict | None = None) -> MixedBatch:
     """Lay out train, eval, prefill, decode (in that order) and build the step's `BatchContext`.
 
     `slot_of` maps adapter name (None = base) to its device slot (-1 = none).
@@ -122,7 +123,8 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
                              token_slot=token_slot_t.to(torch.int32), seg_cu_host=seg_cu.tolist(),
                              seg_slot_host=seg_slot.tolist(), max_seg_len=int(seg_lens.max()),
                              num_train_tokens=num_train, num_train_segments=len(train),
-                             train_dropout=train_dropout if num_train else {})
+                             train_dropout=train_dropout if num_train else {},
+                             dropout_generators=dropout_generators or {})
     n_pre = len(prefills)
     attn = AttentionMeta(
         num_loss_tokens=num_loss,

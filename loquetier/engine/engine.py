@@ -17,6 +17,8 @@ from ..lora.manager import AdapterManager
 from ..models.loader import load_model
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, build_mixed_batch
+from .cost_model import StepCostModel
+from .train_budget import make_policy
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler, SchedulerOutput
@@ -70,27 +72,59 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.requests: dict[str, Sequence] = {}
+        self.adapter_paths: dict[str, tuple[Path, str | None]] = {}  # re-loadable adapters
         self.participant: StepParticipant | None = None
         self._ids = itertools.count()
-        self.step_observers: list = []   # callables(step_info dict) for cost models and metrics
+        self.cost_model = StepCostModel()
+        self.train_policy = make_policy(config.scheduler, self.cost_model)
+        self.step_observers: list = [self.cost_model.observe]  # callables(step_info dict)
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, path: str | Path) -> None:
+    def load_adapter(self, name: str, path: str | Path, parent: str | None = None) -> None:
         """Read a PEFT adapter and register it; errors leave the engine untouched."""
+        if name in self.adapters:
+            from ..errors import AdapterError
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         weights = load_peft_adapter(path, self.args, self.config.lora.max_lora_rank)
-        self.adapters.add(name, weights)
+        self.adapters.add(name, weights, parent, source=Path(path))
+        self.adapter_paths[name] = (Path(path), parent)
 
-    def add_adapter(self, name: str, weights: AdapterWeights, parent: str | None = None) -> None:
-        self.adapters.add(name, weights, parent)
+    def add_adapter(self, name: str, weights: AdapterWeights, parent: str | None = None,
+                    source: str | Path | None = None) -> None:
+        """Register in-memory weights; with `source` (a PEFT dir holding the same weights) it can be
+        dropped from memory when the registry is full and re-read when next requested."""
+        self.adapters.add(name, weights, parent, source=None if source is None else Path(source))
+        if source is not None:
+            self.adapter_paths[name] = (Path(source), parent)
 
     def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters and name in self.adapter_paths:
+            del self.adapter_paths[name]
+            return
         self.adapters.remove(name)
+        self.adapter_paths.pop(name, None)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters or name in self.adapter_paths
+
+    def adapter_names(self) -> list[str]:
+        return sorted(set(self.adapters.names()) | set(self.adapter_paths))
+
+    def ensure_adapter(self, name: str) -> None:
+        """Make a known adapter resident (re-reading it from disk if it was dropped)."""
+        if name in self.adapters:
+            return
+        if name not in self.adapter_paths:
+            self.adapters.get(name)  # raises AdapterNotFoundError with the list of names
+        path, parent = self.adapter_paths[name]
+        weights = load_peft_adapter(path, self.args, self.config.lora.max_lora_rank)
+        self.adapters.add(name, weights, parent, source=path)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
                     request_id: str | None = None) -> str:
         if adapter is not None:
-            self.adapters.get(adapter)  # raises AdapterNotFoundError
+            self.ensure_adapter(adapter)  # raises AdapterNotFoundError
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.args.vocab_size for t in prompt_token_ids):
@@ -131,14 +165,20 @@ class Engine:
         sched: SchedulerOutput = self.scheduler.schedule()
         segments = list(loss_segments or [])
         if self.participant is not None:
-            segments += self.participant.next_segments(sched.leftover_budget, sched.num_inference_tokens)
+            allowed = self.train_policy.allowed_tokens(sched, self.scheduler)
+            if allowed > 0 or not sched.scheduled:
+                segments += self.participant.next_segments(allowed, sched.num_inference_tokens)
         if not sched.scheduled and not segments:
             return []
         names = {s.seq.adapter for s in sched.scheduled} | {s.adapter for s in segments}
         names.discard(None)
+        for name in names:
+            self.ensure_adapter(name)
         slot_of: dict[str | None, int] = {None: -1, **self.adapters.activate(names)}
         train_dropout = {slot_of[s.adapter]: self.adapters.dropout_of(s.adapter) for s in segments if s.train}
-        batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout, self.device)
+        gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
+        batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout,
+                                  self.device, gens)
         result: StepResult = self.runner.execute(batch, keep_logits)
         self.last_result = result
         for s in batch.scheduled:

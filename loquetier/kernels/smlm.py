@@ -29,6 +29,8 @@ class LoraBatchMeta:
     num_train_segments: int = 0
     # LoRA dropout probability of each slot trained this step (applied to training segments only)
     train_dropout: dict[int, float] = field(default_factory=dict)
+    # per trained slot, the job's own RNG for dropout masks (resumable, independent of serving)
+    dropout_generators: dict[int, torch.Generator] = field(default_factory=dict)
 
     @property
     def any_adapter(self) -> bool:
@@ -108,7 +110,8 @@ class _SMLMFunction(torch.autograd.Function):
             for g in range(meta.num_train_segments):
                 p = meta.train_dropout.get(meta.seg_slot_host[g], 0.0)
                 if p > 0:
-                    keep = torch.empty_like(x[cu[g]:cu[g + 1]]).bernoulli_(1 - p) / (1 - p)
+                    gen = meta.dropout_generators.get(meta.seg_slot_host[g])
+                    keep = torch.empty_like(x[cu[g]:cu[g + 1]]).bernoulli_(1 - p, generator=gen) / (1 - p)
                     x_lora[cu[g]:cu[g + 1]] *= keep
                     masks[g] = keep
         v = shrink(x_lora, lora_a, meta, backend)

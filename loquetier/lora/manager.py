@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ class AdapterRecord:
     pins: int = 0
     last_used: int = 0
     parent: str | None = None
+    source: Path | None = None   # where it can be re-read from; such adapters may be dropped when full
 
 
 class AdapterManager:
@@ -53,7 +55,8 @@ class AdapterManager:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {sorted(self.records)}")
         return self.records[name]
 
-    def add(self, name: str, weights: AdapterWeights, parent: str | None = None) -> None:
+    def add(self, name: str, weights: AdapterWeights, parent: str | None = None,
+            source: Path | None = None) -> None:
         if not name or not isinstance(name, str):
             raise AdapterError("adapter name must be a non-empty string")
         if name in self.records:
@@ -61,9 +64,18 @@ class AdapterManager:
         if weights.max_rank > self.config.max_lora_rank:
             raise AdapterError(f"adapter rank {weights.max_rank} exceeds max_lora_rank={self.config.max_lora_rank}")
         if len(self.records) >= self.config.max_loras + self.config.max_cpu_loras:
+            self._drop_reloadable()
+        if len(self.records) >= self.config.max_loras + self.config.max_cpu_loras:
             raise CapacityError(f"{len(self.records)} adapters are loaded, the limit is max_loras + max_cpu_loras "
                                 f"= {self.config.max_loras + self.config.max_cpu_loras}; unload one first")
-        self.records[name] = AdapterRecord(name, weights, parent=parent)
+        self.records[name] = AdapterRecord(name, weights, parent=parent, source=source,
+                                           last_used=next(self._clock))
+
+    def _drop_reloadable(self) -> None:
+        """Forget the least recently used idle adapter that can be re-read from disk on demand."""
+        idle = [r for r in self.records.values() if r.source is not None and not r.pins and not r.trainable]
+        if idle:
+            self.remove(min(idle, key=lambda r: r.last_used).name)
 
     def remove(self, name: str) -> None:
         rec = self.get(name)

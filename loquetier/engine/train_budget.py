@@ -1,0 +1,67 @@
+"""Policies that decide how many training/eval tokens a step may carry beside inference.
+
+`SloAwarePolicy` keeps predicted TTFT/TPOT within the operator's SLOs using the online cost
+model and gives training everything when no inference is pending (work-conserving).
+`FixedRatioPolicy` is the paper's: one training step after every N inference steps.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..config import SchedulerConfig
+from .cost_model import StepCostModel
+from .scheduler import Scheduler, SchedulerOutput
+
+
+class FixedRatioPolicy:
+    def __init__(self, infer_steps_per_train_step: int):
+        self.n = infer_steps_per_train_step
+        self.inference_steps = 0
+
+    def allowed_tokens(self, sched: SchedulerOutput, scheduler: Scheduler) -> int:
+        if not sched.scheduled and not scheduler.waiting:
+            return sched.leftover_budget
+        if self.inference_steps >= self.n:
+            self.inference_steps = 0
+            return sched.leftover_budget
+        self.inference_steps += 1
+        return 0
+
+
+class SloAwarePolicy:
+    def __init__(self, config: SchedulerConfig, cost: StepCostModel, margin: float = 0.9):
+        self.config, self.cost, self.margin = config, cost, margin
+
+    def allowed_tokens(self, sched: SchedulerOutput, scheduler: Scheduler) -> int:
+        budget = sched.leftover_budget
+        if not sched.scheduled and not scheduler.waiting:
+            return budget   # idle: training takes the whole step
+        decode = sum(1 for s in sched.scheduled if s.length == 1)
+        prefill = sched.num_inference_tokens - decode
+        t_inf = self.cost.predict(decode, prefill)
+        limit = float("inf")
+        if decode and self.config.slo_tpot:
+            limit = self.config.slo_tpot
+        if self.config.slo_ttft:
+            # requests not yet at their first token: the step must leave room to reach it in time
+            now = time.monotonic()
+            pending = [s.seq for s in sched.scheduled if s.seq.first_token_time is None] + list(scheduler.waiting)
+            if pending:
+                oldest = min(now - s.arrival_time for s in pending)
+                left = self.config.slo_ttft - oldest
+                queued = sum(s.num_tokens - s.num_computed_tokens for s in pending)
+                steps = max(1, -(-queued // max(1, self.config.max_num_batched_tokens)))
+                limit = min(limit, max(0.0, left) / steps)
+        if limit == float("inf"):
+            return budget
+        spare = self.margin * limit - t_inf
+        if spare <= 0:
+            return 0
+        return max(0, min(budget, int(spare / self.cost.train_cost_per_token)))
+
+
+def make_policy(config: SchedulerConfig, cost: StepCostModel):
+    if config.train_policy == "fixed":
+        return FixedRatioPolicy(config.infer_steps_per_train_step)
+    return SloAwarePolicy(config, cost)

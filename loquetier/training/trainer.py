@@ -1,0 +1,141 @@
+"""Trainer: drives fine-tuning jobs through the engine's mixed batches (one forward with inference)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import LoquetierError, RequestError
+from ..lora.adapter import load_peft_adapter
+from .checkpoint import latest_checkpoint
+from .data import load_dataset
+from .job import JobStatus, TrainingJob
+from .spec import TrainSpec
+
+
+class Trainer:
+    """Registers itself as the engine's step participant; owns every job's lifecycle."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.jobs: dict[str, TrainingJob] = {}
+        self._rr = 0
+        self._ids = itertools.count(1)
+        engine.participant = self
+
+    # ------------------------------------------------------------------ jobs
+    def load_data(self, spec: TrainSpec):
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise RequestError("fine-tuning needs a tokenizer in the model directory")
+        train = load_dataset(spec.train_file, tok, spec.max_seq_len, spec.overlong)
+        evals = load_dataset(spec.eval_file, tok, spec.max_seq_len, spec.overlong) if spec.eval_file else []
+        if not evals and spec.eval_split > 0 and len(train) > 1:
+            n_eval = max(1, int(round(len(train) * spec.eval_split)))
+            order = list(range(len(train)))
+            random.Random(spec.seed).shuffle(order)
+            evals = [train[i] for i in sorted(order[:n_eval])]
+            train = [train[i] for i in sorted(order[n_eval:])]
+        return train, evals
+
+    def submit(self, spec: TrainSpec, job_id: str | None = None, resume: bool = True) -> TrainingJob:
+        """Validate data and start a job; with `resume`, continue from its newest checkpoint if any."""
+        spec.validate()
+        job_id = job_id or f"job-{next(self._ids)}"
+        if job_id in self.jobs and self.jobs[job_id].status in (JobStatus.RUNNING, JobStatus.PAUSED):
+            raise RequestError(f"job {job_id} is already running")
+        train, evals = self.load_data(spec)
+        ckpt = latest_checkpoint(Path(spec.output_dir)) if resume else None
+        initial = None
+        if ckpt is not None:
+            initial = load_peft_adapter(ckpt, self.engine.args, self.engine.config.lora.max_lora_rank)
+            initial.spec = spec.lora
+        elif spec.base_adapter:
+            initial = self.engine.adapters.snapshot(spec.base_adapter)
+        job = TrainingJob(job_id, spec, train, evals, self.engine, initial)
+        if ckpt is not None:
+            job.restore(ckpt)
+            if job.step >= job.total_steps:
+                job.finish()
+        self.jobs[job_id] = job
+        return job
+
+    def get(self, job_id: str) -> TrainingJob:
+        if job_id not in self.jobs:
+            from ..errors import LoquetierError as _E
+            err = _E(f"no fine-tuning job {job_id!r}")
+            err.status = 404
+            raise err
+        return self.jobs[job_id]
+
+    def pause(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.status == JobStatus.RUNNING:
+            job.status = JobStatus.PAUSED
+            job._event("status", "job paused")
+
+    def resume(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.status == JobStatus.PAUSED:
+            job.status = JobStatus.RUNNING
+            job._event("status", "job resumed")
+
+    def cancel(self, job_id: str) -> None:
+        self.get(job_id).cancel()
+
+    def has_work(self) -> bool:
+        return any(j.active for j in self.jobs.values())
+
+    def run(self, max_steps: int | None = None) -> None:
+        """Step the engine until every job and request is done (training alone or with traffic)."""
+        for _ in (range(max_steps) if max_steps else itertools.count()):
+            if not (self.has_work() or self.engine.has_unfinished()):
+                return
+            self.engine.step()
+
+    # ------------------------------------------------------------------ step participant
+    def next_segments(self, budget: int, num_inference_tokens: int):
+        active = [j for j in self.jobs.values() if j.active and not j.in_flight]
+        if not active:
+            return []
+        self._rr = (self._rr + 1) % len(active)
+        segments, used = [], 0
+        for job in active[self._rr:] + active[:self._rr]:
+            need = job.peek_tokens()
+            # work-conserving: a micro-batch larger than the budget still runs when it rides alone
+            alone = not segments and num_inference_tokens == 0
+            if used + need <= budget or alone:
+                segments += job.next_segments()
+                used += need
+        return segments
+
+    def on_losses(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        per_job: dict[TrainingJob, list[int]] = {}
+        evals: dict[TrainingJob, list[int]] = {}
+        for i, seg in enumerate(segments):
+            (per_job if seg.train else evals).setdefault(seg.owner, []).append(i)
+        for job, idx in evals.items():
+            job.eval_loss(float(sums[idx].sum()), float(counts[idx].sum()))
+        if not per_job:
+            return
+        losses = {job: job.train_loss(sums[idx].sum(), int(counts[idx].sum())) for job, idx in per_job.items()}
+        total = sum(losses.values())
+        try:
+            total.backward()
+        except RuntimeError as e:  # keep serving: this job fails, the engine does not
+            for job in losses:
+                job.fail(f"backward failed: {e}")
+            return
+        for job, loss in losses.items():
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                job.fail(f"loss became {value} at step {job.step}")
+                continue
+            try:
+                job.after_backward(value)
+            except LoquetierError as e:
+                job.fail(str(e))
