@@ -22,6 +22,7 @@ from .train_budget import make_policy
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler, SchedulerOutput
+from .stats import EngineStats
 from .sequence import Sequence, SequenceStatus, TokenLogprob
 
 
@@ -77,7 +78,8 @@ class Engine:
         self._ids = itertools.count()
         self.cost_model = StepCostModel()
         self.train_policy = make_policy(config.scheduler, self.cost_model)
-        self.step_observers: list = [self.cost_model.observe]  # callables(step_info dict)
+        self.stats = EngineStats(config.scheduler.slo_ttft, config.scheduler.slo_tpot)
+        self.step_observers: list = [self.cost_model.observe, self.stats.on_step]  # callables(step info)
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str | Path, parent: str | None = None) -> None:
@@ -153,6 +155,7 @@ class Engine:
             seq.finish_reason = "abort"
             seq.finish_time = time.monotonic()
             self.scheduler.free(seq)
+            self.stats.on_finish(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -210,6 +213,7 @@ class Engine:
                 seq.finish_time = now
                 self.scheduler.free(seq)
                 self.requests.pop(seq.request_id, None)
+                self.stats.on_finish(seq)
             outputs.append(self._output(seq))
         return outputs
 
