@@ -38,8 +38,14 @@ elif which == "shrink":
                 r = "ERR " + type(e).__name__
             print(name, "shrink_s", bm, bn, bk, w, st, r, flush=True)
 else:
-    for name in ["pre4x512", "train2048", "mix", "dec32"]:
+    cases["runs128"] = case([32]*4, 4)
+    for name in ["pre4x512", "mix", "dec32", "runs128"]:
         c = cases[name]; v = S(c, 2)
-        for bm, bn, w, st in itertools.product([32, 64, 128], [64, 128], [4, 8], [2, 3]):
-            K.EXPAND_BLOCK_M, K.EXPAND_BLOCK_N, K.EXPAND_NUM_WARPS, K.EXPAND_NUM_STAGES = bm, bn, w, st
-            print(name, "expand_s", bm, bn, w, st, round(t(lambda: K.expand_(c["y"], v, c["b"], c["sc"], offs, c["cu"], c["ss"], c["ts"], max(2, c["m"]))), 1), flush=True)
+        for bm, bn, tpp in itertools.product([16, 32, 64], [64, 128], [1, 4, 16]):
+            K.EXPAND_BLOCK_M, K.EXPAND_BLOCK_N, K.EXPAND_COL_TILES_PER_PROGRAM = bm, bn, tpp
+            print(name, "expand_s", bm, bn, tpp, round(t(lambda: K.expand_(c["y"], v, c["b"], c["sc"], offs, c["cu"], c["ss"], c["ts"], max(2, c["m"]))), 1), flush=True)
+    for name in ["runs128"]:
+        c = cases[name]
+        for bm, bn, bk in itertools.product([16, 32, 64], [16, 32], [128, 256]):
+            K.SHRINK_BLOCK_M, K.SHRINK_BLOCK_N_MAX, K.SHRINK_BLOCK_K = bm, bn, bk
+            print(name, "shrink_s", bm, bn, bk, round(t(lambda: S(c, 32)), 1), flush=True)

@@ -63,6 +63,8 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # "torch" (reference) | "triton" | "auto"
     lora_backend: str = "auto"       # "torch" (reference) | "triton" | "auto"
+    cuda_graphs: bool = True         # decode-only steps replay captured graphs (CUDA only)
+    max_graph_batch: int = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -13,6 +13,8 @@ from .sampling_params import SamplingParams
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer, or None when the directory has no tokenizer files."""
     path = Path(path)
+    if str(path).startswith("random:"):
+        return None
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer

@@ -57,17 +57,22 @@ class Engine:
         self.device, self.dtype = device, dtype
         torch.manual_seed(config.seed)
         from ..models.config import ModelArgs
-        self.args = ModelArgs.from_dir(config.model)
+        from ..models.loader import preset_args, random_model
+        random = config.model.startswith("random:")
+        self.args = preset_args(config.model) if random else ModelArgs.from_dir(config.model)
         self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
-        lora_backend = config.lora_backend
-        self.model = load_model(config.model, dtype, device, self.max_model_len, config.lora.max_loras,
-                                config.lora.max_lora_rank, lora_backend)
+        build = random_model if random else load_model
+        self.model = build(self.args if random else config.model, dtype, device, self.max_model_len,
+                           config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend)
         self.model.set_attention_backend(config.attention_backend)
         self.kv = KVCache(self.args, config.cache, dtype, device)
         self.model.kv_caches = self.kv.layers
         self.adapters = AdapterManager(self.model, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
         self.runner = ModelRunner(self.model)
+        if config.cuda_graphs and device.type == "cuda":
+            self.runner.enable_graphs(self.kv, self.max_model_len,
+                                      min(config.max_graph_batch, config.scheduler.max_num_seqs))
         self.tokenizer = tokenizer
         self.eos_token_ids = set(self.args.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -179,20 +184,24 @@ class Engine:
             self.ensure_adapter(name)
         slot_of: dict[str | None, int] = {None: -1, **self.adapters.activate(names)}
         train_dropout = {slot_of[s.adapter]: self.adapters.dropout_of(s.adapter) for s in segments if s.train}
-        gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
-        batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout,
-                                  self.device, gens)
-        result: StepResult = self.runner.execute(batch, keep_logits)
+        if not keep_logits and self.runner.can_replay(sched.scheduled, bool(segments)):
+            result = self.runner.execute_decode_graph(sched.scheduled, slot_of, self.kv.block_size)
+            scheduled, sample_seqs = sched.scheduled, [s.seq for s in sched.scheduled]
+        else:
+            gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
+            batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout,
+                                      self.device, gens)
+            result = self.runner.execute(batch, keep_logits)
+            scheduled, sample_seqs, segments = batch.scheduled, batch.sample_seqs, batch.loss_segments
         self.last_result = result
-        for s in batch.scheduled:
+        for s in scheduled:
             s.seq.num_computed_tokens += s.length
-        outputs = self._advance(batch.sample_seqs, result)
-        if segments:
-            if self.participant is not None:
-                self.participant.on_losses(batch.loss_segments, result.loss_sums, result.loss_counts)
+        outputs = self._advance(sample_seqs, result)
+        if segments and self.participant is not None:
+            self.participant.on_losses(segments, result.loss_sums, result.loss_counts)
         info = {"time": time.perf_counter() - t0,
-                "num_decode_tokens": sum(1 for s in batch.scheduled if s.length == 1),
-                "num_prefill_tokens": sum(s.length for s in batch.scheduled if s.length > 1),
+                "num_decode_tokens": sum(1 for s in scheduled if s.length == 1),
+                "num_prefill_tokens": sum(s.length for s in scheduled if s.length > 1),
                 "num_train_tokens": sum(len(s.token_ids) for s in segments if s.train),
                 "num_eval_tokens": sum(len(s.token_ids) for s in segments if not s.train)}
         for observer in self.step_observers:

@@ -47,8 +47,10 @@ class KVCache:
                     budget = 256 << 20
             num_blocks = max(1, budget // bytes_per_block)
         self.num_blocks = num_blocks
+        # one extra block that no sequence owns: padded rows of captured decode graphs write there
+        self.scratch_block = num_blocks
         # one allocation for the whole pool; per-layer views into it
-        self.pool = torch.zeros(args.num_layers, 2, num_blocks, config.block_size, args.num_kv_heads,
+        self.pool = torch.zeros(args.num_layers, 2, num_blocks + 1, config.block_size, args.num_kv_heads,
                                 args.head_dim, dtype=dtype, device=device)
         self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(args.num_layers)]
         self.allocator = BlockAllocator(num_blocks)

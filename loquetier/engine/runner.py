@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.llama import LlamaModel
-from .batch import IGNORE_INDEX, MixedBatch
+import numpy as np
+
+from .batch import IGNORE_INDEX, MixedBatch, ScheduledSeq
+from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler
 from .sequence import TokenLogprob
 
@@ -26,6 +29,34 @@ class ModelRunner:
     def __init__(self, model: LlamaModel):
         self.model = model
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_graphs(self, kv, max_model_len: int, max_batch: int) -> None:
+        max_blocks = -(-max_model_len // kv.block_size)
+        self.graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch,
+                                   kv.pool.device)
+        self.graphs.capture()
+
+    def can_replay(self, scheduled, has_loss: bool) -> bool:
+        return (self.graphs is not None and not has_loss and bool(scheduled)
+                and all(s.length == 1 for s in scheduled) and self.graphs.bucket_for(len(scheduled)) is not None)
+
+    def execute_decode_graph(self, scheduled: list[ScheduledSeq], slot_of: dict, block_size: int) -> StepResult:
+        """Decode-only step through a captured graph: one metadata copy, one replay, then sampling."""
+        seqs = [s.seq for s in scheduled]
+        n = len(seqs)
+        ids = np.fromiter((s.all_token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+        pos = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=n)
+        width = max(len(s.block_table) for s in seqs)
+        tables = np.zeros((n, width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        slot_map = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
+        token_slot = np.fromiter((slot_of[s.adapter] for s in seqs), dtype=np.int64, count=n)
+        with_lora = bool((token_slot >= 0).any())
+        logits = self.graphs.run(ids, pos, slot_map, token_slot, pos + 1, tables, with_lora)
+        tokens, logprobs = self.sampler(logits, seqs)
+        return StepResult(tokens, logprobs, None, None, None)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
         ctx = batch.ctx

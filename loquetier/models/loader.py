@@ -101,3 +101,38 @@ def _map_name(args: ModelArgs, name: str) -> tuple[str | None, tuple[int, int] |
             return f"{prefix}{fused}.{kind}", None
         return f"{prefix}{fused}.{kind}", _slice_rows(args, fused, index)
     return f"{prefix}{module}.{kind}", None
+
+
+PRESETS = {
+    # Llama-3-8B's shape; weights are random (benchmarks only: no download anywhere)
+    "llama3-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192, eos_token_ids=[128001]),
+    "tiny": dict(family="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048, eos_token_ids=[2]),
+}
+
+
+def preset_args(spec: str) -> ModelArgs:
+    """`random:NAME` model specs: a preset shape with random weights."""
+    name = spec.split(":", 1)[1]
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown random model preset {name!r}; presets: {sorted(PRESETS)}")
+    return ModelArgs(**PRESETS[name])
+
+
+def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 lora_slots: int, lora_rank: int, lora_backend: str = "auto", seed: int = 0) -> LlamaModel:
+    """A model of `args`' shape with N(0, 0.02) weights made directly on `device` (for benchmarks)."""
+    with torch.device("meta"):
+        model = LlamaModel(args, lora_slots, lora_rank, lora_backend).to(dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.init_runtime(max_positions)
+    return model

@@ -1,0 +1,302 @@
+"""GPU benchmark of the engine against HF transformers + PEFT, side by side in one run.
+
+Model: Llama-3-8B shape with random bf16 weights made on the GPU (no download). Adapters: rank 16,
+alpha 32, all seven projections. Sections: ceilings, decode, e2e, train, peft. Prints a table last
+and writes JSON (`--out`). CPU smoke test: `--model random:tiny --device cpu --quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SHAREGPT, device_ceilings, lognormal_lengths, random_adapter, sync, table, write_json  # noqa: E402
+
+from loquetier import LLM, SamplingParams  # noqa: E402
+
+
+def make_llm(args, kv_bytes, max_batched=8192, max_seqs=256):
+    return LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+               max_loras=4, max_lora_rank=16, max_model_len=2048, kv_cache_memory=kv_bytes,
+               max_num_batched_tokens=max_batched, max_num_seqs=max_seqs)
+
+
+def add_adapters(llm, n=4):
+    names = []
+    for i in range(n):
+        llm.engine.add_adapter(f"a{i}", random_adapter(llm.engine, seed=100 + i))
+        names.append(f"a{i}")
+    return names
+
+
+def param_bytes(model) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and model.lm_head is not None:
+            continue  # an untied embedding table is only gathered, not streamed
+        total += p.numel() * p.element_size()
+    return total
+
+
+def adapter_bytes(engine, r=16) -> int:
+    a = engine.args
+    per_layer = sum(r * (i + o) for i, o in [(a.hidden_size, a.q_size), (a.hidden_size, a.kv_size),
+                                             (a.hidden_size, a.kv_size), (a.q_size, a.hidden_size),
+                                             (a.hidden_size, a.intermediate_size), (a.hidden_size, a.intermediate_size),
+                                             (a.intermediate_size, a.hidden_size)])
+    return per_layer * a.num_layers * 2
+
+
+def bench_decode(args, llm, names, ceil, results):
+    eng = llm.engine
+    a = eng.args
+    kv_per_token = a.num_layers * 2 * a.kv_size * 2
+    wbytes = param_bytes(eng.model)
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+        for n_ad in (0, 1, 4):
+            adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
+            for ad in adapters:
+                eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
+                                SamplingParams(max_tokens=10_000 if args.device == "cuda" else 64,
+                                               temperature=0, ignore_eos=True), ad)
+            while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
+                eng.step()
+            times = []
+            for _ in range(args.decode_steps):
+                sync(args.device)
+                t0 = time.perf_counter()
+                eng.step()
+                sync(args.device)
+                times.append(time.perf_counter() - t0)
+            for rid in list(eng.requests):
+                eng.abort(rid)
+            step = statistics.median(times)
+            moved = wbytes + n_ad * adapter_bytes(eng) + batch * (args.context + args.decode_steps // 2) * kv_per_token
+            row = {"section": "decode", "batch": batch, "adapters": n_ad, "step_ms": step * 1e3,
+                   "tok_per_s": batch / step, "bw_util": moved / step / 1e9 / ceil["bandwidth_GBps"]}
+            results.append(row)
+            print(row, flush=True)
+
+
+def bench_e2e(args, llm, names, results):
+    eng = llm.engine
+    rng = np.random.default_rng(1)
+    n = args.e2e_requests
+    p_lens = lognormal_lengths(n, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
+    o_lens = lognormal_lengths(n, SHAREGPT["output_mean"], SHAREGPT["cap"], rng)
+    if args.device != "cuda":
+        o_lens = [min(8, x) for x in o_lens]
+    prompts = [rng.integers(10, eng.args.vocab_size - 10, p).tolist() for p in p_lens]
+    for n_ad in (1, 4):
+        params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens]
+        sync(args.device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, adapters=[names[i % n_ad] for i in range(n)])
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        gen = sum(len(o.token_ids) for o in outs)
+        row = {"section": "e2e", "adapters": n_ad, "requests": n, "gen_tokens": gen, "seconds": dt,
+               "tok_per_s": gen / dt}
+        results.append(row)
+        print(row, flush=True)
+    return prompts, o_lens
+
+
+def bench_train(args, results, ceil):
+    from loquetier.lora.adapter import LoraSpec
+    from loquetier.training.data import TokenizedExample
+    from loquetier.training.job import TrainingJob
+    from loquetier.training.spec import TrainSpec
+    from loquetier.training.trainer import Trainer
+    seq, mb = args.train_seq, 4
+    for n_jobs in (1, 4):
+        llm = make_llm(args, kv_bytes=256 << 20, max_batched=n_jobs * mb * seq)
+        eng = llm.engine
+        trainer = Trainer(eng)
+        rng = np.random.default_rng(2)
+        for j in range(n_jobs):
+            exs = [TokenizedExample(t, t) for t in (rng.integers(10, eng.args.vocab_size - 10, seq).tolist()
+                                                    for _ in range(mb * 64))]
+            spec = TrainSpec(name=f"t{j}", train_file="", output_dir=f"/tmp/bench-train-{j}",
+                             lora=LoraSpec(r=16, lora_alpha=32, target_modules="all-linear"),
+                             micro_batch_size=mb, grad_accum=1, max_steps=10_000, learning_rate=1e-5)
+            trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
+        for _ in range(3):
+            eng.step()
+        sync(args.device)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        steps = args.train_steps
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        tokens = steps * n_jobs * mb * seq
+        a = eng.args
+        n_params = sum(p.numel() for n, p in eng.model.named_parameters() if "embed_tokens" not in n or a.tie_word_embeddings)
+        attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token
+        flops = tokens * (4 * n_params + attn)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+        row = {"section": "train", "adapters": n_jobs, "tok_per_s": tokens / dt, "mfu": flops / dt / 1e12 / ceil["bf16_TFLOPs"],
+               "peak_GiB": peak, "kv_pool_GiB": eng.kv.pool.numel() * eng.kv.pool.element_size() / 2**30}
+        results.append(row)
+        print(row, flush=True)
+        for j in list(trainer.jobs.values()):
+            j.cancel()
+        del llm, eng, trainer
+        gc.collect()
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+
+
+def bench_peft(args, results, prompts, o_lens):
+    """HF transformers + PEFT on the same shapes: decode at batch, training 4x512, an e2e subset."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from loquetier.models.loader import PRESETS
+    p = PRESETS[args.model.split(":", 1)[1]]
+    cfg = tf.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+                         num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+                         num_key_value_heads=p["num_kv_heads"], max_position_embeddings=4096, rope_theta=500000.0)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        base = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    base.eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0), adapter_name="a0")
+    for i in range(1, 4):
+        model.add_adapter(f"a{i}", LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+    model.eval()
+    rng = np.random.default_rng(3)
+    vocab = p["vocab_size"]
+
+    def gen(batch, n_ad, new):
+        ids = torch.tensor(rng.integers(10, vocab - 10, (batch, args.context)), device=args.device)
+        names = [f"a{i % n_ad}" for i in range(batch)]
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
+                                  max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    for batch in args.peft_batches:
+        for n_ad in (1, 4):
+            gen(batch, n_ad, 2)
+            sync(args.device)
+            t0 = time.perf_counter(); gen(batch, n_ad, 1); sync(args.device); t1 = time.perf_counter() - t0
+            n_new = 33
+            t0 = time.perf_counter(); gen(batch, n_ad, n_new); sync(args.device); tn = time.perf_counter() - t0
+            step = (tn - t1) / (n_new - 1)
+            row = {"section": "peft_decode", "batch": batch, "adapters": n_ad, "step_ms": step * 1e3, "tok_per_s": batch / step}
+            results.append(row)
+            print(row, flush=True)
+    # e2e subset: one padded batch of the first requests, as a PEFT user would run it
+    k = min(args.peft_e2e_requests, len(prompts))
+    for n_ad in (1, 4):
+        sub = prompts[:k]
+        width = max(len(x) for x in sub)
+        ids = torch.tensor([[0] * (width - len(x)) + x for x in sub], device=args.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in sub], device=args.device)
+        new = max(o_lens[:k])
+        sync(args.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, adapter_names=[f"a{i % n_ad}" for i in range(k)],
+                           max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        useful = sum(o_lens[:k])
+        row = {"section": "peft_e2e", "adapters": n_ad, "requests": k, "gen_tokens": useful, "seconds": dt,
+               "tok_per_s": useful / dt}
+        results.append(row)
+        print(row, flush=True)
+    # training: micro-batch 4 x seq, one adapter
+    model.train()
+    model.set_adapter("a0")
+    params = [q for n, q in model.named_parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.tensor(rng.integers(10, vocab - 10, (4, args.train_seq)), device=args.device)
+
+    def train_step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        train_step()
+    sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.train_steps):
+        train_step()
+    sync(args.device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    row = {"section": "peft_train", "adapters": 1, "tok_per_s": args.train_steps * 4 * args.train_seq / dt, "peak_GiB": peak}
+    results.append(row)
+    print(row, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sections", default="ceilings,decode,e2e,train,peft")
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
+    ap.add_argument("--peft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--e2e-requests", type=int, default=256)
+    ap.add_argument("--peft-e2e-requests", type=int, default=32)
+    ap.add_argument("--train-seq", type=int, default=512)
+    ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--kv-gib", type=float, default=24)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.peft_batches, args.context, args.decode_steps = [1, 4], [2], 16, 3
+        args.e2e_requests, args.peft_e2e_requests, args.train_seq, args.train_steps = 6, 3, 16, 2
+    sections = args.sections.split(",")
+    results: list[dict] = []
+    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv}
+    ceil = device_ceilings(args.device) if "ceilings" in sections else {"bandwidth_GBps": float("nan"), "bf16_TFLOPs": float("nan")}
+    info.update(ceil)
+    print(info, flush=True)
+    prompts, o_lens = [], []
+    if "decode" in sections or "e2e" in sections:
+        llm = make_llm(args, kv_bytes=int(args.kv_gib * 2**30))
+        names = add_adapters(llm)
+        if "decode" in sections:
+            bench_decode(args, llm, names, ceil, results)
+        if "e2e" in sections:
+            prompts, o_lens = bench_e2e(args, llm, names, results)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+    if "train" in sections:
+        bench_train(args, results, ceil)
+    if "peft" in sections:
+        if not prompts:
+            rng = np.random.default_rng(1)
+            p_l = lognormal_lengths(args.e2e_requests, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
+            o_lens = lognormal_lengths(args.e2e_requests, SHAREGPT["output_mean"], SHAREGPT["cap"], rng)
+            prompts = [rng.integers(10, 1000, p).tolist() for p in p_l]
+        bench_peft(args, results, prompts, o_lens)
+    write_json(args.out, {"info": info, "results": results})
+    print(table(results, ["section", "batch", "adapters", "step_ms", "tok_per_s", "bw_util", "mfu", "peak_GiB",
+                          "requests", "gen_tokens", "seconds"]))
+
+
+if __name__ == "__main__":
+    main()

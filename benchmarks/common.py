@@ -1,0 +1,86 @@
+"""Shared pieces of the GPU benchmarks: device ceilings, random adapters, synthetic requests."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAREGPT = dict(prompt_mean=161, output_mean=338, cap=1024)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=1):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_ceilings(device) -> dict:
+    """Measured in this run: copy bandwidth (read + write bytes) and bf16 matmul rate."""
+    if torch.device(device).type != "cuda":
+        return {"bandwidth_GBps": float("nan"), "bf16_TFLOPs": float("nan")}
+    from triton.testing import do_bench
+    n = 1 << 30  # 2 GiB of bf16 each way
+    src = torch.randn(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bw = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    tflops = 2 * m ** 3 / (ms * 1e-3) / 1e12
+    return {"bandwidth_GBps": bw, "bf16_TFLOPs": tflops}
+
+
+def random_adapter(engine, seed: int, r: int = 16, alpha: float = 32):
+    """Rank-r adapter on all seven projections with non-zero A and B."""
+    from loquetier.lora.adapter import LoraSpec, new_adapter
+    w = new_adapter(LoraSpec(r=r, lora_alpha=alpha, target_modules="all-linear"), engine.args,
+                    engine.config.lora.max_lora_rank, seed)
+    g = torch.Generator().manual_seed(seed)
+    for a, b in w.modules.values():
+        b.normal_(0, 0.01, generator=g)
+    return w
+
+
+def lognormal_lengths(n: int, mean: float, cap: int, rng: np.random.Generator, sigma: float = 1.0) -> list[int]:
+    mu = math.log(mean) - sigma ** 2 / 2
+    return [int(min(cap, max(1, round(x)))) for x in rng.lognormal(mu, sigma, n)]
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    line = " | ".join(c.ljust(w) for c, w in zip(cols, widths))
+    out = [line, "-+-".join("-" * w for w in widths)]
+    for r in rows:
+        out.append(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,93 @@
+"""CUDA graphs for decode-only steps: one graph per bucketed batch size, captured at start-up.
+
+A replay needs one host->device copy of the step's integer metadata into a static buffer; the
+graph itself slices it, runs the model and the LM head. Padding rows write K/V into a scratch
+block that no sequence owns and carry no adapter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..kernels.smlm import LoraBatchMeta
+from .context import AttentionMeta, BatchContext
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class DecodeGraphs:
+    """Captured decode forwards (with and without the LoRA path) keyed by padded batch size."""
+
+    def __init__(self, model, scratch_block: int, block_size: int, max_blocks_per_seq: int,
+                 max_batch: int, device: torch.device):
+        self.model, self.device = model, device
+        self.scratch_block, self.block_size, self.max_blocks = scratch_block, block_size, max_blocks_per_seq
+        self.buckets = [b for b in BUCKETS if b <= max_batch]
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+
+    def _fields(self, bucket: int) -> list[int]:
+        # input_ids, positions, slot_mapping, token_slot, context_lens, block_tables
+        return [bucket] * 5 + [bucket * self.max_blocks]
+
+    def _forward(self, flat: torch.Tensor, bucket: int, with_lora: bool) -> torch.Tensor:
+        ids, pos, slot_map, token_slot, ctx_lens, tables = torch.split(flat, self._fields(bucket))
+        lora = None
+        if with_lora:
+            t32 = token_slot.to(torch.int32)
+            lora = LoraBatchMeta(seg_cu=torch.arange(bucket + 1, device=flat.device, dtype=torch.int32),
+                                 seg_slot=t32, token_slot=t32, seg_cu_host=list(range(bucket + 1)),
+                                 seg_slot_host=[0] * bucket, max_seg_len=1)
+        attn = AttentionMeta(num_loss_tokens=0, loss_cu=[0], slot_mapping=slot_map, prefill_cu=[],
+                             prefill_context_lens=[], prefill_block_tables=None, decode_start=0,
+                             decode_block_tables=tables.view(bucket, self.max_blocks).to(torch.int32),
+                             decode_context_lens=ctx_lens.to(torch.int32))
+        ctx = BatchContext(positions=pos, lora=lora, attn=attn, num_tokens=bucket)
+        return self.model.compute_logits(self.model(ids, ctx))
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        for bucket in reversed(self.buckets):   # largest first: later graphs reuse its pool
+            for with_lora in (True, False):
+                flat = torch.zeros(sum(self._fields(bucket)), dtype=torch.int64, device=self.device)
+                self._fill_padding(flat, bucket, 0)
+                for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
+                    self._forward(flat, bucket, with_lora)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self._forward(flat, bucket, with_lora)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[(bucket, with_lora)] = (graph, flat, logits)
+
+    def _fill_padding(self, flat: torch.Tensor, bucket: int, n: int) -> None:
+        f = self._fields(bucket)
+        parts = torch.split(flat, f)
+        parts[2][n:] = self.scratch_block * self.block_size   # slot_mapping -> scratch block
+        parts[3][n:] = -1                                     # no adapter
+        parts[4][n:] = 1                                      # attend to one (scratch) position
+        parts[5].view(bucket, self.max_blocks)[n:, 0] = self.scratch_block
+
+    def bucket_for(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def run(self, ids: np.ndarray, pos: np.ndarray, slot_map: np.ndarray, token_slot: np.ndarray,
+            ctx_lens: np.ndarray, tables: np.ndarray, with_lora: bool) -> torch.Tensor:
+        """Replay for n real rows (n <= bucket); returns logits [n, vocab] (a view of the static output)."""
+        n = len(ids)
+        bucket = self.bucket_for(n)
+        graph, flat, logits = self.graphs[(bucket, with_lora)]
+        pad = bucket - n
+        full_tables = np.zeros((bucket, self.max_blocks), dtype=np.int64)
+        full_tables[:n, :tables.shape[1]] = tables
+        full_tables[n:, 0] = self.scratch_block
+        host = np.concatenate([
+            np.pad(ids, (0, pad)), np.pad(pos, (0, pad)),
+            np.pad(slot_map, (0, pad), constant_values=self.scratch_block * self.block_size),
+            np.pad(token_slot, (0, pad), constant_values=-1), np.pad(ctx_lens, (0, pad), constant_values=1),
+            full_tables.reshape(-1)])
+        flat.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        graph.replay()
+        return logits[:n]
