@@ -2,12 +2,14 @@ import os
 import sys
 from pathlib import Path
 
-# Triton kernels run on the CPU only through the interpreter; set before anything imports triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run through the interpreter; set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

@@ -86,7 +86,7 @@ def forward_all(engine, prompts, adapters):
         start += sch.length
     for s in seqs:
         engine.kv.allocator.release(s.block_table)
-    return [out[id(s)] for s in seqs]
+    return [out[id(s)].cpu() for s in seqs]
 
 
 def write_model_with_tokenizer(path: Path, family: str = "llama", seed: int = 0, **overrides):

@@ -90,8 +90,8 @@ def _case(name):
 
 
 # "gather" forces the per-token path (valid for any batch: it reads token_slot only);
-# "gather_split" the same with d_in split across programs; "segment" forces the tiled path.
-PATHS = ["segment", "gather", "gather_split"]
+# "segment" forces the tiled path; "_split": d_in split across programs.
+PATHS = ["segment", "gather", "segment_split", "gather_split"]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -99,10 +99,11 @@ PATHS = ["segment", "gather", "gather_split"]
 def test_shrink_matches_reference(name, path, monkeypatch):
     x, a, _, _, _, seg_cu, seg_slot, token_slot, max_len = _case(name)
     max_len = 1 if path.startswith("gather") else max(max_len, 2)
-    if path == "gather_split":
+    monkeypatch.setattr(smlm_triton, "SHRINK_WAVES", 1000 if path.endswith("split") else 0)
+    if path.endswith("split"):
         monkeypatch.setattr(smlm_triton, "SHRINK_GATHER_BLOCK_K", 16)
-        monkeypatch.setattr(smlm_triton, "SHRINK_GATHER_WAVES", 1000)
-        assert smlm_triton._gather_split_k(x.shape[0], x.shape[1], x.device) > 1
+        monkeypatch.setattr(smlm_triton, "SHRINK_BLOCK_K", 16)
+        assert smlm_triton._split_k(x.shape[0], x.shape[1], 16, x.device) > 1
     out = torch.full((x.shape[0], a.shape[1]), float("nan"), device=DEVICE)
     v = smlm_triton.shrink(x, a, seg_cu, seg_slot, token_slot, max_len, out=out)
     assert v.data_ptr() == out.data_ptr()

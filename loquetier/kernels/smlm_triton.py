@@ -38,11 +38,13 @@ EXPAND_BLOCK_M = 32
 EXPAND_BLOCK_N = 128
 EXPAND_NUM_WARPS = 4
 EXPAND_NUM_STAGES = 3
+# Both shrink paths split d_in across programs (fp32 partials + a small sum kernel) until
+# tiles x splits reach SHRINK_WAVES waves of SMs: small batches are latency-, not bandwidth-bound.
+SHRINK_SPLIT_K_MAX = 16
+SHRINK_WAVES = 2
 # Gather path (decode).
 SHRINK_GATHER_BLOCK_N_MAX = 16
 SHRINK_GATHER_BLOCK_K = 512
-SHRINK_GATHER_SPLIT_K_MAX = 16
-SHRINK_GATHER_WAVES = 2  # split d_in until tokens x row tiles x splits >= this many waves of SMs
 EXPAND_GATHER_BLOCK_N = 128
 
 
@@ -90,7 +92,7 @@ def _segment_grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
 def _shrink_segment_kernel(
     x_ptr, a_ptr, out_ptr, seg_cu_ptr, seg_slot_ptr,
     d_in, num_rows, num_segments, k_per_split,  # num_rows = S*R
-    stride_xm, stride_al, stride_an, stride_om,
+    stride_xm, stride_al, stride_an, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -120,15 +122,15 @@ def _shrink_segment_kernel(
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
-    row = split * tl.num_programs(0).to(tl.int64) * 0 + split.to(tl.int64) * 0  # placeholder
-
+    out_ptrs = out_ptr + split * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _shrink_gather_kernel(
     x_ptr, a_ptr, out_ptr, token_slot_ptr,
     d_in, num_rows, k_per_split,
-    stride_xm, stride_al, stride_an, stride_om,
+    stride_xm, stride_al, stride_an, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid: (token, tile of the S*R outputs, split of d_in); one GEMV per token.
@@ -154,8 +156,8 @@ def _shrink_gather_kernel(
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
-    row = split * tl.num_programs(0) + t.to(tl.int64)
-    tl.store(out_ptr + row * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    out_ptrs = out_ptr + split * stride_os + t.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -179,10 +181,10 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _gather_split_k(num_programs: int, d_in: int, device: torch.device) -> int:
-    """Split d_in across programs when tokens x row tiles cannot fill the GPU (small decode batches)."""
-    want = triton.cdiv(SHRINK_GATHER_WAVES * _num_sms(device), num_programs)
-    most = min(SHRINK_GATHER_SPLIT_K_MAX, triton.cdiv(d_in, SHRINK_GATHER_BLOCK_K))
+def _split_k(num_programs: int, d_in: int, block_k: int, device: torch.device) -> int:
+    """Split d_in across programs (power of two) when token x row tiles cannot fill the GPU."""
+    want = triton.cdiv(SHRINK_WAVES * _num_sms(device), num_programs)
+    most = min(SHRINK_SPLIT_K_MAX, triton.cdiv(d_in, block_k))
     split = 1
     while split * 2 <= min(want, most):
         split *= 2
@@ -212,32 +214,34 @@ def shrink(
     v = out
     if num_tokens == 0:
         return v
-    if max_seg_len <= GATHER_MAX_SEG_LEN:
-        block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_GATHER_BLOCK_N_MAX)
-        row_tiles = triton.cdiv(num_rows, block_n)
-        split_k = _gather_split_k(num_tokens * row_tiles, d_in, x.device)
-        k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), SHRINK_GATHER_BLOCK_K) * SHRINK_GATHER_BLOCK_K
-        part = v if split_k == 1 else torch.empty(split_k, num_tokens, num_rows, dtype=torch.float32, device=x.device)
+    gather = max_seg_len <= GATHER_MAX_SEG_LEN
+    block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_GATHER_BLOCK_N_MAX if gather else SHRINK_BLOCK_N_MAX)
+    block_k = SHRINK_GATHER_BLOCK_K if gather else SHRINK_BLOCK_K
+    num_segments = seg_slot.numel()
+    grid_rows = num_tokens if gather else _segment_grid_rows(num_tokens, num_segments, SHRINK_BLOCK_M)
+    row_tiles = triton.cdiv(num_rows, block_n)
+    split_k = _split_k(grid_rows * row_tiles, d_in, block_k, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
+    part = v if split_k == 1 else torch.empty(split_k, num_tokens, num_rows, dtype=torch.float32, device=x.device)
+    split_stride = 0 if split_k == 1 else part.stride(0)
+    if gather:
         _shrink_gather_kernel[(num_tokens, row_tiles, split_k)](
             x, lora_a, part, token_slot, d_in, num_rows, k_per_split,
-            x.stride(0), lora_a.stride(0), lora_a.stride(1), part.stride(-2),
-            BLOCK_N=block_n, BLOCK_K=SHRINK_GATHER_BLOCK_K,
+            x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
+            BLOCK_N=block_n, BLOCK_K=block_k,
         )
-        if split_k > 1:
-            _sum_splits_kernel[(num_tokens,)](
-                part, v, num_tokens, num_rows, v.stride(0),
-                BLOCK_N=triton.next_power_of_2(num_rows), SPLIT_K=split_k,
-            )
     else:
-        block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_BLOCK_N_MAX)
-        num_segments = seg_slot.numel()
-        grid = (_segment_grid_rows(num_tokens, num_segments, SHRINK_BLOCK_M), triton.cdiv(num_rows, block_n))
-        _shrink_segment_kernel[grid](
-            x, lora_a, v, seg_cu, seg_slot, d_in, num_rows, num_segments,
-            x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0),
-            BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K,
+        _shrink_segment_kernel[(grid_rows, row_tiles, split_k)](
+            x, lora_a, part, seg_cu, seg_slot, d_in, num_rows, num_segments, k_per_split,
+            x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
+            BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
             SEG_PAD=triton.next_power_of_2(num_segments), DOT_PRECISION=_dot_precision(x.dtype),
             num_warps=SHRINK_NUM_WARPS, num_stages=SHRINK_NUM_STAGES,
+        )
+    if split_k > 1:
+        _sum_splits_kernel[(num_tokens,)](
+            part, v, num_tokens, num_rows, v.stride(0),
+            BLOCK_N=triton.next_power_of_2(num_rows), SPLIT_K=split_k,
         )
     return v
 
