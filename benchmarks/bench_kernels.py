@@ -5,6 +5,8 @@ for one fused q/k/v LoRA layer (d=4096, R=16, S=3, outputs 4096+1024+1024 by def
 Methods:
     triton          shrink + expand_ as the engine calls them (path picked from max_seg_len)
     triton_segment  the tiled segment path forced (decode only: shows what the gather path buys)
+    triton_runs     decode tokens ordered by adapter, one segment per run of equal adapter (what
+                    an engine gets by sorting its decode batch by adapter: tiles share weights)
     torch_loop      one x@A^T / addmm per segment and slice (what a naive multi-LoRA layer does)
     torch_grouped   tokens gathered per adapter, then the loop above (one group per adapter)
     torch_bmm       per-token gathered weights, two bmm (punica-style without a kernel)
@@ -157,6 +159,9 @@ def smlm_rows(args, dtype, device):
         methods = {"triton": lambda: run_triton(c)}
         if is_decode:
             methods["triton_segment"] = lambda: run_triton(c, max_seg_len=2)
+            run_slots = sorted(set(slots))
+            runs = make_case([slots.count(s) for s in run_slots], run_slots, args, dtype, device)
+            methods["triton_runs"] = lambda: run_triton(runs, max_seg_len=max(2, runs["max_seg_len"]))
         if not (args.skip_slow and is_decode and len(lengths) > 32):
             methods["torch_loop"] = lambda: run_torch_loop(c)
         methods["torch_grouped"] = lambda: run_torch_grouped(c)

@@ -16,11 +16,16 @@ Layouts:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # cached positions per inner iteration (gathered across pages, any block_size)
+# Tuned on H100, bf16, 32 query / 8 kv heads, head_dim 128, block_size 16.
+BLOCK_N = 128  # cached positions per inner iteration (gathered across pages, any block_size)
+NUM_WARPS = 4
+NUM_STAGES = 2
 MAX_SPLITS = 16
 
 
@@ -115,11 +120,16 @@ def _merge_splits_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Split the context only when (batch x kv heads) programs cannot fill the GPU; fixed per batch size."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(device)
     programs = batch * num_kv_heads
     if programs >= sms:
         return 1
@@ -172,6 +182,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit inputs ignore it
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](

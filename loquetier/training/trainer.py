@@ -42,13 +42,15 @@ class Trainer:
             train = [train[i] for i in sorted(order[n_eval:])]
         return train, evals
 
-    def submit(self, spec: TrainSpec, job_id: str | None = None, resume: bool = True) -> TrainingJob:
-        """Validate data and start a job; with `resume`, continue from its newest checkpoint if any."""
+    def submit(self, spec: TrainSpec, job_id: str | None = None, resume: bool = True,
+               data: tuple[list, list] | None = None) -> TrainingJob:
+        """Validate data and start a job; with `resume`, continue from its newest checkpoint if any.
+        `data` is `load_data(spec)`'s result when the caller tokenized already (off the engine thread)."""
         spec.validate()
         job_id = job_id or f"job-{next(self._ids)}"
         if job_id in self.jobs and self.jobs[job_id].status in (JobStatus.RUNNING, JobStatus.PAUSED):
             raise RequestError(f"job {job_id} is already running")
-        train, evals = self.load_data(spec)
+        train, evals = data if data is not None else self.load_data(spec)
         ckpt = latest_checkpoint(Path(spec.output_dir)) if resume else None
         initial = None
         if ckpt is not None:

@@ -1,0 +1,168 @@
+"""Unified fine-tuning + serving under a BurstGPT arrival trace (the paper's dynamic-load run).
+
+Request i goes to inference adapter i mod 4; arrival times are the trace's, divided by `--speedup`
+(so a larger speedup is a higher load). Prompt/output lengths: ShareGPT-like lognormal (means 161 /
+338 tokens, capped at `--max-output`). Two fine-tuning jobs train throughout on synthetic
+Alpaca-like examples (mean 77 tokens). Policies: SLO-aware, fixed (N inference steps per training
+step), serving alone and training alone. Prints a table last, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import SHAREGPT, lognormal_lengths, random_adapter, table, write_json  # noqa: E402
+
+from loquetier import LLM, SamplingParams  # noqa: E402
+from loquetier.lora.adapter import LoraSpec  # noqa: E402
+from loquetier.training.data import TokenizedExample  # noqa: E402
+from loquetier.training.job import TrainingJob  # noqa: E402
+from loquetier.training.spec import TrainSpec  # noqa: E402
+from loquetier.training.trainer import Trainer  # noqa: E402
+
+DEFAULT_TRACE = Path(__file__).parents[1].parent / "shared" / "data" / "burstgpt_arrivals.txt"
+
+
+def pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def run_one(args, policy: str, speedup: float | None, serve: bool, train: bool) -> dict:
+    llm = LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+              max_loras=8, max_lora_rank=16, max_model_len=2048, kv_cache_memory=int(args.kv_gib * 2**30),
+              max_num_batched_tokens=args.budget, max_num_seqs=256)
+    eng = llm.engine
+    eng.config.scheduler.train_policy = policy if policy in ("slo", "fixed") else "slo"
+    eng.config.scheduler.slo_ttft, eng.config.scheduler.slo_tpot = args.slo_ttft, args.slo_tpot
+    from loquetier.engine.train_budget import make_policy
+    eng.train_policy = make_policy(eng.config.scheduler, eng.cost_model)
+    eng.stats.slo_ttft, eng.stats.slo_tpot = args.slo_ttft, args.slo_tpot
+    for i in range(4):
+        eng.add_adapter(f"infer{i}", random_adapter(eng, seed=i))
+    trainer = Trainer(eng)
+    rng = np.random.default_rng(0)
+    jobs = []
+    if train:
+        for j in range(2):
+            lens = lognormal_lengths(2000, 77, 1024, rng, sigma=0.6)
+            exs = [TokenizedExample(t, [-100] * (len(t) // 4) + t[len(t) // 4:])
+                   for t in (rng.integers(10, eng.args.vocab_size - 10, n).tolist() for n in lens)]
+            spec = TrainSpec(name=f"ft{j}", train_file="", output_dir=f"/tmp/unified-{j}",
+                             lora=LoraSpec(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
+                                           init_lora_weights="gaussian"),
+                             micro_batch_size=4, grad_accum=4, learning_rate=2e-5, max_steps=100_000)
+            job = TrainingJob(f"job{j}", spec, exs, [], eng)
+            trainer.jobs[job.id] = job
+            jobs.append(job)
+    arrivals = []
+    if serve:
+        trace = [int(x) for x in Path(args.trace).read_text().split()][:args.requests]
+        arrivals = [(t - trace[0]) / speedup for t in trace]
+    n = len(arrivals)
+    p_lens = lognormal_lengths(n, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
+    o_lens = lognormal_lengths(n, SHAREGPT["output_mean"], args.max_output, rng)
+    duration = (arrivals[-1] + args.drain) if serve else args.train_only_seconds
+    for _ in range(3):  # warm-up (compiles, graphs) before the clock starts
+        eng.step()
+    tok0 = sum(j.trained_tokens for j in jobs)
+    t0 = time.monotonic()
+    nxt = 0
+    while True:
+        now = time.monotonic() - t0
+        while nxt < n and arrivals[nxt] <= now:
+            prompt = rng.integers(10, eng.args.vocab_size - 10, p_lens[nxt]).tolist()
+            rid = eng.add_request(prompt, SamplingParams(max_tokens=o_lens[nxt], temperature=0, ignore_eos=True),
+                                  f"infer{nxt % 4}")
+            eng.requests[rid].arrival_time = t0 + arrivals[nxt]
+            nxt += 1
+        if nxt >= n and not eng.has_unfinished() and (serve or now >= duration):
+            break
+        if not serve and now >= duration:
+            break
+        if eng.has_unfinished() or (train and any(j.active for j in jobs)):
+            eng.step()
+        elif nxt < n:
+            time.sleep(max(0.0, min(0.01, arrivals[nxt] - now)))
+    wall = time.monotonic() - t0
+    done = [s for s in eng.stats.finished if s.finish_reason != "abort"]
+    row = {"policy": policy if train and serve else ("serve-only" if serve else "train-only"),
+           "speedup": speedup, "req_per_s": n / arrivals[-1] if serve and arrivals[-1] > 0 else None,
+           "requests": len(done), "slo_attain": eng.stats.slo_attainment(),
+           "admit_6s": eng.stats.admitted_attainment(),
+           "ttft_p50": pct([s.ttft for s in done], 0.5), "ttft_p99": pct([s.ttft for s in done], 0.99),
+           "tpot_p50": pct([s.tpot for s in done], 0.5), "tpot_p99": pct([s.tpot for s in done], 0.99),
+           "train_tok_s": (sum(j.trained_tokens for j in jobs) - tok0) / wall if train else 0.0, "wall_s": wall}
+    for job in jobs:
+        job.cancel()
+    print(row, flush=True)
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for pol in ("slo", "fixed", "serve-only"):
+        pts = sorted((r["req_per_s"], r) for r in rows if r["policy"] == pol and r["req_per_s"])
+        if pts:
+            a1.plot([p for p, _ in pts], [r["slo_attain"] for _, r in pts], "o-", label=pol)
+            if pol != "serve-only":
+                a2.plot([p for p, _ in pts], [r["train_tok_s"] for _, r in pts], "o-", label=pol)
+    solo = [r for r in rows if r["policy"] == "train-only"]
+    if solo:
+        a2.axhline(solo[0]["train_tok_s"], ls="--", c="gray", label="train-only")
+    a1.set(xlabel="load (requests/s)", ylabel="SLO attainment (TTFT and TPOT)", ylim=(0, 1.05))
+    a2.set(xlabel="load (requests/s)", ylabel="training tokens/s")
+    a1.legend(); a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--requests", type=int, default=150)
+    ap.add_argument("--speedups", type=lambda s: [float(x) for x in s.split(",")], default=[4.0, 10.0])
+    ap.add_argument("--policies", default="slo,fixed,serve-only,train-only")
+    ap.add_argument("--max-output", type=int, default=384)
+    ap.add_argument("--slo-ttft", type=float, default=1.5)
+    ap.add_argument("--slo-tpot", type=float, default=0.08)
+    ap.add_argument("--budget", type=int, default=4096)
+    ap.add_argument("--kv-gib", type=float, default=20)
+    ap.add_argument("--drain", type=float, default=0.0)
+    ap.add_argument("--train-only-seconds", type=float, default=20)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    rows = []
+    pols = args.policies.split(",")
+    for sp in args.speedups:
+        for pol in pols:
+            if pol in ("slo", "fixed"):
+                rows.append(run_one(args, pol, sp, serve=True, train=True))
+            elif pol == "serve-only":
+                rows.append(run_one(args, "slo", sp, serve=True, train=False))
+    if "train-only" in pols:
+        rows.append(run_one(args, "slo", None, serve=False, train=True))
+    write_json(args.out, {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                          "rows": rows})
+    if args.plot:
+        plot(rows, args.plot)
+    print(table(rows, ["policy", "speedup", "req_per_s", "requests", "slo_attain", "admit_6s", "ttft_p50", "ttft_p99",
+                       "tpot_p50", "tpot_p99", "train_tok_s", "wall_s"]))
+
+
+if __name__ == "__main__":
+    main()

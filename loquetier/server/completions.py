@@ -1,0 +1,243 @@
+"""/v1/completions and /v1/chat/completions: requests to engine requests, outputs to OpenAI bodies.
+
+A request becomes one engine request per (prompt, choice); choice i of a seeded request uses seed+i.
+Non-streamed responses wait for every choice (aborting them if the client goes away); streamed ones
+send server-sent events as tokens arrive, then a usage chunk when asked, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.engine import RequestOutput
+from ..engine.sequence import TokenLogprob
+from ..errors import LoquetierError, RequestError
+from ..sampling_params import SamplingParams
+from .engine_loop import AsyncEngine, GenerationRequest, IncrementalDetokenizer, RequestGroup
+from .protocol import (
+    SSE_DONE, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
+    ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamResponse, DeltaMessage,
+    SamplingRequest, TopLogprob, UsageInfo, error_body, new_id, sse_data)
+
+# End-of-turn tokens of common chat templates; those in the tokenizer's vocabulary stop chat replies.
+CHAT_END_TOKENS = ("</s>", "<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>",
+                   "<|end_of_text|>", "<|eom_id|>")
+
+
+class GroupStreamingResponse(StreamingResponse):
+    """A streaming response that aborts its engine requests however it ends (done, error, disconnect)."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.group = group
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.group.close()
+
+
+class CompletionService:
+    """Serves both endpoints for one base model and its adapters."""
+
+    def __init__(self, aengine: AsyncEngine, tokenizer, model_name: str):
+        self.aengine = aengine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        engine = aengine.engine
+        self.context_len = min(engine.max_model_len, engine.kv.num_blocks * engine.kv.block_size)
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        self.chat_stop_ids = sorted({vocab[t] for t in CHAT_END_TOKENS if t in vocab}
+                                    | ({tokenizer.eos_token_id} if tokenizer is not None
+                                       and tokenizer.eos_token_id is not None else set()))
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ endpoints
+    async def complete(self, req: CompletionRequest, raw: Request) -> Response:
+        prompts = [self._encode(p) for p in req.prompts()]
+        k = req.logprobs
+        requests = [GenerationRequest(ids, self._params(req, req.max_tokens, k, [], req.seed, j), self._adapter(req))
+                    for ids in prompts for j in range(req.n)]
+        group = await self.aengine.add(requests)
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            return GroupStreamingResponse(self._stream(req, group, prompt_tokens, chat=False), group)
+        outs = await _results_or_disconnect(group, raw)
+        if outs is None:
+            return Response(status_code=499)
+        choices = [CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason,
+                                    logprobs=self._completion_logprobs(o.logprobs, 0) if k is not None else None)
+                   for i, o in enumerate(outs)]
+        return JSONResponse(CompletionResponse(model=req.model, choices=choices, usage=_usage(prompt_tokens, outs))
+                            .model_dump())
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        ids = self._chat_prompt(req)
+        max_tokens = req.max_new_tokens
+        if max_tokens is None:
+            max_tokens = self.context_len - len(ids)
+            if max_tokens < 1:
+                raise RequestError(f"the conversation is {len(ids)} tokens, which leaves no room to reply within "
+                                   f"this model's context of {self.context_len} tokens; shorten the messages")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        requests = [GenerationRequest(ids, self._params(req, max_tokens, k, self.chat_stop_ids, req.seed, j),
+                                      self._adapter(req)) for j in range(req.n)]
+        group = await self.aengine.add(requests)
+        if req.stream:
+            return GroupStreamingResponse(self._stream(req, group, len(ids), chat=True), group)
+        outs = await _results_or_disconnect(group, raw)
+        if outs is None:
+            return Response(status_code=499)
+        choices = [ChatChoice(index=i, message=ChatResponseMessage(content=o.text), finish_reason=o.finish_reason,
+                              logprobs=self._chat_logprobs(o.logprobs) if k is not None else None)
+                   for i, o in enumerate(outs)]
+        return JSONResponse(ChatCompletionResponse(model=req.model, choices=choices, usage=_usage(len(ids), outs))
+                            .model_dump())
+
+    # ------------------------------------------------------------------ streaming
+    async def _stream(self, req: SamplingRequest, group: RequestGroup, prompt_tokens: int,
+                      chat: bool) -> AsyncIterator[str]:
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        detok = [IncrementalDetokenizer(self.tokenizer, req.stop_list) for _ in range(group.size)]
+        sent_tokens = [0] * group.size
+        final: dict[int, RequestOutput] = {}
+        want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        try:
+            if chat:
+                for i in range(group.size):
+                    yield sse_data(ChatCompletionStreamResponse(
+                        id=rid, model=req.model,
+                        choices=[ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]))
+            while not group.done:
+                try:
+                    latest = await group.next_outputs()
+                except LoquetierError as e:
+                    yield f"data: {_json(error_body(str(e), 'server_error', code=e.code))}\n\n"
+                    break
+                for i, out in sorted(latest.items()):
+                    text = detok[i].delta(out)
+                    new_lps = out.logprobs[sent_tokens[i]:] if want_logprobs and out.logprobs is not None else None
+                    sent_tokens[i] = len(out.token_ids)
+                    if out.finished:
+                        final[i] = out
+                    elif not text and not new_lps:
+                        continue
+                    reason = out.finish_reason if out.finished else None
+                    if chat:
+                        choice = ChatStreamChoice(index=i, delta=DeltaMessage(content=text or None),
+                                                  finish_reason=reason,
+                                                  logprobs=self._chat_logprobs(new_lps) if new_lps else None)
+                        yield sse_data(ChatCompletionStreamResponse(id=rid, model=req.model, choices=[choice]))
+                    else:
+                        lps = self._completion_logprobs(new_lps, len(detok[i].sent) - len(text)) if new_lps else None
+                        choice = CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=lps)
+                        yield sse_data(CompletionStreamResponse(id=rid, model=req.model, choices=[choice]))
+            else:
+                if req.include_usage:
+                    usage = _usage(prompt_tokens, list(final.values()))
+                    body = (ChatCompletionStreamResponse if chat else CompletionStreamResponse)(
+                        id=rid, model=req.model, choices=[], usage=usage)
+                    yield sse_data(body)
+            yield SSE_DONE
+        finally:
+            group.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _adapter(self, req: SamplingRequest) -> str | None:
+        return None if req.model == self.model_name else req.model
+
+    def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, stop_ids: list[int],
+                seed: int | None, choice: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or -1,
+            min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=None if seed is None else seed + choice,
+            stop=req.stop_list, stop_token_ids=sorted(set(req.stop_token_ids or []) | set(stop_ids)),
+            ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer; send prompts as lists of token ids to /v1/completions")
+        return self.tokenizer
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
+        if not prompt:
+            raise RequestError("prompt must not be empty")
+        return self._tokenizer().encode(prompt)
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tok = self._tokenizer()
+        if not tok.chat_template:
+            raise RequestError("this model's tokenizer has no chat template; use /v1/completions")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - templates raise on conversations they do not accept
+            raise RequestError(f"the chat template rejected these messages: {e}") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+            self._token_text[token_id] = text
+        return text
+
+    def _completion_logprobs(self, lps: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in lps or []:
+            token = self._text_of(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.text_offset.append(offset)
+            offset += len(token)
+            out.top_logprobs.append({self._text_of(t): v for t, v in lp.top} if lp.top else None)
+        return out
+
+    def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> ChatLogprobs:
+        content = []
+        for lp in lps or []:
+            token = self._text_of(lp.token_id)
+            tops = [TopLogprob(token=self._text_of(t), logprob=v, bytes=list(self._text_of(t).encode()))
+                    for t, v in lp.top]
+            content.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
+                                            top_logprobs=tops))
+        return ChatLogprobs(content=content)
+
+
+def _usage(prompt_tokens: int, outs: list[RequestOutput]) -> UsageInfo:
+    return UsageInfo.of(prompt_tokens, sum(len(o.token_ids) for o in outs))
+
+
+def _json(body: Any) -> str:
+    import json
+    return json.dumps(body)
+
+
+async def _results_or_disconnect(group: RequestGroup, raw: Request) -> list[RequestOutput] | None:
+    """The group's final outputs, or None (with the requests aborted) if the client disconnects first."""
+    results = asyncio.ensure_future(group.results())
+    gone = asyncio.ensure_future(_wait_disconnect(raw))
+    try:
+        done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not results.done():
+            results.cancel()
+            group.close()
+    return results.result() if results in done else None
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass

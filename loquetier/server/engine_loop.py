@@ -1,0 +1,329 @@
+"""`AsyncEngine`: the engine and trainer on one dedicated thread, driven from asyncio.
+
+The engine is not thread-safe. Its thread runs the step loop; anything else that touches it (adding
+or aborting requests, loading adapters, starting or pausing jobs) is a command put on a queue and
+run on that thread between steps, its result coming back through a future. Each step's outputs go
+to per-group asyncio queues with one `call_soon_threadsafe`. With no work, the thread sleeps on an
+event that the next command sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.engine import Engine, RequestOutput
+from ..errors import AdapterNotFoundError, LoquetierError
+from ..sampling_params import SamplingParams
+
+log = logging.getLogger("loquetier.server")
+TRAINING_SUFFIX = "@train"   # a job's adapter while it trains (TrainingJob.adapter); not servable
+
+
+class EngineFailure(LoquetierError):
+    """A step failed while this request was in the batch; the engine went on without it."""
+
+    status = 500
+    code = "engine_error"
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate: already tokenized, with its sampling parameters and adapter."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+
+
+class RequestGroup:
+    """Requests submitted together (prompts x n choices); their outputs arrive on one asyncio queue.
+
+    Closing the group (or leaving `async with`) aborts whatever has not finished, which frees its KV
+    blocks on the engine thread.
+    """
+
+    def __init__(self, engine: AsyncEngine, size: int):
+        self._engine = engine
+        self.size = size
+        self.request_ids: list[str] = []
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == self.size
+
+    async def next_outputs(self) -> dict[int, RequestOutput]:
+        """Wait for at least one output; return the newest output per index (outputs carry every
+        token so far, so older ones queued behind a slow reader are simply skipped)."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        latest: dict[int, RequestOutput] = {}
+        for index, item in items:
+            if isinstance(item, BaseException):
+                self.finished.add(index)
+                self.close()
+                raise item
+            if index in self.finished:
+                continue
+            latest[index] = item
+            if item.finished:
+                self.finished.add(index)
+        return latest
+
+    async def results(self) -> list[RequestOutput]:
+        """Wait until every request finished; their final outputs in index order."""
+        final: dict[int, RequestOutput] = {}
+        try:
+            while not self.done:
+                for index, out in (await self.next_outputs()).items():
+                    if out.finished:
+                        final[index] = out
+        finally:
+            self.close()
+        return [final[i] for i in range(self.size)]
+
+    def close(self) -> None:
+        """Abort the unfinished requests (idempotent, callable from any coroutine or thread)."""
+        pending = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
+        self.finished.update(range(self.size))
+        if pending:
+            self._engine.abort_nowait(pending)
+
+    async def __aenter__(self) -> RequestGroup:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing output: decode every token so far and send the new suffix.
+
+    A trailing U+FFFD (a character whose bytes have not all arrived) is held back, and so are the
+    last `len(longest stop string) - 1` characters, which a stop string may yet swallow.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.hold = max((len(s) for s in stop or []), default=1) - 1
+        self.sent = ""
+
+    def delta(self, out: RequestOutput) -> str:
+        if out.finished:
+            text = out.text
+        else:
+            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+            if self.hold:
+                text = text[:max(len(self.sent), len(text) - self.hold)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
+
+
+class AsyncEngine:
+    """Owns the engine (and trainer) thread; every engine call goes through `call`/`submit`."""
+
+    def __init__(self, engine: Engine, trainer=None):
+        self.engine = engine
+        self.trainer = trainer
+        self.after_step: list[Callable[[], None]] = []   # run on the engine thread after each step
+        self.fatal: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._streams: dict[str, tuple[RequestGroup, int]] = {}   # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="loquetier-engine", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread; outputs are delivered on `loop` (default: the running loop)."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.fatal is None
+
+    # ------------------------------------------------------------------ commands
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between steps (thread-safe); its result in a future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.fatal is not None or self._stopping:
+            fut.set_exception(EngineFailure(f"the engine is not running ({self.fatal or 'shutting down'})"))
+            return fut
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Await `fn(*args, **kwargs)` run on the engine thread."""
+        return await asyncio.wrap_future(self.submit(lambda: fn(*args, **kwargs)))
+
+    def call_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the engine thread and block for its result (start-up, tests; not from the loop)."""
+        if not self._thread.is_alive():
+            return fn(*args, **kwargs)   # not started yet: this thread is the only user
+        return self.submit(lambda: fn(*args, **kwargs)).result()
+
+    def abort_nowait(self, request_ids: list[str]) -> None:
+        """Abort requests (fire and forget); their blocks are freed before the next step."""
+        self.submit(lambda: [self._abort(rid) for rid in request_ids])
+
+    # ------------------------------------------------------------------ requests
+    async def add(self, requests: list[GenerationRequest]) -> RequestGroup:
+        """Add the requests atomically (all or none); raises the engine's error (bad prompt, queue full)."""
+        group = RequestGroup(self, len(requests))
+        prefix = f"req{next(self._ids)}"
+
+        def add_all() -> list[str]:
+            for name in {r.adapter for r in requests} - {None}:
+                if name.endswith(TRAINING_SUFFIX) or not self.engine.has_adapter(name):
+                    raise AdapterNotFoundError(f"model {name!r} does not exist; GET /v1/models lists the models "
+                                               "served here")
+            ids: list[str] = []
+            try:
+                for i, r in enumerate(requests):
+                    rid = self.engine.add_request(r.prompt_token_ids, r.params, r.adapter, f"{prefix}-{i}")
+                    ids.append(rid)
+                    self._streams[rid] = (group, i)
+            except BaseException:
+                for rid in ids:
+                    self._abort(rid)
+                raise
+            return ids
+
+        fut = self.submit(add_all)
+        try:
+            group.request_ids = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:   # the client left while we waited: undo if it ran anyway
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.abort_nowait(f.result()))
+            raise
+        return group
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    # ------------------------------------------------------------------ the thread
+    def _has_work(self) -> bool:
+        return self.engine.has_unfinished() or (self.trainer is not None and self.trainer.has_work())
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._run_commands()
+                if self._stopping:
+                    break
+                if not self._has_work():
+                    self._wake.wait(timeout=1.0)
+                    continue
+                steps = self.engine.stats.steps
+                self._step()
+                if self.engine.stats.steps == steps:   # nothing could run (e.g. waiting on slots)
+                    self._wake.wait(timeout=0.005)
+        except BaseException as e:  # a bug in the loop itself: fail everything loudly, keep the process up
+            log.exception("engine thread died")
+            self.fatal = e
+        finally:
+            self._fail_all(EngineFailure("the server is shutting down" if self.fatal is None
+                                         else f"the engine stopped: {self.fatal}"))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop serving
+            self._recover(e)
+            return
+        if outputs:
+            batch = []
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is None:
+                    continue
+                if out.finished:
+                    del self._streams[out.request_id]
+                batch.append((target[0], target[1], out))
+            if batch:
+                self._deliver(batch)
+        for hook in self.after_step:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001
+                log.exception("after-step hook failed")
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised: fail the requests that were in the batch; retry training micro-batches once,
+        fail the jobs if a step with only training fails."""
+        log.exception("engine step failed")
+        running = list(self.engine.scheduler.running)
+        in_flight = [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []
+        for job in in_flight:
+            job.in_flight = False
+        victims = running or ([] if in_flight else list(self.engine.scheduler.waiting))
+        message = f"generation failed: {type(error).__name__}: {error}"
+        failed = []
+        for seq in victims:
+            target = self._streams.pop(seq.request_id, None)
+            self.engine.abort(seq.request_id)
+            if target is not None:
+                failed.append((target[0], target[1], EngineFailure(message)))
+        if not victims:
+            for job in in_flight:
+                job.fail(f"training step failed: {type(error).__name__}: {error}")
+        if failed:
+            self._deliver(failed)
+
+    def _deliver(self, batch: list[tuple[RequestGroup, int, Any]]) -> None:
+        def put() -> None:
+            for group, index, item in batch:
+                group.queue.put_nowait((index, item))
+        try:
+            self._loop.call_soon_threadsafe(put)
+        except RuntimeError:   # the event loop is closed: nobody is listening any more
+            pass
+
+    def _fail_all(self, error: LoquetierError) -> None:
+        pending = [(g, i, error) for g, i in self._streams.values()]
+        self._streams.clear()
+        if pending and self._loop is not None:
+            self._deliver(pending)
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(error)
