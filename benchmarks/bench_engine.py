@@ -66,7 +66,7 @@ def bench_decode(args, llm, names, ceil, results):
             adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
             for ad in adapters:
                 eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
-                                SamplingParams(max_tokens=10_000 if args.device == "cuda" else 64,
+                                SamplingParams(max_tokens=args.decode_steps + 8,
                                                temperature=0, ignore_eos=True), ad)
             while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
                 eng.step()

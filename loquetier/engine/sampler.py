@@ -30,6 +30,9 @@ class Sampler:
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
 
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(-1)
+            return self._finish(tokens, raw_logprobs, params)
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
         greedy = torch.tensor([p.greedy for p in params], device=dev)
         scaled = logits / temps[:, None]
@@ -42,6 +45,11 @@ class Sampler:
                 q[i] = torch.empty(V, device=dev).exponential_(generator=self._generator(s, dev))
         sampled = (probs / q).argmax(-1)
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
+        return self._finish(tokens, raw_logprobs, params)
+
+    @staticmethod
+    def _finish(tokens, raw_logprobs, params):
+        B = tokens.shape[0]
         token_list = tokens.tolist()
 
         logprobs: list[TokenLogprob | None] = [None] * B

@@ -82,8 +82,9 @@ class Scheduler:
         out = SchedulerOutput()
         # 1) running sequences, oldest first; decode (1 pending token) before prefill chunks
         running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        preempted: set[int] = set()
         for seq in running:
-            if seq not in self.running:
+            if seq.seq_id in preempted:
                 continue  # preempted below to make room for an older one
             pending = seq.num_tokens - seq.num_computed_tokens
             n = min(pending, budget)
@@ -93,9 +94,14 @@ class Scheduler:
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
+                preempted.add(victim.seq_id)
+                for i, sch in enumerate(out.scheduled):   # already given tokens this step: take them back
+                    if sch.seq is victim:
+                        budget += out.scheduled.pop(i).length
+                        break
                 if victim is seq:
                     break
-            if seq not in self.running:
+            if seq.seq_id in preempted:
                 continue
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n

@@ -25,7 +25,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]   # (token id, logprob), best first
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison: sequences live in lists and sets
 class Sequence:
     """A request: prompt, generated tokens, KV blocks, adapter, and timing for metrics."""
 

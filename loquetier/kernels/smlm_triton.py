@@ -13,10 +13,13 @@ Layouts (one, possibly fused, linear layer with S output slices and max rank R):
     seg_cu   [G+1] int32 token offsets; seg_slot [G] int32 (-1 = no adapter)
     token_slot [N] int32, used by the decode (gather) path
 
-Each op is one launch for all segments and slices. Two paths, picked on the host from
-``max_seg_len``: segment-grouped ``tl.dot`` tiles for prefill/training, and a per-token gather
-(GEMV) for decode where every segment is one token. The backward for training segments is plain
-torch (``smlm_backward``): its matmuls are few and large, cuBLAS does them well.
+Each op is one launch for all segments and slices (shrink adds a tiny sum kernel when it splits
+d_in). Two paths, picked on the host from ``max_seg_len``: segment-grouped ``tl.dot`` tiles when
+some segment is longer than one token (reads seg_cu/seg_slot), and a per-token gather (GEMV) when
+every segment is one token (reads token_slot). Segments only mean "a run of tokens with one slot":
+an engine that orders decode tokens by adapter and gives each run one segment lets its decode
+tokens share weight tiles (the segment path), which beats the gather path from about 32 tokens.
+The backward for training segments is plain torch (``smlm_backward``): few, large matmuls.
 """
 
 from __future__ import annotations
@@ -218,7 +221,8 @@ def shrink(
     if num_tokens == 0:
         return v
     gather = max_seg_len <= GATHER_MAX_SEG_LEN
-    block_n = min(max(16, triton.next_power_of_2(num_rows)), SHRINK_GATHER_BLOCK_N_MAX if gather else SHRINK_BLOCK_N_MAX)
+    block_n_max = SHRINK_GATHER_BLOCK_N_MAX if gather else SHRINK_BLOCK_N_MAX
+    block_n = min(max(16, triton.next_power_of_2(num_rows)), block_n_max)
     block_k = SHRINK_GATHER_BLOCK_K if gather else SHRINK_BLOCK_K
     num_segments = seg_slot.numel()
     grid_rows = num_tokens if gather else _segment_grid_rows(num_tokens, num_segments, SHRINK_BLOCK_M)
@@ -359,6 +363,7 @@ def expand_(
     assert y.stride(1) == 1 and v.stride(1) == 1 and lora_b.stride(2) == 1 and scaling.stride(1) == 1
     assert y.shape[1] == slice_offsets[-1] == lora_b.shape[1] and v.shape == (num_tokens, num_slices * rank)
     assert scaling.dtype == torch.float32 and scaling.shape == (lora_b.shape[0], num_slices)
+    assert v.dtype == lora_b.dtype
     if num_tokens == 0:
         return y
     rank_pad = _rank_pad(rank)

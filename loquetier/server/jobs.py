@@ -152,6 +152,8 @@ class JobService:
 
     # ------------------------------------------------------------------ engine thread
     def _start(self, job_id: str, spec: TrainSpec, data=None) -> TrainingJob:
+        if spec.base_adapter is not None:
+            self.engine.ensure_adapter(spec.base_adapter)   # it may be known only by its path (after a restart)
         job = self.trainer.submit(spec, job_id, resume=True, data=data)
         for event in list(job.events):   # emitted inside submit (resume, finish) before we listened
             self._on_event(job, event)
