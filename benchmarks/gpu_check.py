@@ -53,16 +53,13 @@ def main():
         else:
             # bf16 against the fp32 reference, beside PEFT's own bf16 error against it
             ours_err = max(((lo.float() - r).norm() / r.norm()).item() for lo, r in zip(ours, refs32))
-            for m in [hf, *peft.values()]:
-                m.to(torch.bfloat16)
             hf_err = 0.0
             for p, n, r in zip(prompts, names, refs32):
-                m = hf if n is None else peft[n]
+                m = copy.deepcopy(hf if n is None else peft[n]).to(torch.bfloat16)  # keep the fp32 models intact
                 with torch.no_grad():
                     lo = m(input_ids=torch.tensor([p], device="cuda")).logits[0].float().cpu()
                 hf_err = max(hf_err, ((lo - r).norm() / r.norm()).item())
-            for m in [hf, *peft.values()]:
-                m.to(torch.float32)
+                del m
             print(f"bfloat16 vs fp32 reference: ours {ours_err:.2e}, HF+PEFT bf16 {hf_err:.2e}")
             ok &= ours_err < 1.5 * hf_err + 1e-3
         n_new = 40
