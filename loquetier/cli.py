@@ -216,8 +216,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- bench, demo
 def _benchmarks() -> list[str]:
-    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("_")) \
-        if BENCHMARKS_DIR.is_dir() else []
+    """Runnable scripts in benchmarks/ (helpers without a `__main__` block are left out)."""
+    if not BENCHMARKS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py")
+                  if not p.stem.startswith("_") and "__main__" in p.read_text(errors="ignore"))
 
 
 def _bench_parser(sub) -> None:
@@ -241,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune and serve a tiny model on the CPU, end to end, in about a minute",
+    p = sub.add_parser("demo", help="fine-tune and serve a tiny model on the CPU, end to end, in under a minute",
                        description="Build a tiny random Llama and tokenizer, start the server on 127.0.0.1, fine-tune "
                                    "a LoRA adapter on a small task through the OpenAI API while serving other "
                                    "requests, and compare base and fine-tuned answers on held-out questions.")

@@ -135,6 +135,7 @@ def run_demo(workdir: str | None = None, port: int = 0, epochs: int = 6, seed: i
     from .server.config import ServerConfig
 
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
     # the matrices are tiny: extra intra-op threads only fight the server's and clients' threads (3x slower)
     torch.set_num_threads(1)
     tmp = None if workdir else tempfile.TemporaryDirectory(prefix="loquetier-demo-")
@@ -197,6 +198,7 @@ def run_demo(workdir: str | None = None, port: int = 0, epochs: int = 6, seed: i
         _report(echo, held_out, base_answers, ft_answers, result, job.fine_tuned_model)
         return result
     finally:
+        torch.set_num_threads(threads)
         if tmp is not None:
             tmp.cleanup()
 

@@ -81,3 +81,13 @@ def test_generate_matches_llm(model_dir, capsys):
 def test_bench_dispatch(capsys):
     assert main(["bench", "no_such_benchmark"]) == 2
     assert "available" in capsys.readouterr().err
+
+
+def test_demo_fine_tuned_model_beats_the_base():
+    from loquetier.demo import run_demo
+    lines = []
+    result = run_demo(echo=lines.append)
+    assert result.base_accuracy <= 0.1 and result.fine_tuned_accuracy >= 0.8
+    assert result.requests_served > 0 and result.losses[-1] < result.losses[0] / 4
+    text = "\n".join(lines)
+    assert "Held-out exact-match accuracy" in text and "fine-tuned" in text

@@ -266,6 +266,7 @@ def test_bad_inputs_get_openai_errors(env):
     assert_error(post(server, "/v1/chat/completions", json={
         "model": BASE, "messages": [{"role": "user", "content": "word " * 600}]}), 400, "context")
     assert_error(comp(temperature=-1), 400, "temperature")
+    assert_error(comp(seed=2**70), 400, "seed")
     assert_error(comp(prompt=[1, 2, 100000]), 400, "token ids")
     # malformed JSON, and a body that is not an object
     r = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "tiny", "prompt": ',
@@ -354,7 +355,7 @@ def test_disconnecting_clients_free_their_kv_blocks(env):
             s.__exit__(None, None, None)
     # a non-streamed request whose client gives up is aborted too
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=0.3,
+        httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=0.1,
                    json={**body, "stream": False, "logprobs": None, "max_tokens": 480})
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -455,7 +456,7 @@ def test_cancel_and_pause_resume(env):
     with pytest.raises(openai.BadRequestError, match="cancelled"):
         client.fine_tuning.jobs.cancel(job.id)
     assert_error(post(server, f"/v1/fine_tuning/jobs/{job.id}/resume"), 400)
-    assert server.health()["training_jobs_active"] == 0 and steps()[-1] < 800
+    assert server.health()["training_jobs_active"] == 0
 
 
 def test_server_killed_during_a_job_resumes_it(env, tmp_path):

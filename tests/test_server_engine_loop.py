@@ -124,3 +124,34 @@ def test_incremental_detokenizer_holds_back_partial_characters_and_stop_prefixes
     assert d.delta(_out([0, 3])) == "ab"          # "X" may start the stop string
     assert d.delta(_out([0, 3, 4], True, "ab")) == ""   # it did: the engine cut the text there
     assert d.sent == "ab"
+
+
+def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
+    from helpers import write_prompt_completion
+    from loquetier.lora.adapter import LoraSpec
+    from loquetier.training.spec import TrainSpec
+    data = write_prompt_completion(tmp_path / "data.jsonl", 4)
+    spec = TrainSpec(name="t", train_file=str(data), output_dir=str(tmp_path / "out"),
+                     lora=LoraSpec(r=4, target_modules=["q_proj"]))
+    runner = llm.engine.runner
+    real = runner.execute
+
+    def boom(batch, keep_logits=False):
+        raise RuntimeError("injected")
+
+    async def body(aengine):
+        runner.execute = boom
+        try:
+            job = await aengine.call(aengine.trainer.submit, spec)
+            for _ in range(500):
+                if await aengine.call(lambda: job.status.value) == "failed":
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            runner.execute = real
+        group = await aengine.add([GenerationRequest([5, 6, 7], PARAMS)])
+        return job, (await group.results())[0], aengine.alive
+
+    job, out, alive = run(llm, body)
+    assert job.status.value == "failed" and "injected" in job.error
+    assert alive and out.finished and len(out.token_ids) == 12

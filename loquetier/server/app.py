@@ -28,7 +28,7 @@ from ..training.trainer import Trainer
 from .completions import CompletionService
 from .config import ServerConfig
 from .engine_loop import TRAINING_SUFFIX, AsyncEngine
-from .jobs import JobService, NotFound
+from .jobs import JobService, NotFound, fetch_page
 from .metrics import ServerMetrics
 from .paths import resolve_adapter_path
 from .protocol import (
@@ -241,7 +241,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @v1.get("/files")
     async def list_files(purpose: str | None = None, after: str | None = None,
                          limit: int = Query(10_000, ge=1, le=10_000), order: str = Query("desc", pattern="^(asc|desc)$")):
-        page = JobService._page(lambda: store.list_files(after=after, limit=limit, purpose=purpose, order=order))
+        page = fetch_page(lambda: store.list_files(after=after, limit=limit, purpose=purpose, order=order))
         data = [f.to_api() for f in page.items]
         return FileList(data=data, has_more=page.has_more, first_id=data[0].id if data else None,
                         last_id=data[-1].id if data else None)

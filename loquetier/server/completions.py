@@ -26,6 +26,7 @@ from .protocol import (
     SamplingRequest, TopLogprob, UsageInfo, error_body, new_id, sse_data)
 
 # End-of-turn tokens of common chat templates; those in the tokenizer's vocabulary stop chat replies.
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)   # what torch.Generator.manual_seed accepts (int64)
 CHAT_END_TOKENS = ("</s>", "<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>",
                    "<|end_of_text|>", "<|eom_id|>")
 
@@ -58,6 +59,10 @@ class CompletionService:
                                     | ({tokenizer.eos_token_id} if tokenizer is not None
                                        and tokenizer.eos_token_id is not None else set()))
         self._token_text: dict[int, str] = {}
+        if tokenizer is not None:
+            # the first encode may reset the tokenizer's truncation state (a mutable borrow in Rust); do it
+            # now, before the engine thread decodes concurrently and could hit "Already borrowed"
+            tokenizer.encode("warm up")
 
     # ------------------------------------------------------------------ endpoints
     async def complete(self, req: CompletionRequest, raw: Request) -> Response:
@@ -155,6 +160,9 @@ class CompletionService:
 
     def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, stop_ids: list[int],
                 seed: int | None, choice: int) -> SamplingParams:
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - req.n:
+            raise RequestError(f"seed must be a 64-bit integer (at most {SEED_RANGE[1] - req.n} with n={req.n}), "
+                               f"got {seed}")
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or -1,
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,

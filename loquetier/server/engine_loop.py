@@ -93,7 +93,7 @@ class RequestGroup:
         return [final[i] for i in range(self.size)]
 
     def close(self) -> None:
-        """Abort the unfinished requests (idempotent, callable from any coroutine or thread)."""
+        """Abort the unfinished requests (idempotent; the abort runs on the engine thread)."""
         pending = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
         self.finished.update(range(self.size))
         if pending:
@@ -121,6 +121,8 @@ class IncrementalDetokenizer:
     def delta(self, out: RequestOutput) -> str:
         if out.finished:
             text = out.text
+        elif self.tokenizer is None:   # token-id prompts to a model without a tokenizer: no text
+            return ""
         else:
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
             if self.hold:
@@ -137,7 +139,6 @@ class AsyncEngine:
     def __init__(self, engine: Engine, trainer=None):
         self.engine = engine
         self.trainer = trainer
-        self.after_step: list[Callable[[], None]] = []   # run on the engine thread after each step
         self.fatal: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -145,6 +146,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[RequestGroup, int]] = {}   # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
+        self._failures = 0   # consecutive failed steps
         self._thread = threading.Thread(target=self._run, name="loquetier-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -177,12 +179,6 @@ class AsyncEngine:
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Await `fn(*args, **kwargs)` run on the engine thread."""
         return await asyncio.wrap_future(self.submit(lambda: fn(*args, **kwargs)))
-
-    def call_sync(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run `fn` on the engine thread and block for its result (start-up, tests; not from the loop)."""
-        if not self._thread.is_alive():
-            return fn(*args, **kwargs)   # not started yet: this thread is the only user
-        return self.submit(lambda: fn(*args, **kwargs)).result()
 
     def abort_nowait(self, request_ids: list[str]) -> None:
         """Abort requests (fire and forget); their blocks are freed before the next step."""
@@ -267,6 +263,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - one bad request must not stop serving
             self._recover(e)
             return
+        self._failures = 0
         if outputs:
             batch = []
             for out in outputs:
@@ -278,16 +275,12 @@ class AsyncEngine:
                 batch.append((target[0], target[1], out))
             if batch:
                 self._deliver(batch)
-        for hook in self.after_step:
-            try:
-                hook()
-            except Exception:  # noqa: BLE001
-                log.exception("after-step hook failed")
 
     def _recover(self, error: Exception) -> None:
-        """A step raised: fail the requests that were in the batch; retry training micro-batches once,
-        fail the jobs if a step with only training fails."""
+        """A step raised: fail the requests that were in the batch and retry its training micro-batches;
+        fail the training jobs too when the step had no requests or a retry failed again."""
         log.exception("engine step failed")
+        self._failures += 1
         running = list(self.engine.scheduler.running)
         in_flight = [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []
         for job in in_flight:
@@ -300,7 +293,7 @@ class AsyncEngine:
             self.engine.abort(seq.request_id)
             if target is not None:
                 failed.append((target[0], target[1], EngineFailure(message)))
-        if not victims:
+        if not victims or self._failures > 1:
             for job in in_flight:
                 job.fail(f"training step failed: {type(error).__name__}: {error}")
         if failed:

@@ -23,7 +23,7 @@ from ..training.job import JobEvent, JobStatus, TrainingJob
 from ..training.spec import TrainSpec
 from ..training.trainer import Trainer
 from .config import ServerConfig
-from .engine_loop import AsyncEngine
+from .engine_loop import TRAINING_SUFFIX, AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import TERMINAL_JOB_STATUSES, CreateFineTuningJobRequest, FineTuningJobError, Hyperparameters
 from .store import JobRecord, Page, RecordNotFound, Store
@@ -53,6 +53,16 @@ def split_batch(batch_size: int, max_micro: int) -> tuple[int, int]:
     return micro, batch_size // micro
 
 
+def fetch_page(fetch):
+    """A store listing, with an unknown `after` cursor as 404 and a bad limit as 400."""
+    try:
+        return fetch()
+    except RecordNotFound as e:
+        raise NotFound(str(e)) from None
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
 class JobService:
     """The fine-tuning jobs API over the store (durable state) and the trainer (live state)."""
 
@@ -73,24 +83,15 @@ class JobService:
         return job
 
     def list(self, after: str | None, limit: int) -> Page[JobRecord]:
-        return self._page(lambda: self.store.list_jobs(after=after, limit=limit))
+        return fetch_page(lambda: self.store.list_jobs(after=after, limit=limit))
 
     def events(self, job_id: str, after: str | None, limit: int):
         self.get(job_id)
-        return self._page(lambda: self.store.list_events(job_id, after=after, limit=limit))
+        return fetch_page(lambda: self.store.list_events(job_id, after=after, limit=limit))
 
     def checkpoints(self, job_id: str, after: str | None, limit: int):
         self.get(job_id)
-        return self._page(lambda: self.store.list_checkpoints(job_id, after=after, limit=limit))
-
-    @staticmethod
-    def _page(fetch):
-        try:
-            return fetch()
-        except RecordNotFound as e:
-            raise NotFound(str(e)) from None
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        return fetch_page(lambda: self.store.list_checkpoints(job_id, after=after, limit=limit))
 
     # ------------------------------------------------------------------ create
     async def create(self, req: CreateFineTuningJobRequest) -> JobRecord:
@@ -98,10 +99,12 @@ class JobService:
         base_adapter = None
         if req.model != self.config.model_name:
             known = await self.aengine.call(self.engine.has_adapter, req.model)
-            if not known or req.model.endswith("@train"):
+            if not known or req.model.endswith(TRAINING_SUFFIX):
                 raise AdapterNotFoundError(f"model {req.model!r} does not exist; fine-tune "
                                            f"{self.config.model_name!r} or one of its adapters (GET /v1/models)")
             base_adapter = req.model
+        if req.seed is not None and not 0 <= req.seed < 2 ** 63:
+            raise RequestError(f"seed must be in [0, 2**63), got {req.seed}")
         train_file = self._file(req.training_file, "training_file")
         eval_file = self._file(req.validation_file, "validation_file") if req.validation_file else None
         lora = req.lora
@@ -140,7 +143,9 @@ class JobService:
         self._status[record.id] = "queued"
         try:
             await self.aengine.call(self._start, record.id, spec, data)
-        except LoquetierError as e:
+        except Exception as e:  # noqa: BLE001 - the job is recorded: it fails, with the reason
+            if not isinstance(e, LoquetierError):
+                log.exception("starting job %s failed", record.id)
             self._fail(record.id, str(e))
         return self.get(record.id)
 
