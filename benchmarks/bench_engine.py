@@ -118,7 +118,7 @@ def bench_train(args, results, ceil):
     from loquetier.training.spec import TrainSpec
     from loquetier.training.trainer import Trainer
     seq, mb = args.train_seq, 4
-    for n_jobs in (1, 4):
+    for n_jobs in args.train_jobs:
         llm = make_llm(args, kv_bytes=256 << 20, max_batched=n_jobs * mb * seq)
         eng = llm.engine
         trainer = Trainer(eng)
@@ -186,7 +186,7 @@ def bench_peft(args, results, prompts, o_lens):
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
                                   max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-    for batch in args.peft_batches:
+    for batch in (args.peft_batches if "decode" in args.peft_parts else []):
         for n_ad in (1, 4):
             gen(batch, n_ad, 2)
             sync(args.device)
@@ -199,7 +199,7 @@ def bench_peft(args, results, prompts, o_lens):
             print(row, flush=True)
     # e2e subset: one padded batch of the first requests, as a PEFT user would run it
     k = min(args.peft_e2e_requests, len(prompts))
-    for n_ad in (1, 4):
+    for n_ad in ((1, 4) if "e2e" in args.peft_parts else ()):
         sub = prompts[:k]
         width = max(len(x) for x in sub)
         ids = torch.tensor([[0] * (width - len(x)) + x for x in sub], device=args.device)
@@ -253,6 +253,8 @@ def main():
     ap.add_argument("--sections", default="ceilings,decode,e2e,train,peft")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
     ap.add_argument("--peft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    ap.add_argument("--peft-parts", default="decode,e2e,train")
+    ap.add_argument("--train-jobs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=20)
     ap.add_argument("--e2e-requests", type=int, default=256)

@@ -44,6 +44,8 @@ class SamplingParams:
             raise RequestError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise RequestError(f"seed must fit in a signed 64-bit integer, got {self.seed}")
         if self.n < 1:
             raise RequestError(f"n must be at least 1, got {self.n}")
         if self.top_k is None:

@@ -69,6 +69,7 @@ class Engine:
         self.model.kv_caches = self.kv.layers
         self.adapters = AdapterManager(self.model, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
+        self.scheduler.ensure_adapter = self.ensure_adapter
         self.runner = ModelRunner(self.model)
         if config.cuda_graphs and device.type == "cuda":
             self.runner.enable_graphs(self.kv, self.max_model_len,

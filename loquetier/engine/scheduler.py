@@ -37,6 +37,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.ensure_adapter = None   # set by the engine: makes a known adapter resident
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -112,6 +113,8 @@ class Scheduler:
             wanted = {s.adapter for s in self.running if s.adapter} | ({seq.adapter} if seq.adapter else set())
             if not self.adapters.fits(wanted):
                 break
+            if seq.adapter is not None and self.ensure_adapter is not None:
+                self.ensure_adapter(seq.adapter)  # re-read it if it was dropped from memory meanwhile
             pending = seq.num_tokens - seq.num_computed_tokens
             n = min(pending, budget)
             if not self._reserve(seq, seq.num_computed_tokens + n):

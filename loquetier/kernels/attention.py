@@ -33,9 +33,10 @@ def _sdpa(q, k, v, mask, scale):
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+    # 4-D inputs: the fused (flash / memory-efficient) kernels do not take 3-D ones
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
@@ -51,9 +52,9 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
             n_rep = q.shape[1] // k.shape[1]
             if n_rep > 1:
                 kt, vt = kt.repeat_interleave(n_rep, dim=1), vt.repeat_interleave(n_rep, dim=1)
-            o = F.scaled_dot_product_attention(qt, kt.transpose(0, 1), vt.transpose(0, 1),
+            o = F.scaled_dot_product_attention(qt[None], kt.transpose(0, 1)[None], vt.transpose(0, 1)[None],
                                                is_causal=True, scale=scale)
-            outs.append(o.transpose(0, 1))
+            outs.append(o[0].transpose(0, 1))
         else:
             pos = torch.arange(b - a, device=q.device)
             outs.append(_sdpa(q[a:b], k[a:b], v[a:b], _causal_mask(pos, b - a, sliding_window), scale))

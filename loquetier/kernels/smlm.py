@@ -115,55 +115,74 @@ class _SMLMFunction(torch.autograd.Function):
                     x_lora[cu[g]:cu[g + 1]] *= keep
                     masks[g] = keep
         v = shrink(x_lora, lora_a, meta, backend)
-        out = y.clone()
-        expand_(out, v, lora_b, scaling, slice_offsets, meta, backend)
+        # y is the base GEMM's fresh output (its own backward does not need it): add in place
+        expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
+        ctx.mark_dirty(y)
         ctx.save_for_backward(x_lora[:n_train], v[:n_train], lora_a, lora_b, scaling)
         ctx.meta, ctx.refs, ctx.slice_offsets, ctx.masks = meta, refs, slice_offsets, masks
         ctx.x_shape = x.shape
-        return out
+        return y
 
     @staticmethod
     def backward(ctx, dout):
         x_train, v_train, lora_a, lora_b, scaling = ctx.saved_tensors
         meta, refs, offs = ctx.meta, ctx.refs, ctx.slice_offsets
         rank = lora_b.shape[2]
-        num_slices = len(offs) - 1
-        cu = meta.seg_cu_host
+        dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device) if ctx.needs_input_grad[0] else None
         dA: dict[int, torch.Tensor] = {}
         dB: dict[int, torch.Tensor] = {}
-        dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device) if ctx.needs_input_grad[0] else None
-        for g in range(meta.num_train_segments):
-            slot = meta.seg_slot_host[g]
-            a, b = cu[g], cu[g + 1]
-            if slot < 0 or a == b:
-                continue
-            dy = dout[a:b]
-            dv = torch.empty_like(v_train[a:b])
-            gB = dB.setdefault(slot, torch.zeros_like(lora_b[slot], dtype=torch.float32))
-            for s in range(num_slices):
-                lo, hi = offs[s], offs[s + 1]
-                sc = scaling[slot, s]
-                dys = dy[:, lo:hi]
-                dv[:, s * rank:(s + 1) * rank] = (dys @ lora_b[slot, lo:hi]) * sc.to(dy.dtype)
-                gB[lo:hi] += (dys.t().float() @ v_train[a:b, s * rank:(s + 1) * rank].float()) * sc
-            gA = dA.setdefault(slot, torch.zeros_like(lora_a[slot], dtype=torch.float32))
-            gA += dv.t().float() @ x_train[a:b].float()
+        # consecutive training segments of one slot form one run: a few GEMMs per run, in the
+        # compute dtype (cuBLAS accumulates in fp32), instead of a loop over segments
+        for slot, a, b, segs in _train_runs(meta):
+            dy, v, x = dout[a:b], v_train[a:b], x_train[a:b]
+            sc = scaling[slot]
+            dv = torch.empty_like(v)
+            gB = torch.empty_like(lora_b[slot])
+            for s in range(len(offs) - 1):
+                lo, hi, cols = offs[s], offs[s + 1], slice(s * rank, (s + 1) * rank)
+                dv[:, cols] = dy[:, lo:hi] @ lora_b[slot, lo:hi]
+                gB[lo:hi] = dy[:, lo:hi].t() @ v[:, cols]
+            scale_cols = sc.repeat_interleave(rank).to(dv.dtype)      # [S*R]
+            scale_rows = torch.repeat_interleave(sc, torch.tensor(
+                [offs[s + 1] - offs[s] for s in range(len(offs) - 1)], device=sc.device))[:, None].to(gB.dtype)
+            dv.mul_(scale_cols)
+            gB.mul_(scale_rows)
+            gA = dv.t() @ x
+            dA[slot] = gA if slot not in dA else dA[slot] + gA
+            dB[slot] = gB if slot not in dB else dB[slot] + gB
             if dx is not None:
-                dxg = dv @ lora_a[slot]
-                if g in ctx.masks:
-                    dxg = dxg * ctx.masks[g]
-                dx[a:b] = dxg
+                dxr = dv @ lora_a[slot]
+                for g in segs:
+                    if g in ctx.masks:
+                        ga, gb = meta.seg_cu_host[g] - a, meta.seg_cu_host[g + 1] - a
+                        dxr[ga:gb] *= ctx.masks[g]
+                dx[a:b] = dxr
         param_grads = []
         for ref in refs:
             if ref.kind == "A":
                 g = dA.get(ref.slot)
-                param_grads.append(None if g is None else
-                                   g[ref.slice * rank:ref.slice * rank + ref.rank].to(lora_a.dtype))
+                param_grads.append(None if g is None else g[ref.slice * rank:ref.slice * rank + ref.rank])
             else:
                 g = dB.get(ref.slot)
                 lo, hi = offs[ref.slice], offs[ref.slice + 1]
-                param_grads.append(None if g is None else g[lo:hi, :ref.rank].to(lora_b.dtype))
+                param_grads.append(None if g is None else g[lo:hi, :ref.rank])
         return (dx, dout, None, None, None, None, None, None, None, *param_grads)
+
+
+def _train_runs(meta: LoraBatchMeta):
+    """(slot, start, end, segment ids) of maximal runs of adjacent training segments sharing a slot."""
+    cu, slots = meta.seg_cu_host, meta.seg_slot_host
+    runs = []
+    for g in range(meta.num_train_segments):
+        slot = slots[g]
+        if slot < 0 or cu[g + 1] == cu[g]:
+            continue
+        if runs and runs[-1][0] == slot and runs[-1][2] == cu[g]:
+            runs[-1][2] = cu[g + 1]
+            runs[-1][3].append(g)
+        else:
+            runs.append([slot, cu[g], cu[g + 1], [g]])
+    return runs
 
 
 def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
