@@ -119,7 +119,7 @@ def bench_train(args, results, ceil):
     from loquetier.training.trainer import Trainer
     seq, mb = args.train_seq, 4
     for n_jobs in args.train_jobs:
-        llm = make_llm(args, kv_bytes=256 << 20, max_batched=n_jobs * mb * seq)
+        llm = make_llm(args, kv_bytes=256 << 20, max_batched=args.train_budget or n_jobs * mb * seq)
         eng = llm.engine
         trainer = Trainer(eng)
         rng = np.random.default_rng(2)
@@ -254,6 +254,8 @@ def main():
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
     ap.add_argument("--peft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     ap.add_argument("--peft-parts", default="decode,e2e,train")
+    ap.add_argument("--train-budget", type=int, default=None,
+                    help="tokens per step (default: every job's micro-batch in one step)")
     ap.add_argument("--train-jobs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=20)

@@ -139,8 +139,8 @@ def main():
     ap.add_argument("--max-output", type=int, default=384)
     ap.add_argument("--slo-ttft", type=float, default=1.5)
     ap.add_argument("--slo-tpot", type=float, default=0.08)
-    ap.add_argument("--budget", type=int, default=4096)
-    ap.add_argument("--kv-gib", type=float, default=20)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--kv-gib", type=float, default=12)
     ap.add_argument("--drain", type=float, default=0.0)
     ap.add_argument("--train-only-seconds", type=float, default=20)
     ap.add_argument("--out", default=None)
@@ -154,6 +154,7 @@ def main():
                 rows.append(run_one(args, pol, sp, serve=True, train=True))
             elif pol == "serve-only":
                 rows.append(run_one(args, "slo", sp, serve=True, train=False))
+            write_json(args.out, {"args": vars(args), "rows": rows, "partial": True})
     if "train-only" in pols:
         rows.append(run_one(args, "slo", None, serve=False, train=True))
     write_json(args.out, {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
