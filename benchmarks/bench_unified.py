@@ -71,8 +71,13 @@ def run_one(args, policy: str, speedup: float | None, serve: bool, train: bool) 
     p_lens = lognormal_lengths(n, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
     o_lens = lognormal_lengths(n, SHAREGPT["output_mean"], args.max_output, rng)
     duration = (arrivals[-1] + args.drain) if serve else args.train_only_seconds
-    for _ in range(3):  # warm-up (compiles, graphs) before the clock starts
+    # warm-up before the clock: Triton compiles for mixed train + prefill + decode shapes
+    for i in range(8):
+        eng.add_request(rng.integers(10, 1000, 64 + 40 * i).tolist(), SamplingParams(max_tokens=16, ignore_eos=True),
+                        f"infer{i % 4}")
+    while eng.has_unfinished():
         eng.step()
+    eng.stats.finished.clear()
     tok0 = sum(j.trained_tokens for j in jobs)
     t0 = time.monotonic()
     nxt = 0

@@ -14,6 +14,24 @@ import torch.nn.functional as F
 from ..kernels.smlm import LoraBatchMeta, TrainParamRef, smlm
 
 
+class _TrainPrefixLinear(torch.autograd.Function):
+    """y = x W^T + b over every token; the backward (frozen W) only for the training prefix
+    [0, n_train), so inference tokens riding in a training step cost no backward GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n_train):
+        ctx.save_for_backward(weight)
+        ctx.n_train = n_train
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        dx = dy.new_zeros(dy.shape[0], weight.shape[1])
+        dx[:ctx.n_train] = dy[:ctx.n_train] @ weight
+        return dx, None, None, None
+
+
 class VirtualLoraLinear(nn.Module):
     """y = base(x) + SMLM(x) over a table of `max_loras` adapter slots."""
 
@@ -106,7 +124,10 @@ class VirtualLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        if meta is not None and 0 < meta.num_train_tokens < x.shape[0] and x.requires_grad:
+            y = _TrainPrefixLinear.apply(x, self.base.weight, self.base.bias, meta.num_train_tokens)
+        else:
+            y = F.linear(x, self.base.weight, self.base.bias)
         if meta is None or not meta.any_adapter:
             return y
         refs: tuple[TrainParamRef, ...] = ()

@@ -85,19 +85,26 @@ class Attention(nn.Module):
             parts.append(attn_ops.varlen_causal_attention(q[:n_loss], k[:n_loss], v[:n_loss], m.loss_cu,
                                                           self.scale, sw))
         if q.shape[0] > n_loss:
-            k_cache, v_cache = kv_cache
-            # the cache holds values, never graph: inference rows need no gradient
-            attn_ops.write_kv(k_cache, v_cache, k[n_loss:].detach(), v[n_loss:].detach(), m.slot_mapping)
-            if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
-                lo, hi = m.prefill_cu[0], m.prefill_cu[-1]
-                cu = [c - lo for c in m.prefill_cu]
-                parts.append(attn_ops.paged_prefill_attention_ref(
-                    q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens,
-                    self.scale, sw))
-            if q.shape[0] > m.decode_start:
-                parts.append(attn_ops.paged_decode_attention(
-                    q[m.decode_start:], k_cache, v_cache, m.decode_block_tables, m.decode_context_lens,
-                    self.scale, sw, self.attention_backend))
+            with torch.no_grad():  # inference rows never reach a loss: no graph for them
+                parts.append(self._attend_cached(q[n_loss:], k[n_loss:], v[n_loss:], m, kv_cache, n_loss))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    def _attend_cached(self, q, k, v, m, kv_cache, offset: int) -> torch.Tensor:
+        """Prefill chunks then decode tokens (rows offset.. of the batch) over the paged cache."""
+        sw = self.args.sliding_window
+        parts = []
+        k_cache, v_cache = kv_cache
+        attn_ops.write_kv(k_cache, v_cache, k, v, m.slot_mapping)
+        if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
+            lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
+            cu = [c - m.prefill_cu[0] for c in m.prefill_cu]
+            parts.append(attn_ops.paged_prefill_attention_ref(
+                q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale, sw))
+        start = m.decode_start - offset
+        if q.shape[0] > start:
+            parts.append(attn_ops.paged_decode_attention(
+                q[start:], k_cache, v_cache, m.decode_block_tables, m.decode_context_lens,
+                self.scale, sw, self.attention_backend))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
