@@ -34,6 +34,13 @@ class AdapterInUseError(LoquetierError):
     code = "adapter_in_use"
 
 
+class JobNotFoundError(LoquetierError):
+    """A request names a fine-tuning job that does not exist."""
+
+    status = 404
+    code = "job_not_found"
+
+
 class RequestError(LoquetierError):
     """A generation request is invalid (prompt too long, bad sampling parameters...)."""
 

@@ -62,9 +62,11 @@ class LLM:
         names = adapters if isinstance(adapters, list) else [adapters] * n
         if len(params) != n or len(names) != n:
             raise RequestError("prompts, sampling_params and adapters must have the same length")
-        ids = [self.engine.add_request(self.encode(p), sp, a) for p, sp, a in zip(prompts, params, names)]
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
+            for p, sp, a in zip(prompts, params, names):   # a bad prompt leaves none of the batch queued
+                ids.append(self.engine.add_request(self.encode(p), sp, a))
             while len(results) < n:
                 for out in self.engine.step():
                     if out.finished:

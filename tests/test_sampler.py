@@ -80,7 +80,8 @@ def test_engine_stops(llama_dir):
                                                    ignore_eos=True))[0]
     assert out.token_ids == base.token_ids[:base.token_ids.index(stop_tok) + 1] and out.finish_reason == "stop"
     with pytest.raises(RequestError, match="maximum context length"):
-        llm.generate([[1] * 500], SamplingParams(max_tokens=100))
+        llm.generate([[5, 6], [1] * 500], SamplingParams(max_tokens=100))
+    assert not llm.engine.has_unfinished()  # the valid request of the rejected batch is not left queued
     # seeded sampling through the engine reproduces
     p = SamplingParams(max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
     a = llm.generate([[5, 6, 7], [9, 9]], [p, p])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LoquetierError, RequestError
+from ..errors import JobNotFoundError, LoquetierError, RequestError
 from ..lora.adapter import load_peft_adapter
 from .checkpoint import latest_checkpoint
 from .data import load_dataset
@@ -68,10 +68,7 @@ class Trainer:
 
     def get(self, job_id: str) -> TrainingJob:
         if job_id not in self.jobs:
-            from ..errors import LoquetierError as _E
-            err = _E(f"no fine-tuning job {job_id!r}")
-            err.status = 404
-            raise err
+            raise JobNotFoundError(f"no fine-tuning job {job_id!r}")
         return self.jobs[job_id]
 
     def pause(self, job_id: str) -> None:
