@@ -73,7 +73,7 @@ def run_one(args, policy: str, speedup: float | None, serve: bool, train: bool) 
     duration = (arrivals[-1] + args.drain) if serve else args.train_only_seconds
     # warm-up before the clock: Triton compiles for mixed train + prefill + decode shapes
     for i in range(8):
-        eng.add_request(rng.integers(10, 1000, 64 + 40 * i).tolist(), SamplingParams(max_tokens=16, ignore_eos=True),
+        eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), 64 + 40 * i).tolist(), SamplingParams(max_tokens=16, ignore_eos=True),
                         f"infer{i % 4}")
     while eng.has_unfinished():
         eng.step()
