@@ -72,7 +72,7 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
     ids_parts = [np.asarray(s.token_ids, dtype=np.int64) for s in loss_segments]
     pos_parts = [np.arange(len(s.token_ids), dtype=np.int64) for s in loss_segments]
     for s in scheduled:
-        ids_parts.append(np.asarray(s.seq.all_token_ids[s.start:s.start + s.length], dtype=np.int64))
+        ids_parts.append(np.asarray(s.seq.token_ids(s.start, s.start + s.length), dtype=np.int64))
         pos_parts.append(np.arange(s.start, s.start + s.length, dtype=np.int64))
     seg_lens = np.asarray([len(s.token_ids) for s in loss_segments] + [s.length for s in scheduled], dtype=np.int64)
     seg_slot = np.asarray([slot_of[s.adapter] for s in loss_segments] + [slot_of[s.seq.adapter] for s in scheduled],

@@ -45,7 +45,7 @@ class ModelRunner:
         """Decode-only step through a captured graph: one metadata copy, one replay, then sampling."""
         seqs = [s.seq for s in scheduled]
         n = len(seqs)
-        ids = np.fromiter((s.all_token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+        ids = np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n)
         pos = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=n)
         width = max(len(s.block_table) for s in seqs)
         tables = np.zeros((n, width), dtype=np.int64)
