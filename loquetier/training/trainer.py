@@ -116,7 +116,8 @@ class Trainer:
         per_job: dict[TrainingJob, list[int]] = {}
         evals: dict[TrainingJob, list[int]] = {}
         for i, seg in enumerate(segments):
-            (per_job if seg.train else evals).setdefault(seg.owner, []).append(i)
+            if isinstance(seg.owner, TrainingJob):   # segments a caller passed to step() itself are theirs
+                (per_job if seg.train else evals).setdefault(seg.owner, []).append(i)
         for job, idx in evals.items():
             job.eval_loss(float(sums[idx].sum()), float(counts[idx].sum()))
         if not per_job:
