@@ -1,0 +1,61 @@
+"""Training-token budget policies and the online step-cost model."""
+
+import time
+
+import pytest
+
+from loquetier.config import SchedulerConfig
+from loquetier.engine.batch import ScheduledSeq
+from loquetier.engine.cost_model import StepCostModel
+from loquetier.engine.scheduler import SchedulerOutput
+from loquetier.engine.sequence import Sequence
+from loquetier.engine.train_budget import FixedRatioPolicy, SloAwarePolicy
+from loquetier.sampling_params import SamplingParams
+
+
+class FakeScheduler:
+    def __init__(self, waiting=()):
+        self.waiting = list(waiting)
+
+
+def decoding_seq():
+    s = Sequence([1, 2, 3], SamplingParams())
+    s.output_token_ids = [4]
+    s.num_computed_tokens = 3
+    s.first_token_time = time.monotonic()
+    return s
+
+
+def test_cost_model_recovers_linear_costs():
+    cm = StepCostModel()
+    true = (0.004, 1e-4, 3e-5, 2e-4, 5e-5)
+    for i in range(64):
+        d, p, t, e = (i * 7) % 50, (i * 131) % 700, (i * 53) % 900, (i * 17) % 200
+        cm.observe({"time": true[0] + true[1] * d + true[2] * p + true[3] * t + true[4] * e,
+                    "num_decode_tokens": d, "num_prefill_tokens": p, "num_train_tokens": t, "num_eval_tokens": e})
+    cm.fit()
+    assert cm.predict(32, 256, 512, 0) == pytest.approx(true[0] + 32e-4 + 256 * 3e-5 + 512 * 2e-4, rel=0.05)
+    assert cm.train_cost_per_token == pytest.approx(2e-4, rel=0.05)
+
+
+def test_slo_policy_is_work_conserving_and_respects_tpot():
+    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4))
+    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=2.0, max_num_batched_tokens=2048), cm, margin=1.0)
+    # idle: everything left goes to training
+    assert policy.allowed_tokens(SchedulerOutput([], 2048), FakeScheduler()) == 2048
+    # 100 decodes: predicted 0.01 + 0.01 = 0.02 s, so 0.03 s of a 0.05 s TPOT SLO is left for training
+    seqs = [decoding_seq() for _ in range(100)]
+    out = SchedulerOutput([ScheduledSeq(s, 3, 1) for s in seqs], 1948)
+    assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(300, abs=1)
+    # a waiting request already past its TTFT SLO: no training at all
+    late = Sequence([1] * 10, SamplingParams())
+    late.arrival_time -= 5.0
+    assert policy.allowed_tokens(out, FakeScheduler([late])) == 0
+
+
+def test_fixed_policy_trains_every_nth_inference_step():
+    policy = FixedRatioPolicy(infer_steps_per_train_step=3)
+    busy = SchedulerOutput([ScheduledSeq(decoding_seq(), 3, 1)], 100)
+    got = [policy.allowed_tokens(busy, FakeScheduler()) for _ in range(8)]
+    assert got == [0, 0, 0, 100, 0, 0, 0, 100]
+    assert policy.allowed_tokens(SchedulerOutput([], 2048), FakeScheduler()) == 2048
