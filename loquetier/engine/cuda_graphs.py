@@ -3,6 +3,11 @@
 A replay needs one host->device copy of the step's integer metadata into a static buffer; the
 graph itself slices it, runs the model and the LM head. Padding rows write K/V into a scratch
 block that no sequence owns and carry no adapter.
+
+Rows arrive sorted by adapter slot. From `SEGMENT_MIN_BATCH` rows up, each run of one adapter is a
+SMLM segment (the segment kernels share weight tiles across the run); smaller batches use the
+per-token gather kernels. The segment arrays have a fixed length (the bucket), padded with empty
+segments, so one graph serves any mix of adapters.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from ..kernels.smlm import LoraBatchMeta
 from .context import AttentionMeta, BatchContext
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+SEGMENT_MIN_BATCH = 32   # kernel benchmark (H100): segments beat per-token gather from ~32 tokens
 
 
 class DecodeGraphs:
@@ -28,17 +34,18 @@ class DecodeGraphs:
         self.pool = None
 
     def _fields(self, bucket: int) -> list[int]:
-        # input_ids, positions, slot_mapping, token_slot, context_lens, block_tables
-        return [bucket] * 5 + [bucket * self.max_blocks]
+        # input_ids, positions, slot_mapping, token_slot, context_lens, seg_cu, seg_slot, block_tables
+        return [bucket] * 5 + [bucket + 1, bucket, bucket * self.max_blocks]
 
     def _forward(self, flat: torch.Tensor, bucket: int, with_lora: bool) -> torch.Tensor:
-        ids, pos, slot_map, token_slot, ctx_lens, tables = torch.split(flat, self._fields(bucket))
+        ids, pos, slot_map, token_slot, ctx_lens, seg_cu, seg_slot, tables = torch.split(flat, self._fields(bucket))
         lora = None
         if with_lora:
-            t32 = token_slot.to(torch.int32)
-            lora = LoraBatchMeta(seg_cu=torch.arange(bucket + 1, device=flat.device, dtype=torch.int32),
-                                 seg_slot=t32, token_slot=t32, seg_cu_host=list(range(bucket + 1)),
-                                 seg_slot_host=[0] * bucket, max_seg_len=1)
+            segmented = bucket >= SEGMENT_MIN_BATCH
+            # host lists are never read on this path (the kernels take the device tensors)
+            lora = LoraBatchMeta(seg_cu=seg_cu.to(torch.int32), seg_slot=seg_slot.to(torch.int32),
+                                 token_slot=token_slot.to(torch.int32), seg_cu_host=[], seg_slot_host=[0],
+                                 max_seg_len=bucket if segmented else 1)
         attn = AttentionMeta(num_loss_tokens=0, loss_cu=[0], slot_mapping=slot_map, prefill_cu=[],
                              prefill_context_lens=[], prefill_block_tables=None, decode_start=0,
                              decode_block_tables=tables.view(bucket, self.max_blocks).to(torch.int32),
@@ -50,8 +57,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         for bucket in reversed(self.buckets):   # largest first: later graphs reuse its pool
             for with_lora in (True, False):
-                flat = torch.zeros(sum(self._fields(bucket)), dtype=torch.int64, device=self.device)
-                self._fill_padding(flat, bucket, 0)
+                flat = torch.from_numpy(self.host_metadata(*self._empty_rows(), bucket)).to(self.device)
                 for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
                     self._forward(flat, bucket, with_lora)
                 torch.cuda.synchronize()
@@ -62,32 +68,49 @@ class DecodeGraphs:
                     self.pool = graph.pool()
                 self.graphs[(bucket, with_lora)] = (graph, flat, logits)
 
-    def _fill_padding(self, flat: torch.Tensor, bucket: int, n: int) -> None:
-        f = self._fields(bucket)
-        parts = torch.split(flat, f)
-        parts[2][n:] = self.scratch_block * self.block_size   # slot_mapping -> scratch block
-        parts[3][n:] = -1                                     # no adapter
-        parts[4][n:] = 1                                      # attend to one (scratch) position
-        parts[5].view(bucket, self.max_blocks)[n:, 0] = self.scratch_block
+    @staticmethod
+    def _empty_rows():
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, z, z, np.zeros((0, 1), dtype=np.int64)
 
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, ids: np.ndarray, pos: np.ndarray, slot_map: np.ndarray, token_slot: np.ndarray,
-            ctx_lens: np.ndarray, tables: np.ndarray, with_lora: bool) -> torch.Tensor:
-        """Replay for n real rows (n <= bucket); returns logits [n, vocab] (a view of the static output)."""
+    def host_metadata(self, ids, pos, slot_map, token_slot, ctx_lens, tables, bucket: int) -> np.ndarray:
+        """The flat int64 metadata of n rows (sorted by `token_slot`) padded to `bucket` rows."""
         n = len(ids)
-        bucket = self.bucket_for(n)
-        graph, flat, logits = self.graphs[(bucket, with_lora)]
         pad = bucket - n
         full_tables = np.zeros((bucket, self.max_blocks), dtype=np.int64)
         full_tables[:n, :tables.shape[1]] = tables
         full_tables[n:, 0] = self.scratch_block
-        host = np.concatenate([
+        # segments: runs of one slot, then the padding rows (no adapter), then empty segments
+        starts = np.flatnonzero(np.diff(token_slot, prepend=np.int64(-2))) if n else np.zeros(0, np.int64)
+        seg_cu = np.full(bucket + 1, bucket, dtype=np.int64)
+        seg_slot = np.full(bucket, -1, dtype=np.int64)
+        seg_cu[:len(starts)] = starts
+        seg_slot[:len(starts)] = token_slot[starts]
+        seg_cu[len(starts)] = n
+        return np.concatenate([
             np.pad(ids, (0, pad)), np.pad(pos, (0, pad)),
             np.pad(slot_map, (0, pad), constant_values=self.scratch_block * self.block_size),
             np.pad(token_slot, (0, pad), constant_values=-1), np.pad(ctx_lens, (0, pad), constant_values=1),
-            full_tables.reshape(-1)])
+            seg_cu, seg_slot, full_tables.reshape(-1)])
+
+    def run(self, ids: np.ndarray, pos: np.ndarray, slot_map: np.ndarray, token_slot: np.ndarray,
+            ctx_lens: np.ndarray, tables: np.ndarray, with_lora: bool) -> torch.Tensor:
+        """Replay for n real rows (n <= bucket, sorted by slot); returns logits [n, vocab] (a view)."""
+        n = len(ids)
+        bucket = self.bucket_for(n)
+        graph, flat, logits = self.graphs[(bucket, with_lora)]
+        host = self.host_metadata(ids, pos, slot_map, token_slot, ctx_lens, tables, bucket)
         flat.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
         graph.replay()
         return logits[:n]
+
+    @torch.no_grad()
+    def run_eager(self, ids, pos, slot_map, token_slot, ctx_lens, tables, with_lora: bool) -> torch.Tensor:
+        """The captured computation without a graph (any device): for tests and debugging."""
+        n = len(ids)
+        bucket = self.bucket_for(n)
+        flat = torch.from_numpy(self.host_metadata(ids, pos, slot_map, token_slot, ctx_lens, tables, bucket))
+        return self._forward(flat.to(self.device), bucket, with_lora)[:n]

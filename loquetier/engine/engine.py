@@ -186,15 +186,15 @@ class Engine:
         slot_of: dict[str | None, int] = {None: -1, **self.adapters.activate(names)}
         train_dropout = {slot_of[s.adapter]: self.adapters.dropout_of(s.adapter) for s in segments if s.train}
         if not keep_logits and self.runner.can_replay(sched.scheduled, bool(segments)):
-            result = self.runner.execute_decode_graph(sched.scheduled, slot_of, self.kv.block_size)
-            scheduled, sample_seqs = sched.scheduled, [s.seq for s in sched.scheduled]
+            sample_seqs, result = self.runner.execute_decode_graph(sched.scheduled, slot_of, self.kv.block_size)
+            scheduled = sched.scheduled
         else:
             gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
             batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout,
                                       self.device, gens)
             result = self.runner.execute(batch, keep_logits)
             scheduled, sample_seqs, segments = batch.scheduled, batch.sample_seqs, batch.loss_segments
-        self.last_result = result
+        self.last_result, self.last_sample_seqs = result, sample_seqs   # for tests and debugging
         for s in scheduled:
             s.seq.num_computed_tokens += s.length
         outputs = self._advance(sample_seqs, result)

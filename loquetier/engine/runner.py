@@ -41,22 +41,30 @@ class ModelRunner:
         return (self.graphs is not None and not has_loss and bool(scheduled)
                 and all(s.length == 1 for s in scheduled) and self.graphs.bucket_for(len(scheduled)) is not None)
 
-    def execute_decode_graph(self, scheduled: list[ScheduledSeq], slot_of: dict, block_size: int) -> StepResult:
-        """Decode-only step through a captured graph: one metadata copy, one replay, then sampling."""
-        seqs = [s.seq for s in scheduled]
+    def decode_metadata(self, scheduled: list[ScheduledSeq], slot_of: dict, block_size: int):
+        """Host arrays of a decode-only step with rows sorted by adapter slot (runs become segments)."""
+        order = sorted(scheduled, key=lambda s: slot_of[s.seq.adapter])
+        seqs = [s.seq for s in order]
         n = len(seqs)
         ids = np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n)
-        pos = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=n)
+        pos = np.fromiter((s.start for s in order), dtype=np.int64, count=n)
         width = max(len(s.block_table) for s in seqs)
         tables = np.zeros((n, width), dtype=np.int64)
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_table)] = s.block_table
         slot_map = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
         token_slot = np.fromiter((slot_of[s.adapter] for s in seqs), dtype=np.int64, count=n)
-        with_lora = bool((token_slot >= 0).any())
-        logits = self.graphs.run(ids, pos, slot_map, token_slot, pos + 1, tables, with_lora)
+        return seqs, (ids, pos, slot_map, token_slot, pos + 1, tables)
+
+    def execute_decode_graph(self, scheduled: list[ScheduledSeq], slot_of: dict, block_size: int
+                             ) -> tuple[list, StepResult]:
+        """Decode-only step through a captured graph: one metadata copy, one replay, then sampling.
+        Returns the sequences in the order of the result's tokens."""
+        seqs, arrays = self.decode_metadata(scheduled, slot_of, block_size)
+        with_lora = bool((arrays[3] >= 0).any())
+        logits = self.graphs.run(*arrays, with_lora)
         tokens, logprobs = self.sampler(logits, seqs)
-        return StepResult(tokens, logprobs, None, None, None)
+        return seqs, StepResult(tokens, logprobs, None, None, None)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
         ctx = batch.ctx
