@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHAREGPT, device_ceilings, lognormal_lengths, random_adapter, sync, table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    SHAREGPT,
+    device_ceilings,
+    lognormal_lengths,
+    random_adapter,
+    sync,
+    table,
+    write_json,
+)
 
 from loquetier import LLM, SamplingParams  # noqa: E402
 
@@ -162,6 +170,7 @@ def bench_peft(args, results, prompts, o_lens):
     """HF transformers + PEFT on the same shapes: decode at batch, training 4x512, an e2e subset."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
+
     from loquetier.models.loader import PRESETS
     p = PRESETS[args.model.split(":", 1)[1]]
     cfg = tf.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],

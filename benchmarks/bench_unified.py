@@ -10,7 +10,6 @@ step), serving alone and training alone. Prints a table last, writes JSON and a 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -34,6 +34,7 @@ for _ in range(5):
 torch.cuda.synchronize() if torch.cuda.is_available() else None
 print(f"step {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms -> {5 * 2048 / (time.perf_counter() - t0):.0f} tok/s")
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     eng.step()
     torch.cuda.synchronize() if torch.cuda.is_available() else None

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import write_model_with_tokenizer, write_prompt_completion
+
 from loquetier import LLM, SamplingParams
 from loquetier.cli import main
 

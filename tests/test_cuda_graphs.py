@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import write_adapter, write_checkpoint  # noqa: E402
+
 from loquetier import LLM, SamplingParams  # noqa: E402
 from loquetier.engine.cuda_graphs import SEGMENT_MIN_BATCH, DecodeGraphs  # noqa: E402
 

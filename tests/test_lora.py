@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import forward_all, write_adapter, write_checkpoint
+
 from loquetier import LLM, SamplingParams
 from loquetier.engine.batch import IGNORE_INDEX, LossSegment
 from loquetier.errors import AdapterError, AdapterNotFoundError
@@ -128,6 +128,7 @@ def test_training_segment_grads_match_peft(setup, tmp_path):
 def test_save_roundtrip_with_peft(setup, tmp_path):
     root, hf, peft_models = setup
     from peft import PeftModel
+
     from loquetier.lora.adapter import save_peft_adapter
     llm = make_llm(root)
     params = llm.engine.adapters.make_trainable("c")

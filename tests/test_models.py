@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import FAMILIES, forward_all, write_checkpoint
+
 from loquetier import LLM, SamplingParams
 
 

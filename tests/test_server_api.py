@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from helpers import write_adapter, write_model_with_tokenizer
+
 from loquetier import LLM, SamplingParams
 from loquetier.tiny import arithmetic_examples, write_jsonl
 

@@ -4,12 +4,17 @@ aborts free KV blocks, and incremental detokenization holds back what may still 
 import asyncio
 
 import pytest
-
 from helpers import write_model_with_tokenizer
+
 from loquetier import LLM, SamplingParams
 from loquetier.engine.engine import RequestOutput
 from loquetier.errors import AdapterNotFoundError, RequestError
-from loquetier.server.engine_loop import AsyncEngine, EngineFailure, GenerationRequest, IncrementalDetokenizer
+from loquetier.server.engine_loop import (
+    AsyncEngine,
+    EngineFailure,
+    GenerationRequest,
+    IncrementalDetokenizer,
+)
 from loquetier.training.trainer import Trainer
 
 
@@ -128,6 +133,7 @@ def test_incremental_detokenizer_holds_back_partial_characters_and_stop_prefixes
 
 def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
     from helpers import write_prompt_completion
+
     from loquetier.lora.adapter import LoraSpec
     from loquetier.training.spec import TrainSpec
     data = write_prompt_completion(tmp_path / "data.jsonl", 4)

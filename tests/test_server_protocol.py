@@ -7,12 +7,37 @@ import pytest
 from pydantic import ValidationError
 
 from loquetier.server.protocol import (
-    SSE_DONE, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
-    ChatResponseMessage, ChatStreamChoice, CompletionChoice, DeltaMessage,
-    CompletionRequest, CompletionResponse, CreateFineTuningJobRequest, FileObject, FineTuningJob,
-    FineTuningJobCheckpoint, FineTuningJobCheckpointList, FineTuningJobEvent, FineTuningJobEventList,
-    Hyperparameters, ListPage, LoadLoRAAdapterRequest, LoraParams, ModelCard, ModelList, UnloadLoRAAdapterRequest,
-    UsageInfo, error_body, new_id, sse_data, validation_error_body)
+    SSE_DONE,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CreateFineTuningJobRequest,
+    DeltaMessage,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    Hyperparameters,
+    ListPage,
+    LoadLoRAAdapterRequest,
+    LoraParams,
+    ModelCard,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+    UsageInfo,
+    error_body,
+    new_id,
+    sse_data,
+    validation_error_body,
+)
 
 openai = pytest.importorskip("openai")
 

@@ -7,7 +7,12 @@ import threading
 import pytest
 
 from loquetier.server.protocol import FineTuningJobError, Hyperparameters, LoraParams
-from loquetier.server.store import SCHEMA_VERSION, RecordNotFound, SchemaVersionError, Store
+from loquetier.server.store import (
+    SCHEMA_VERSION,
+    RecordNotFound,
+    SchemaVersionError,
+    Store,
+)
 
 
 @pytest.fixture

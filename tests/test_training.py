@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    forward_all,
+    write_adapter,
+    write_model_with_tokenizer,
+    write_prompt_completion,
+)
 from safetensors.torch import load_file
 
-from helpers import forward_all, write_adapter, write_model_with_tokenizer, write_prompt_completion
 from loquetier import LLM, SamplingParams
 from loquetier.engine.batch import IGNORE_INDEX
 from loquetier.lora.adapter import LoraSpec, new_adapter
@@ -46,6 +51,7 @@ def spec_for(root, out, name="ft", data="data.jsonl", **kw):
 def reference_training(hf, spec: TrainSpec, examples, max_rank=16):
     """The same run with PEFT + torch.optim.AdamW, written the way a PEFT user would."""
     from peft import LoraConfig, get_peft_model
+
     from loquetier.models.config import ModelArgs
     model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.lora_alpha,
                                                          target_modules=TARGETS, lora_dropout=0.0))

@@ -18,12 +18,12 @@ from ..models.loader import load_model
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, build_mixed_batch
 from .cost_model import StepCostModel
-from .train_budget import make_policy
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .scheduler import Scheduler, SchedulerOutput
-from .stats import EngineStats
 from .sequence import Sequence, SequenceStatus, TokenLogprob
+from .stats import EngineStats
+from .train_budget import make_policy
 
 
 @dataclass

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..models.llama import LlamaModel
-import numpy as np
-
 from .batch import IGNORE_INDEX, MixedBatch, ScheduledSeq
 from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler

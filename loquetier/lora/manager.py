@@ -14,7 +14,12 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..errors import AdapterError, AdapterInUseError, AdapterNotFoundError, CapacityError
+from ..errors import (
+    AdapterError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    CapacityError,
+)
 from ..models.llama import LlamaModel
 from .adapter import AdapterWeights, LoraSpec
 

@@ -32,9 +32,21 @@ from .jobs import JobService, NotFound, fetch_page
 from .metrics import ServerMetrics
 from .paths import resolve_adapter_path
 from .protocol import (
-    ChatCompletionRequest, CompletionRequest, CreateFineTuningJobRequest, FileDeleted, FileList,
-    FineTuningJobCheckpointList, FineTuningJobEventList, FineTuningJobList, LoadLoRAAdapterRequest, ModelCard,
-    ModelList, UnloadLoRAAdapterRequest, error_body, validation_error_body)
+    ChatCompletionRequest,
+    CompletionRequest,
+    CreateFineTuningJobRequest,
+    FileDeleted,
+    FileList,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+    error_body,
+    validation_error_body,
+)
 from .store import Store
 
 log = logging.getLogger("loquetier.server")

@@ -18,12 +18,35 @@ from ..engine.engine import RequestOutput
 from ..engine.sequence import TokenLogprob
 from ..errors import LoquetierError, RequestError
 from ..sampling_params import SamplingParams
-from .engine_loop import AsyncEngine, GenerationRequest, IncrementalDetokenizer, RequestGroup
+from .engine_loop import (
+    AsyncEngine,
+    GenerationRequest,
+    IncrementalDetokenizer,
+    RequestGroup,
+)
 from .protocol import (
-    SSE_DONE, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamResponse,
-    ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
-    CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionStreamResponse, DeltaMessage,
-    SamplingRequest, TopLogprob, UsageInfo, error_body, new_id, sse_data)
+    SSE_DONE,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    SamplingRequest,
+    TopLogprob,
+    UsageInfo,
+    error_body,
+    new_id,
+    sse_data,
+)
 
 # End-of-turn tokens of common chat templates; those in the tokenizer's vocabulary stop chat replies.
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)   # what torch.Generator.manual_seed accepts (int64)

@@ -25,7 +25,12 @@ from ..training.trainer import Trainer
 from .config import ServerConfig
 from .engine_loop import TRAINING_SUFFIX, AsyncEngine
 from .metrics import ServerMetrics
-from .protocol import TERMINAL_JOB_STATUSES, CreateFineTuningJobRequest, FineTuningJobError, Hyperparameters
+from .protocol import (
+    TERMINAL_JOB_STATUSES,
+    CreateFineTuningJobRequest,
+    FineTuningJobError,
+    Hyperparameters,
+)
 from .store import JobRecord, Page, RecordNotFound, Store
 
 log = logging.getLogger("loquetier.server")

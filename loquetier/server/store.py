@@ -17,8 +17,19 @@ from pathlib import Path
 from typing import Any, BinaryIO, Generic, Literal, TypeVar, get_args
 
 from loquetier.server.protocol import (
-    TERMINAL_JOB_STATUSES, CheckpointMetrics, FileObject, FineTuningJob, FineTuningJobCheckpoint,
-    FineTuningJobError, FineTuningJobEvent, Hyperparameters, JobStatus, LoraParams, new_id, now)
+    TERMINAL_JOB_STATUSES,
+    CheckpointMetrics,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobError,
+    FineTuningJobEvent,
+    Hyperparameters,
+    JobStatus,
+    LoraParams,
+    new_id,
+    now,
+)
 
 SCHEMA_VERSION = 1
 DB_NAME = "loquetier.db"
