@@ -28,6 +28,11 @@ class LossSegment:
     owner: object = None   # whoever asked for it (a training job); gets the loss back
     generator: torch.Generator | None = None  # the owner's RNG for LoRA dropout
 
+    @property
+    def num_targets(self) -> int:
+        """Tokens that carry loss (known on the host: no device read needed)."""
+        return len(self.targets) - self.targets.count(IGNORE_INDEX)
+
 
 @dataclass
 class ScheduledSeq:

@@ -141,14 +141,11 @@ class _SMLMFunction(torch.autograd.Function):
             dv = torch.empty_like(v)
             gB = torch.empty_like(lora_b[slot])
             for s in range(len(offs) - 1):
+                # sc[s] stays on the device: no host round trip inside the backward
                 lo, hi, cols = offs[s], offs[s + 1], slice(s * rank, (s + 1) * rank)
-                dv[:, cols] = dy[:, lo:hi] @ lora_b[slot, lo:hi]
-                gB[lo:hi] = dy[:, lo:hi].t() @ v[:, cols]
-            scale_cols = sc.repeat_interleave(rank).to(dv.dtype)      # [S*R]
-            scale_rows = torch.repeat_interleave(sc, torch.tensor(
-                [offs[s + 1] - offs[s] for s in range(len(offs) - 1)], device=sc.device))[:, None].to(gB.dtype)
-            dv.mul_(scale_cols)
-            gB.mul_(scale_rows)
+                scale = sc[s].to(dv.dtype)
+                torch.mul(dy[:, lo:hi] @ lora_b[slot, lo:hi], scale, out=dv[:, cols])
+                torch.mul(dy[:, lo:hi].t() @ v[:, cols], scale, out=gB[lo:hi])
             gA = dv.t() @ x
             dA[slot] = gA if slot not in dA else dA[slot] + gA
             dB[slot] = gB if slot not in dB else dB[slot] + gB

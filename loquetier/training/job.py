@@ -144,12 +144,20 @@ class TrainingJob:
         self.trained_tokens += tokens
         return loss_sum / max(1, self.window_tokens)
 
-    def after_backward(self, micro_loss: float) -> None:
+    def after_backward(self, micro_loss: torch.Tensor) -> None:
+        """Accumulate; at the window's end clip, step the optimizer and log. The loss is read back
+        to the host once per optimizer step, not once per micro-batch."""
         self.in_flight = False
-        self.window_loss += micro_loss
+        self.window_loss = self.window_loss + micro_loss
         self.micro_done += 1
         if self.micro_done < len(self.window):
             return
+        loss = float(self.window_loss)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.fail(f"loss became {loss} at step {self.step + 1}")
+            return
+        self.window_loss = loss
         spec = self.spec
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from pathlib import Path
 
@@ -119,10 +118,12 @@ class Trainer:
             if isinstance(seg.owner, TrainingJob):   # segments a caller passed to step() itself are theirs
                 (per_job if seg.train else evals).setdefault(seg.owner, []).append(i)
         for job, idx in evals.items():
-            job.eval_loss(float(sums[idx].sum()), float(counts[idx].sum()))
+            job.eval_loss(float(sum(sums[i] for i in idx)), sum(segments[i].num_targets for i in idx))
         if not per_job:
             return
-        losses = {job: job.train_loss(sums[idx].sum(), int(counts[idx].sum())) for job, idx in per_job.items()}
+        # plain indexing and host-side token counts: no index tensors copied to the device here
+        losses = {job: job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
+                  for job, idx in per_job.items()}
         total = sum(losses.values())
         try:
             total.backward()
@@ -131,11 +132,7 @@ class Trainer:
                 job.fail(f"backward failed: {e}")
             return
         for job, loss in losses.items():
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                job.fail(f"loss became {value} at step {job.step}")
-                continue
             try:
-                job.after_backward(value)
+                job.after_backward(loss.detach())
             except LoquetierError as e:
                 job.fail(str(e))
