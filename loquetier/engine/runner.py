@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int) -> None:
+        """Capture decode graphs; if capture fails, say so and keep serving eagerly."""
         max_blocks = -(-max_model_len // kv.block_size)
-        self.graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch,
-                                   kv.pool.device)
-        self.graphs.capture()
+        graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch, kv.pool.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # a driver/compiler problem must not stop the engine from serving
+            logging.getLogger("loquetier").warning("CUDA graph capture failed (%s); decoding eagerly", e)
+            torch.cuda.synchronize()
+            return
+        self.graphs = graphs
 
     def can_replay(self, scheduled, has_loss: bool) -> bool:
         return (self.graphs is not None and not has_loss and bool(scheduled)
