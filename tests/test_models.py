@@ -58,3 +58,15 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
     for p, o in zip(prompts, outs):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p):]
         assert o.token_ids == ref.tolist()
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    hf = write_checkpoint(tmp_path, "mistral", sliding_window=8)
+    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=128)
+    assert llm.engine.args.sliding_window == 8
+    prompt = list(range(5, 30))   # longer than the window: masking matters
+    ref = hf(torch.tensor([prompt])).logits[0]
+    assert (forward_all(llm.engine, [prompt], [None])[0] - ref).abs().max().item() <= 1e-4
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+    assert out == hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                              do_sample=False)[0, len(prompt):].tolist()
