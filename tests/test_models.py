@@ -70,3 +70,6 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
     assert out == hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
                               do_sample=False)[0, len(prompt):].tolist()
+    # the Triton decode kernel (interpreted on a CPU) honours the window too
+    tri = LLM(str(tmp_path), block_size=4, num_kv_blocks=128, attention_backend="triton")
+    assert tri.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids == out

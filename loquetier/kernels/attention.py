@@ -108,8 +108,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                            sliding_window=None, backend: str = "auto"):
-    """Dispatch: Triton kernel on CUDA (no sliding window), reference elsewhere."""
-    if q.is_cuda and backend != "torch" and sliding_window is None:
+    """Dispatch: the Triton kernel on CUDA (or when forced), the reference elsewhere."""
+    if (q.is_cuda and backend != "torch") or backend == "triton":
         from .attention_triton import paged_decode_attention as kernel
-        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=sliding_window)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)

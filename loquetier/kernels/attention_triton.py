@@ -33,7 +33,7 @@ MAX_SPLITS = 16
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    scale, block_size,
+    scale, block_size, window,
     stride_qb, stride_qh,
     stride_kb, stride_kp, stride_kh,
     stride_vb, stride_vp, stride_vh,
@@ -48,8 +48,10 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
     ctx = tl.load(context_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    # sliding window (window > 0): only the last `window` positions are visible
+    first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
+    chunk = tl.cdiv(tl.cdiv(ctx - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * chunk
     end = tl.minimum(start + chunk, ctx)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -145,6 +147,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache with GQA: [B, H, D] -> [B, H, D] in q.dtype.
 
@@ -173,7 +176,7 @@ def paged_decode_attention(
         part_out = part_lse = out  # unused
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale, block_size,
+        scale, block_size, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
