@@ -186,6 +186,12 @@ def test_bad_adapters_are_rejected_and_engine_keeps_serving(setup, tmp_path):
         llm.generate([[1, 2]], SamplingParams(max_tokens=2), adapters=["nope"])
 
     assert "x" not in llm.engine.adapters
+    # unloading an adapter that queued requests still need is refused, not a stuck engine
+    from loquetier.errors import AdapterInUseError
+    rid = llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), "b")
+    with pytest.raises(AdapterInUseError):
+        llm.unload_adapter("b")
+    llm.engine.abort(rid)
     after = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0), adapters=["a"])[0].token_ids
     assert after == before
 

@@ -44,3 +44,24 @@ def test_abort_frees_blocks(llama_dir):
     assert eng.kv.allocator.num_free < 64
     eng.abort(rid)
     assert eng.kv.allocator.num_free == 64 and not eng.has_unfinished()
+
+
+def test_request_whose_adapter_file_vanished_fails_alone(tmp_path):
+    import shutil
+
+    from helpers import write_adapter, write_checkpoint
+    hf = write_checkpoint(tmp_path / "base", "llama")
+    write_adapter(hf, tmp_path / "ad", 4, ["q_proj"])
+    llm = LLM(str(tmp_path / "base"), block_size=4, num_kv_blocks=64)
+    eng = llm.engine
+    eng.load_adapter("ad", tmp_path / "ad")
+    gone = eng.add_request([5, 6, 7], SamplingParams(max_tokens=3), "ad")
+    good = eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), None)
+    eng.adapters.remove("ad")        # dropped from memory (re-readable from its path)...
+    shutil.rmtree(tmp_path / "ad")   # ...until the path disappears before the request is admitted
+    outs = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[gone].finish_reason == "abort" and "does not exist" in outs[gone].error
+    assert len(outs[good].token_ids) == 3

@@ -39,6 +39,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     adapter: str | None = None
     metrics: dict = field(default_factory=dict)
+    error: str | None = None
 
 
 class StepParticipant(Protocol):
@@ -106,6 +107,11 @@ class Engine:
             self.adapter_paths[name] = (Path(source), parent)
 
     def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; refused (409) while unfinished requests still name it."""
+        users = sum(1 for seq in self.requests.values() if seq.adapter == name and not seq.is_finished)
+        if users:
+            from ..errors import AdapterInUseError
+            raise AdapterInUseError(f"adapter {name!r} has {users} unfinished request(s); unload it when they finish")
         if name not in self.adapters and name in self.adapter_paths:
             del self.adapter_paths[name]
             return
@@ -172,13 +178,14 @@ class Engine:
         """One scheduling round and one forward over the mixed batch."""
         t0 = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
+        failed = [self._fail(seq) for seq in sched.failed]
         segments = list(loss_segments or [])
         if self.participant is not None:
             allowed = self.train_policy.allowed_tokens(sched, self.scheduler)
             if allowed > 0 or not sched.scheduled:
                 segments += self.participant.next_segments(allowed, sched.num_inference_tokens)
         if not sched.scheduled and not segments:
-            return []
+            return failed
         names = {s.seq.adapter for s in sched.scheduled} | {s.adapter for s in segments}
         names.discard(None)
         for name in names:
@@ -207,7 +214,14 @@ class Engine:
                 "num_eval_tokens": sum(len(s.token_ids) for s in segments if not s.train)}
         for observer in self.step_observers:
             observer(info)
-        return outputs
+        return failed + outputs
+
+    def _fail(self, seq: Sequence) -> RequestOutput:
+        """End a request the scheduler could not admit; its output carries the reason."""
+        seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, "abort", time.monotonic()
+        self.requests.pop(seq.request_id, None)
+        self.stats.on_finish(seq)
+        return self._output(seq)
 
     def _advance(self, seqs: list[Sequence], result: StepResult) -> list[RequestOutput]:
         outputs = []
@@ -265,4 +279,4 @@ class Engine:
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
                              self.detokenize(seq) if finished else "", finished, seq.finish_reason,
                              list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-                             seq.adapter, metrics)
+                             seq.adapter, metrics, seq.error)

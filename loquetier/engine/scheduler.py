@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..config import SchedulerConfig
+from ..errors import LoquetierError
 from ..lora.manager import AdapterManager
 from .batch import ScheduledSeq
 from .kv_cache import KVCache
@@ -23,6 +24,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     leftover_budget: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)   # could not be admitted (adapter gone)
 
     @property
     def num_inference_tokens(self) -> int:
@@ -114,7 +116,13 @@ class Scheduler:
             if not self.adapters.fits(wanted):
                 break
             if seq.adapter is not None and self.ensure_adapter is not None:
-                self.ensure_adapter(seq.adapter)  # re-read it if it was dropped from memory meanwhile
+                try:
+                    self.ensure_adapter(seq.adapter)  # re-read it if it was dropped from memory meanwhile
+                except LoquetierError as e:          # e.g. its file vanished: fail this request only
+                    self.waiting.popleft()
+                    seq.error = str(e)
+                    out.failed.append(seq)
+                    continue
             pending = seq.num_tokens - seq.num_computed_tokens
             n = min(pending, budget)
             if not self._reserve(seq, seq.num_computed_tokens + n):

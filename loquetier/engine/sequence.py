@@ -47,6 +47,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    error: str | None = None          # why the engine ended it, when it did (finish_reason "abort")
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -70,13 +70,19 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, cu: list[int], context_lens: list[int],
-                                scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                                scale: float, sliding_window: int | None = None,
+                                k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill chunks: sequence i's queries q[cu[i]:cu[i+1]] are its last positions before
-    context_lens[i]; they attend causally to everything cached for that sequence (chunked prefill)."""
+    context_lens[i]; they attend causally to everything cached for that sequence (chunked prefill).
+    `k_new`/`v_new` (rows aligned with q) let whole prompts skip the cache gather."""
     out = torch.empty_like(q)
     for i in range(len(cu) - 1):
         a, b = cu[i], cu[i + 1]
         ctx_len = context_lens[i]
+        if ctx_len == b - a and k_new is not None:
+            # a whole prompt in this chunk: its keys are the batch's own, no cache gather needed
+            out[a:b] = varlen_causal_attention(q[a:b], k_new[a:b], v_new[a:b], [0, b - a], scale, sliding_window)
+            continue
         k = gather_kv(k_cache, block_tables[i], ctx_len)
         v = gather_kv(v_cache, block_tables[i], ctx_len)
         q_pos = torch.arange(ctx_len - (b - a), ctx_len, device=q.device)

@@ -99,7 +99,8 @@ class Attention(nn.Module):
             lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
             cu = [c - m.prefill_cu[0] for c in m.prefill_cu]
             parts.append(attn_ops.paged_prefill_attention_ref(
-                q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale, sw))
+                q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale, sw,
+                k[lo:hi], v[lo:hi]))
         start = m.decode_start - offset
         if q.shape[0] > start:
             parts.append(attn_ops.paged_decode_attention(
