@@ -272,7 +272,9 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                batch.append((target[0], target[1], out))
+                # a request the engine ended itself (e.g. its adapter could no longer be read)
+                item = EngineFailure(out.error) if out.error else out
+                batch.append((target[0], target[1], item))
             if batch:
                 self._deliver(batch)
 
