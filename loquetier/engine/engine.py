@@ -11,10 +11,11 @@ from typing import Protocol
 import torch
 
 from ..config import EngineConfig
-from ..errors import CapacityError, RequestError
+from ..errors import AdapterError, AdapterInUseError, CapacityError, RequestError
 from ..lora.adapter import AdapterWeights, load_peft_adapter
 from ..lora.manager import AdapterManager
-from ..models.loader import load_model
+from ..models.config import ModelArgs
+from ..models.loader import load_model, preset_args, random_model
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, build_mixed_batch
 from .cost_model import StepCostModel
@@ -57,8 +58,6 @@ class Engine:
         device, dtype = config.torch_device, config.torch_dtype
         self.device, self.dtype = device, dtype
         torch.manual_seed(config.seed)
-        from ..models.config import ModelArgs
-        from ..models.loader import preset_args, random_model
         random = config.model.startswith("random:")
         self.args = preset_args(config.model) if random else ModelArgs.from_dir(config.model)
         self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
@@ -92,7 +91,6 @@ class Engine:
     def load_adapter(self, name: str, path: str | Path, parent: str | None = None) -> None:
         """Read a PEFT adapter and register it; errors leave the engine untouched."""
         if name in self.adapters:
-            from ..errors import AdapterError
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
         weights = load_peft_adapter(path, self.args, self.config.lora.max_lora_rank)
         self.adapters.add(name, weights, parent, source=Path(path))
@@ -110,7 +108,6 @@ class Engine:
         """Forget an adapter; refused (409) while unfinished requests still name it."""
         users = sum(1 for seq in self.requests.values() if seq.adapter == name and not seq.is_finished)
         if users:
-            from ..errors import AdapterInUseError
             raise AdapterInUseError(f"adapter {name!r} has {users} unfinished request(s); unload it when they finish")
         if name not in self.adapters and name in self.adapter_paths:
             del self.adapter_paths[name]
