@@ -86,6 +86,13 @@ def _segment_tile(pid, seg_cu_ptr, num_segments, BLOCK_M: tl.constexpr, SEG_PAD:
     return g, m_start, seg_end
 
 
+MIN_SEG_PAD = 64  # coarse buckets: a new segment count rarely means a new compile mid-serving
+
+
+def _seg_pad(num_segments: int) -> int:
+    return max(MIN_SEG_PAD, triton.next_power_of_2(num_segments))
+
+
 def _segment_grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
     return triton.cdiv(num_tokens, block_m) + num_segments  # >= sum over segments of cdiv(len, block_m)
 
@@ -242,7 +249,7 @@ def shrink(
             x, lora_a, part, seg_cu, seg_slot, d_in, num_rows, num_segments, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
             BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-            SEG_PAD=triton.next_power_of_2(num_segments), DOT_PRECISION=_dot_precision(x.dtype),
+            SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(x.dtype),
             num_warps=SHRINK_NUM_WARPS, num_stages=SHRINK_NUM_STAGES,
         )
     if split_k > 1:
@@ -382,7 +389,7 @@ def expand_(
             y, v, lora_b, scaling, seg_cu, seg_slot, rank, num_segments, *tiles, *bounds,
             y.stride(0), v.stride(0), lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
-            SEG_PAD=triton.next_power_of_2(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
+            SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
             num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES,
         )
     return y
