@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,11 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
         self.scheduler.ensure_adapter = self.ensure_adapter
         self.runner = ModelRunner(self.model)
+        if device.type == "cuda":
+            try:
+                self.runner.warm_up_lora_kernels()
+            except Exception as e:  # a warm-up problem must not stop the engine; kernels compile on first use
+                logging.getLogger("loquetier").warning("LoRA kernel warm-up failed: %s", e)
         if config.cuda_graphs and device.type == "cuda":
             self.runner.enable_graphs(self.kv, self.max_model_len,
                                       min(config.max_graph_batch, config.scheduler.max_num_seqs))

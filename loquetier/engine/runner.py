@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kernels.smlm import LoraBatchMeta
 from ..models.llama import LlamaModel
 from .batch import IGNORE_INDEX, MixedBatch, ScheduledSeq
 from .cuda_graphs import DecodeGraphs
@@ -30,6 +31,26 @@ class ModelRunner:
         self.model = model
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+
+    @torch.no_grad()
+    def warm_up_lora_kernels(self) -> None:
+        """Compile the SMLM kernels (segment and gather paths) for every layer shape at start-up, so
+        the first requests with adapters do not wait for Triton. Empty slots (zero weights) suffice."""
+        seen = set()
+        for table in self.model.virtual_layers()[:1]:
+            for vl in set(table.values()):
+                if (vl.in_features, vl.lora_a.shape[1], vl.slice_offsets) in seen:
+                    continue
+                seen.add((vl.in_features, vl.lora_a.shape[1], vl.slice_offsets))
+                dev, dtype = vl.lora_a.device, vl.lora_a.dtype
+                for lengths in ([64, 64], [1, 1, 1, 1]):   # segment path, then gather path
+                    n = sum(lengths)
+                    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32, device=dev)
+                    slots = torch.zeros(len(lengths), dtype=torch.int32, device=dev)
+                    meta = LoraBatchMeta(seg_cu=cu, seg_slot=slots, token_slot=torch.zeros(n, dtype=torch.int32, device=dev),
+                                         seg_cu_host=cu.tolist(), seg_slot_host=[0] * len(lengths),
+                                         max_seg_len=max(lengths))
+                    vl(torch.zeros(n, vl.in_features, dtype=dtype, device=dev), meta)
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int) -> None:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""
