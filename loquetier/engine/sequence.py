@@ -73,8 +73,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """True while tokens other than the last sampled one still need computing."""
-        return self.num_tokens - self.num_computed_tokens > 1 or not self.output_token_ids

@@ -32,9 +32,9 @@ class LoraBatchMeta:
     # per trained slot, the job's own RNG for dropout masks (resumable, independent of serving)
     dropout_generators: dict[int, torch.Generator] = field(default_factory=dict)
 
-    @property
-    def any_adapter(self) -> bool:
-        return any(s >= 0 for s in self.seg_slot_host)
+    def __post_init__(self):
+        # read by every virtual layer: computed once per step, not re-scanned in each layer
+        self.any_adapter = any(s >= 0 for s in self.seg_slot_host)
 
 
 # ----------------------------------------------------------------------------- reference path

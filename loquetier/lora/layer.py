@@ -73,10 +73,6 @@ class VirtualLoraLinear(nn.Module):
     def slice_index(self, name: str) -> int:
         return self.slice_names.index(name)
 
-    def slice_size(self, name: str) -> int:
-        s = self.slice_index(name)
-        return self.slice_offsets[s + 1] - self.slice_offsets[s]
-
     # ------------------------------------------------------------------ slot writes (manager only)
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()

@@ -10,7 +10,6 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
@@ -21,7 +20,7 @@ from ..errors import (
     CapacityError,
 )
 from ..models.llama import LlamaModel
-from .adapter import AdapterWeights, LoraSpec
+from .adapter import AdapterWeights
 
 
 @dataclass
@@ -190,9 +189,5 @@ class AdapterManager:
                 layer.freeze(rec.slot)
         rec.trainable = False
 
-    def spec(self, name: str) -> LoraSpec:
-        return self.get(name).weights.spec
-
-    @torch.no_grad()
     def dropout_of(self, name: str) -> float:
         return float(self.get(name).weights.spec.lora_dropout)
