@@ -144,12 +144,14 @@ def bench_train(args, results, ceil):
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         steps = args.train_steps
+        tokens0 = trainer.scheduled_tokens
         t0 = time.perf_counter()
         for _ in range(steps):
             eng.step()
         sync(args.device)
         dt = time.perf_counter() - t0
-        tokens = steps * n_jobs * mb * seq
+        # tokens actually trained: with a step budget below n_jobs micro-batches, jobs take turns
+        tokens = trainer.scheduled_tokens - tokens0
         a = eng.args
         n_params = sum(p.numel() for n, p in eng.model.named_parameters() if "embed_tokens" not in n or a.tie_word_embeddings)
         attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token

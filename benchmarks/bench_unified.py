@@ -35,18 +35,24 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
-def run_one(args, policy: str, speedup: float | None, serve: bool, train: bool) -> dict:
+def make_engine(args):
+    """One engine for every configuration, as a long-running server would be (the base model,
+    the KV pool and the compiled kernels are shared; the step-cost model keeps learning)."""
     llm = LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
               max_loras=8, max_lora_rank=16, max_model_len=2048, kv_cache_memory=int(args.kv_gib * 2**30),
               max_num_batched_tokens=args.budget, max_num_seqs=256)
     eng = llm.engine
-    eng.config.scheduler.train_policy = policy if policy in ("slo", "fixed") else "slo"
     eng.config.scheduler.slo_ttft, eng.config.scheduler.slo_tpot = args.slo_ttft, args.slo_tpot
-    from loquetier.engine.train_budget import make_policy
-    eng.train_policy = make_policy(eng.config.scheduler, eng.cost_model)
     eng.stats.slo_ttft, eng.stats.slo_tpot = args.slo_ttft, args.slo_tpot
     for i in range(4):
         eng.add_adapter(f"infer{i}", random_adapter(eng, seed=i))
+    return eng
+
+
+def run_one(args, eng, policy: str, speedup: float | None, serve: bool, train: bool) -> dict:
+    from loquetier.engine.train_budget import make_policy
+    eng.config.scheduler.train_policy = policy if policy in ("slo", "fixed") else "slo"
+    eng.train_policy = make_policy(eng.config.scheduler, eng.cost_model)
     trainer = Trainer(eng)
     rng = np.random.default_rng(0)
     jobs = []
@@ -106,7 +112,7 @@ def run_one(args, policy: str, speedup: float | None, serve: bool, train: bool) 
            "tpot_p50": pct([s.tpot for s in done], 0.5), "tpot_p99": pct([s.tpot for s in done], 0.99),
            "train_tok_s": (sum(j.trained_tokens for j in jobs) - tok0) / wall if train else 0.0, "wall_s": wall}
     for job in jobs:
-        job.cancel()
+        job.cancel()   # frees the job's slot and optimizer state for the next configuration
     print(row, flush=True)
     return row
 
@@ -151,16 +157,17 @@ def main():
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     rows = []
+    eng = make_engine(args)
     pols = args.policies.split(",")
     for sp in args.speedups:
         for pol in pols:
             if pol in ("slo", "fixed"):
-                rows.append(run_one(args, pol, sp, serve=True, train=True))
+                rows.append(run_one(args, eng, pol, sp, serve=True, train=True))
             elif pol == "serve-only":
-                rows.append(run_one(args, "slo", sp, serve=True, train=False))
+                rows.append(run_one(args, eng, "slo", sp, serve=True, train=False))
             write_json(args.out, {"args": vars(args), "rows": rows, "partial": True})
     if "train-only" in pols:
-        rows.append(run_one(args, "slo", None, serve=False, train=True))
+        rows.append(run_one(args, eng, "slo", None, serve=False, train=True))
     write_json(args.out, {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                           "rows": rows})
     if args.plot:

@@ -38,5 +38,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     eng.step()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+print(f"profiled step: GPU kernel time {kernel_ms:.1f} ms (if far under the step time, the step is host-bound)")
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))

@@ -46,11 +46,28 @@ def test_slo_policy_is_work_conserving_and_respects_tpot():
     # 100 decodes: predicted 0.01 + 0.01 = 0.02 s, so 0.03 s of a 0.05 s TPOT SLO is left for training
     seqs = [decoding_seq() for _ in range(100)]
     out = SchedulerOutput([ScheduledSeq(s, 3, 1) for s in seqs], 1948)
-    assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(300, abs=1)
+    # (less the few ms since the requests got their first token: TPOT credit is measured from it)
+    assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(300, abs=40)
     # a waiting request already past its TTFT SLO: no training at all
     late = Sequence([1] * 10, SamplingParams())
     late.arrival_time -= 5.0
     assert policy.allowed_tokens(out, FakeScheduler([late])) == 0
+
+
+def test_slo_policy_spends_tpot_credit_of_requests_that_decoded_quickly():
+    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4))
+    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=None, max_num_batched_tokens=4096), cm, margin=1.0)
+    ahead = decoding_seq()
+    ahead.output_token_ids = list(range(20))          # 20 tokens in 0.2 s: 0.8 s of credit left
+    ahead.first_token_time = time.monotonic() - 0.2
+    out = SchedulerOutput([ScheduledSeq(ahead, 22, 1)], 4000)
+    assert policy.allowed_tokens(out, FakeScheduler()) == 4000   # ~7,900 tokens fit; the budget caps it
+    # the same request joined by one that is behind its SLO: no training in this step
+    behind = decoding_seq()
+    behind.output_token_ids = list(range(20))
+    behind.first_token_time = time.monotonic() - 1.5
+    out = SchedulerOutput([ScheduledSeq(ahead, 22, 1), ScheduledSeq(behind, 22, 1)], 4000)
+    assert policy.allowed_tokens(out, FakeScheduler()) == 0
 
 
 def test_fixed_policy_trains_every_nth_inference_step():

@@ -141,6 +141,8 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
         decode_start=decode_start,
         decode_block_tables=tables_t[n_pre:] if decodes else None,
         decode_context_lens=context_lens_t[n_pre:].to(torch.int32) if decodes else None,
+        loss_cu_t=seg_cu_t[:len(loss_segments) + 1].to(torch.int32) if loss_segments else None,
+        max_loss_len=int(seg_lens[:len(loss_segments)].max()) if loss_segments else 0,
     )
     ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=num_tokens)
     return MixedBatch(

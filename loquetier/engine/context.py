@@ -27,6 +27,8 @@ class AttentionMeta:
     decode_start: int                    # first decode token; decode tokens run to the end
     decode_block_tables: torch.Tensor | None   # int32 [D, max_blocks]
     decode_context_lens: torch.Tensor | None   # int32 [D]
+    loss_cu_t: torch.Tensor | None = None      # int32 [L+1] on device: loss_cu for packed kernels
+    max_loss_len: int = 0                      # longest train/eval segment
 
 
 @dataclass

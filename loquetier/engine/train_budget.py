@@ -41,11 +41,11 @@ class SloAwarePolicy:
         prefill = sched.num_inference_tokens - decode
         t_inf = self.cost.predict(decode, prefill)
         limit = float("inf")
+        now = time.monotonic()
         if decode and self.config.slo_tpot:
-            limit = self.config.slo_tpot
+            limit = self._tpot_limit(sched, now)
         if self.config.slo_ttft:
             # requests not yet at their first token: the step must leave room to reach it in time
-            now = time.monotonic()
             pending = [s.seq for s in sched.scheduled if s.seq.first_token_time is None] + list(scheduler.waiting)
             if pending:
                 oldest = min(now - s.arrival_time for s in pending)
@@ -59,6 +59,23 @@ class SloAwarePolicy:
         if spare <= 0:
             return 0
         return max(0, min(budget, int(spare / self.cost.train_cost_per_token)))
+
+    def _tpot_limit(self, sched: SchedulerOutput, now: float) -> float:
+        """Longest step every decoding request can take and keep its mean TPOT within the SLO.
+
+        TPOT is a mean over a request's output, so the time its earlier steps left unused is
+        credit: after this step a request with n outputs has n intervals, allowed n * SLO in all.
+        A request that just got its first token has one SLO of room; one that decoded quickly
+        for a while can absorb a larger training step. This is what lets training run beside
+        steady decoding instead of only in idle gaps."""
+        tpot = self.config.slo_tpot
+        limit = float("inf")
+        for s in sched.scheduled:
+            seq = s.seq
+            if s.length == 1 and seq.first_token_time is not None:
+                room = tpot * len(seq.output_token_ids) - (now - seq.first_token_time)
+                limit = min(limit, room)
+        return tpot if limit == float("inf") else limit
 
 
 def make_policy(config: SchedulerConfig, cost: StepCostModel):

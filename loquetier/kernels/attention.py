@@ -7,6 +7,10 @@ Query head h reads kv head h // (num_heads // num_kv_heads) (grouped-query atten
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -39,9 +43,51 @@ def _sdpa(q, k, v, mask, scale):
     return out[0].transpose(0, 1)
 
 
+_packed_flash_failed = False
+
+
+@functools.lru_cache(maxsize=1)
+def _packed_flash():
+    """PyTorch's packed-sequence flash attention and the keywords this version takes, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _packed_flash_attention(q, k, v, cu_t, max_len, scale):
+    fn, params = _packed_flash()
+    kwargs = {"scale": scale} if "scale" in params else {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)   # (left, right): nothing to the right = causal
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if "scale" not in params and scale != q.shape[-1] ** -0.5:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return fn(q, k, v, cu_t, cu_t, max_len, max_len, **kwargs)
+
+
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                            scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """Causal attention inside each segment [cu[i], cu[i+1]) with no cache (training/eval). Differentiable."""
+                            scale: float, sliding_window: int | None = None,
+                            cu_t: torch.Tensor | None = None, max_len: int = 0) -> torch.Tensor:
+    """Causal attention inside each segment [cu[i], cu[i+1]) with no cache (training/eval). Differentiable.
+
+    On CUDA in bf16/fp16 with `cu_t` (the boundaries on the device), one packed flash-attention
+    call covers every segment, forward and backward; otherwise one SDPA call per segment."""
+    global _packed_flash_failed
+    if (cu_t is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not _packed_flash_failed
+            and _packed_flash() is not None and (sliding_window is None or max_len <= sliding_window)):
+        try:
+            return _packed_flash_attention(q, k, v, cu_t, max_len, scale)
+        except RuntimeError as e:   # an unsupported GPU or layout: the per-segment path below is exact
+            warnings.warn(f"packed flash attention unavailable ({e}); using one SDPA call per segment")
+            _packed_flash_failed = True
     outs = []
     for i in range(len(cu) - 1):
         a, b = cu[i], cu[i + 1]

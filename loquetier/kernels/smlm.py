@@ -10,6 +10,7 @@ segments come first, so the tokens that need a backward are the prefix `[:num_tr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -130,32 +131,40 @@ class _SMLMFunction(torch.autograd.Function):
         x_train, v_train, lora_a, lora_b, scaling = ctx.saved_tensors
         meta, refs, offs = ctx.meta, ctx.refs, ctx.slice_offsets
         rank = lora_b.shape[2]
-        dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device) if ctx.needs_input_grad[0] else None
+        num_slices = len(offs) - 1
+        d_out = lora_b.shape[1]
+        mask = _slice_mask(offs, lora_b.device)
+        runs = _train_runs(meta)
+        single = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == ctx.x_shape[0]
+        dx = None
+        if ctx.needs_input_grad[0] and not single:
+            dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device)
         dA: dict[int, torch.Tensor] = {}
         dB: dict[int, torch.Tensor] = {}
-        # consecutive training segments of one slot form one run: a few GEMMs per run, in the
-        # compute dtype (cuBLAS accumulates in fp32), instead of a loop over segments
-        for slot, a, b, segs in _train_runs(meta):
+        # Consecutive training segments of one slot form one run. Each run costs a fixed handful
+        # of GEMMs whatever the number of slices: B is laid out block-diagonally with its scale
+        # folded in ([d_out, S*R], slice s's rows only in columns s*R..), so dv for every slice
+        # is one GEMM, and dB for every slice is one GEMM masked back to its block. The scales
+        # stay on the device (no host round trip); cuBLAS accumulates in fp32.
+        for slot, a, b, segs in runs:
             dy, v, x = dout[a:b], v_train[a:b], x_train[a:b]
-            sc = scaling[slot]
-            dv = torch.empty_like(v)
-            gB = torch.empty_like(lora_b[slot])
-            for s in range(len(offs) - 1):
-                # sc[s] stays on the device: no host round trip inside the backward
-                lo, hi, cols = offs[s], offs[s + 1], slice(s * rank, (s + 1) * rank)
-                scale = sc[s].to(dv.dtype)
-                torch.mul(dy[:, lo:hi] @ lora_b[slot, lo:hi], scale, out=dv[:, cols])
-                torch.mul(dy[:, lo:hi].t() @ v[:, cols], scale, out=gB[lo:hi])
+            block_scale = mask * scaling[slot]                                   # [d_out, S] fp32
+            b_block = (lora_b[slot].unsqueeze(1) * block_scale.unsqueeze(2)).to(dy.dtype).reshape(d_out, -1)
+            dv = dy @ b_block                                                    # [n, S*R]
+            gB = ((dy.t() @ v).view(d_out, num_slices, rank) * block_scale.unsqueeze(2)).sum(1).to(lora_b.dtype)
             gA = dv.t() @ x
             dA[slot] = gA if slot not in dA else dA[slot] + gA
             dB[slot] = gB if slot not in dB else dB[slot] + gB
-            if dx is not None:
+            if ctx.needs_input_grad[0]:
                 dxr = dv @ lora_a[slot]
                 for g in segs:
                     if g in ctx.masks:
                         ga, gb = meta.seg_cu_host[g] - a, meta.seg_cu_host[g + 1] - a
                         dxr[ga:gb] *= ctx.masks[g]
-                dx[a:b] = dxr
+                if single:
+                    dx = dxr
+                else:
+                    dx[a:b] = dxr
         param_grads = []
         for ref in refs:
             if ref.kind == "A":
@@ -166,6 +175,15 @@ class _SMLMFunction(torch.autograd.Function):
                 lo, hi = offs[ref.slice], offs[ref.slice + 1]
                 param_grads.append(None if g is None else g[lo:hi, :ref.rank])
         return (dx, dout, None, None, None, None, None, None, None, *param_grads)
+
+
+@functools.lru_cache(maxsize=64)
+def _slice_mask(slice_offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[d_out, S] float32, 1 where output row belongs to slice s: made once per layer shape."""
+    mask = torch.zeros(slice_offsets[-1], len(slice_offsets) - 1, dtype=torch.float32)
+    for s in range(len(slice_offsets) - 1):
+        mask[slice_offsets[s]:slice_offsets[s + 1], s] = 1
+    return mask.to(device)
 
 
 def _train_runs(meta: LoraBatchMeta):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
+from ..kernels import fused as fused_ops
 from ..lora.layer import VirtualLoraLinear
 from .config import ModelArgs
 from .rotary import RotaryEmbedding
@@ -35,10 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return fused_ops.rms_norm(x, self.weight, self.eps)
 
 
 def _linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
@@ -83,7 +81,7 @@ class Attention(nn.Module):
         n_loss = m.num_loss_tokens
         if n_loss:
             parts.append(attn_ops.varlen_causal_attention(q[:n_loss], k[:n_loss], v[:n_loss], m.loss_cu,
-                                                          self.scale, sw))
+                                                          self.scale, sw, m.loss_cu_t, m.max_loss_len))
         if q.shape[0] > n_loss:
             with torch.no_grad():  # inference rows never reach a loss: no graph for them
                 parts.append(self._attend_cached(q[n_loss:], k[n_loss:], v[n_loss:], m, kv_cache, n_loss))
@@ -118,12 +116,10 @@ class MLP(nn.Module):
                                               lora_slots, lora_rank, backend)
         self.down_proj = VirtualLoraLinear(_linear(inter, args.hidden_size, False), ("down_proj",),
                                            (args.hidden_size,), lora_slots, lora_rank, backend)
-        self.inter = inter
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, ctx.lora)
-        gate, up = gate_up.split((self.inter, self.inter), dim=-1)
-        return self.down_proj(F.silu(gate) * up, ctx.lora)
+        return self.down_proj(fused_ops.silu_and_mul(gate_up), ctx.lora)
 
 
 class DecoderLayer(nn.Module):

@@ -74,8 +74,16 @@ class TrainingJob:
         # a fixed parameter order (by layer, module; A then B) keeps optimizer state files portable
         self.param_keys = sorted(params)
         self.params = [p for k in self.param_keys for p in params[k]]
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
-                                           weight_decay=spec.weight_decay)
+        # In a bf16/fp16 engine AdamW steps fp32 master copies (small updates would round away in
+        # a 16-bit weight; PEFT keeps adapter weights in fp32 for the same reason) and the slot
+        # table gets the rounded result after each step. In fp32 the slot table is stepped itself.
+        self.masters = self.params
+        if self.params and self.params[0].dtype != torch.float32:
+            self.masters = [p.detach().float() for p in self.params]
+            for m in self.masters:
+                m.grad = torch.zeros_like(m)
+        self.optimizer = torch.optim.AdamW(self.masters, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
+                                           weight_decay=spec.weight_decay, fused=engine.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
         self.dropout_gen = torch.Generator(device=engine.device).manual_seed(spec.seed)
         self.status = JobStatus.RUNNING
@@ -159,11 +167,20 @@ class TrainingJob:
             return
         self.window_loss = loss
         spec = self.spec
+        mixed = self.masters is not self.params
+        if mixed:
+            torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
         if spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.masters, spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if mixed:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+            for p in self.params:
+                p.grad = None
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.window = []
         self.losses.append((self.step, self.window_loss))
@@ -246,7 +263,7 @@ class TrainingJob:
             mgr.freeze(self.adapter)
             mgr.remove(self.adapter)
         self.optimizer.state.clear()
-        self.params = []
+        self.params = self.masters = []
 
     def cancel(self) -> None:
         if self.status in (JobStatus.RUNNING, JobStatus.PAUSED):

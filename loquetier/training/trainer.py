@@ -24,6 +24,7 @@ class Trainer:
         self.jobs: dict[str, TrainingJob] = {}
         self._rr = 0
         self._ids = itertools.count(1)
+        self.scheduled_tokens = 0   # training/eval tokens handed to the engine so far (throughput)
         engine.participant = self
 
     # ------------------------------------------------------------------ jobs
@@ -109,6 +110,7 @@ class Trainer:
             if used + need <= budget or alone:
                 segments += job.next_segments()
                 used += need
+        self.scheduled_tokens += used
         return segments
 
     def on_losses(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:

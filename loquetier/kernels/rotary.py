@@ -1,0 +1,61 @@
+"""Rotary embedding op: the plain-PyTorch reference, the Triton path and its autograd node."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, H, D], k [N, KVH, D], cos/sin [max_positions, D] -> rotated (q, k), HF convention."""
+    cos = cos[positions].unsqueeze(1)
+    sin = sin[positions].unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class _RotaryFunction(torch.autograd.Function):
+    """Triton forward and backward; positions and the cos/sin tables get no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, positions):
+        from .rotary_triton import rotary_forward
+        ctx.save_for_backward(cos, sin, positions)
+        return rotary_forward(q, k, cos, sin, positions)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        from .rotary_triton import rotary_backward
+        cos, sin, positions = ctx.saved_tensors
+        dq, dk = rotary_backward(dq_out, dk_out, cos, sin, positions)
+        return dq, dk, None, None, None
+
+
+def _use_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, backend: str) -> bool:
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return False
+    # the kernel rounds in the tables' dtype; mixed dtypes would promote in the reference
+    if not q.dtype == k.dtype == cos.dtype:
+        return False
+    try:
+        from . import rotary_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k). backend "auto": Triton on CUDA, the reference on the CPU; "triton" forces the
+    kernel (TRITON_INTERPRET=1 on the CPU), "torch" forces the reference."""
+    if not _use_triton(q, k, cos, backend):
+        return apply_rotary_ref(q, k, cos, sin, positions)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _RotaryFunction.apply(q, k, cos, sin, positions)
+    # inference (and CUDA graph capture): no autograd node to build
+    from .rotary_triton import rotary_forward
+    return rotary_forward(q, k, cos, sin, positions)
