@@ -147,12 +147,13 @@ def test_bf16_forward_and_grads_against_fp32_reference(head_dim):
     (grad_ref,) = torch.autograd.grad((q_ref, k_ref), qkv32, (dq_out.float(), dk_out.float()))
     assert _rel_err(grad, grad_ref) <= 1e-2
 
-    # each product rounded to bf16, then the sum, as PyTorch's bf16 ops do: bit-equal to the bf16
-    # reference (the interpreter cannot check this: it truncates fp32 -> bf16)
+    # against PyTorch's own bf16 ops: equal up to bf16 rounding (measured on the H100: not
+    # bit-equal, the compiled kernel may fuse a multiply-add that PyTorch rounds twice)
     q_bf, k_bf = apply_rotary_ref(q, k, rotary.cos, rotary.sin, positions)
-    assert torch.equal(q_out, q_bf) and torch.equal(k_out, k_bf)
+    torch.testing.assert_close(q_out, q_bf)   # bf16 defaults: rtol 1.6e-2
+    torch.testing.assert_close(k_out, k_bf)
     (grad_bf,) = torch.autograd.grad((q_bf, k_bf), qkv, (dq_out, dk_out))
-    assert torch.equal(grad, grad_bf)
+    torch.testing.assert_close(grad, grad_bf)
 
 
 @needs_gpu
