@@ -15,24 +15,41 @@ from loquetier.training.job import TrainingJob  # noqa: E402
 from loquetier.training.spec import TrainSpec  # noqa: E402
 from loquetier.training.trainer import Trainer  # noqa: E402
 
-model = sys.argv[1] if len(sys.argv) > 1 else "random:llama3-8b"
-llm = LLM(model, dtype="bfloat16" if torch.cuda.is_available() else "float32", max_loras=4, max_lora_rank=16, max_model_len=2048, kv_cache_memory=256 << 20,
-          max_num_batched_tokens=2048)
+import argparse  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="random:llama3-8b")
+ap.add_argument("--jobs", type=int, default=1)
+ap.add_argument("--seq", type=int, default=512, help="tokens per example (fixed) unless --mean-len")
+ap.add_argument("--mean-len", type=int, default=0, help="lognormal example lengths with this mean (as bench_unified)")
+ap.add_argument("--dropout", type=float, default=0.0)
+ap.add_argument("--rank", type=int, default=16)
+ap.add_argument("--steps", type=int, default=10)
+args = ap.parse_args()
+llm = LLM(args.model, dtype="bfloat16" if torch.cuda.is_available() else "float32", max_loras=4, max_lora_rank=16, max_model_len=2048,
+          kv_cache_memory=256 << 20, max_num_batched_tokens=2048)
 eng = llm.engine
 trainer = Trainer(eng)
 rng = np.random.default_rng(0)
-exs = [TokenizedExample(t, t) for t in (rng.integers(10, eng.args.vocab_size - 1, 512).tolist() for _ in range(256))]
-spec = TrainSpec(name="p", train_file="", output_dir="/tmp/prof", lora=LoraSpec(r=16, lora_alpha=32, target_modules="all-linear"),
-                 micro_batch_size=4, max_steps=1000)
-trainer.jobs["j"] = TrainingJob("j", spec, exs, [], eng)
+for j in range(args.jobs):
+    lens = ([args.seq] * 256 if not args.mean_len else
+            np.clip(rng.lognormal(np.log(args.mean_len) - 0.18, 0.6, 256), 8, 1024).astype(int).tolist())
+    exs = [TokenizedExample(t, t) for t in (rng.integers(10, eng.args.vocab_size - 1, n).tolist() for n in lens)]
+    spec = TrainSpec(name=f"p{j}", train_file="", output_dir=f"/tmp/prof{j}",
+                     lora=LoraSpec(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules="all-linear"),
+                     micro_batch_size=4, max_steps=1000)
+    trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
 for _ in range(3):
     eng.step()
 torch.cuda.synchronize() if torch.cuda.is_available() else None
+tok0 = trainer.scheduled_tokens
 t0 = time.perf_counter()
-for _ in range(5):
+for _ in range(args.steps):
     eng.step()
 torch.cuda.synchronize() if torch.cuda.is_available() else None
-print(f"step {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms -> {5 * 2048 / (time.perf_counter() - t0):.0f} tok/s")
+dt = time.perf_counter() - t0
+print(f"step {dt / args.steps * 1e3:.1f} ms, {(trainer.scheduled_tokens - tok0) / args.steps:.0f} tokens/step "
+      f"-> {(trainer.scheduled_tokens - tok0) / dt:.0f} tok/s")
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

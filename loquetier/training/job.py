@@ -79,9 +79,7 @@ class TrainingJob:
         # table gets the rounded result after each step. In fp32 the slot table is stepped itself.
         self.masters = self.params
         if self.params and self.params[0].dtype != torch.float32:
-            self.masters = [p.detach().float() for p in self.params]
-            for m in self.masters:
-                m.grad = torch.zeros_like(m)
+            self._init_masters()
         self.optimizer = torch.optim.AdamW(self.masters, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
                                            weight_decay=spec.weight_decay, fused=engine.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
@@ -147,6 +145,19 @@ class TrainingJob:
         return [to_segment(self.train_examples[i], self.adapter, True, self, self.dropout_gen)
                 for i in self.window[self.micro_done]]
 
+    def _init_masters(self) -> None:
+        """fp32 masters (and their grads) as views of flat buffers, plus a flat staging buffer in
+        the compute dtype: moving grads in and weights out is two multi-tensor copies and two
+        casting copies per optimizer step, not one op per parameter (hundreds per adapter)."""
+        sizes = [p.numel() for p in self.params]
+        self._master_flat = torch.cat([p.detach().float().flatten() for p in self.params])
+        self._master_grad_flat = torch.zeros_like(self._master_flat)
+        self._stage_flat = torch.empty_like(self._master_flat, dtype=self.params[0].dtype)
+        self.masters = [m.view_as(p) for m, p in zip(self._master_flat.split(sizes), self.params)]
+        for m, g in zip(self.masters, self._master_grad_flat.split(sizes)):
+            m.grad = g.view_as(m)
+        self._stage = [t.view_as(p) for t, p in zip(self._stage_flat.split(sizes), self.params)]
+
     def train_loss(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
         """This micro-batch's share of the step loss: token CE summed / tokens in the whole window."""
         self.trained_tokens += tokens
@@ -169,14 +180,17 @@ class TrainingJob:
         spec = self.spec
         mixed = self.masters is not self.params
         if mixed:
-            torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.params])
+            # same-dtype multi-tensor copy into the staging buffer, then one casting copy
+            torch._foreach_copy_(self._stage, [p.grad for p in self.params])
+            self._master_grad_flat.copy_(self._stage_flat)
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.masters, spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         if mixed:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, self.masters)
+                self._stage_flat.copy_(self._master_flat)
+                torch._foreach_copy_(self.params, self._stage)
             for p in self.params:
                 p.grad = None
         else:
@@ -263,7 +277,8 @@ class TrainingJob:
             mgr.freeze(self.adapter)
             mgr.remove(self.adapter)
         self.optimizer.state.clear()
-        self.params = self.masters = []
+        self.params = self.masters = self._stage = []
+        self._master_flat = self._master_grad_flat = self._stage_flat = None
 
     def cancel(self) -> None:
         if self.status in (JobStatus.RUNNING, JobStatus.PAUSED):
