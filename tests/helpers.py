@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
@@ -101,3 +103,10 @@ def write_prompt_completion(path: Path, n: int, seed: int = 0) -> Path:
     from loquetier.tiny import arithmetic_examples, write_jsonl
     write_jsonl(arithmetic_examples(n, seed, max_operand=30), path)
     return path
+
+
+# Triton kernel tests: compiled on a GPU; on a CPU-only machine conftest.py has set
+# TRITON_INTERPRET=1 and the kernels run interpreted (the GPU-only bf16 tests are skipped)
+ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (and TRITON_INTERPRET unset)")

@@ -5,24 +5,17 @@ them. On a machine without a GPU the kernel runs under the Triton interpreter (s
 triton is imported); with a GPU it runs compiled, and the bf16 tests at a realistic size run too.
 """
 
-import os
-
-import torch  # does not import triton
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
+# conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
+from helpers import DEVICE, needs_gpu  # noqa: E402
 from loquetier.kernels import rotary_triton  # noqa: E402
 from loquetier.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 from loquetier.models.rotary import RotaryEmbedding  # noqa: E402
 
-ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (and TRITON_INTERPRET unset)")
 
 
 def make_qkv(num_tokens, heads, kv_heads, head_dim, dtype=torch.float32, max_positions=64, seed=0):

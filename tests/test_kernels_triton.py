@@ -4,22 +4,15 @@ On a machine without a GPU the kernels run under the Triton interpreter (set bel
 triton is imported); with a GPU they run compiled, and the bf16 tests at realistic sizes run too.
 """
 
-import os
-
-import torch  # does not import triton
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
+# conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
+from helpers import DEVICE, needs_gpu  # noqa: E402
 from loquetier.kernels import attention_triton, smlm_triton  # noqa: E402
 
-ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (and TRITON_INTERPRET unset)")
 
 
 # --------------------------------------------------------------------------- references
