@@ -69,13 +69,9 @@ class SloAwarePolicy:
         for a while can absorb a larger training step. This is what lets training run beside
         steady decoding instead of only in idle gaps."""
         tpot = self.config.slo_tpot
-        limit = float("inf")
-        for s in sched.scheduled:
-            seq = s.seq
-            if s.length == 1 and seq.first_token_time is not None:
-                room = tpot * len(seq.output_token_ids) - (now - seq.first_token_time)
-                limit = min(limit, room)
-        return tpot if limit == float("inf") else limit
+        rooms = (tpot * len(s.seq.output_token_ids) - (now - s.seq.first_token_time)
+                 for s in sched.scheduled if s.length == 1 and s.seq.first_token_time is not None)
+        return min(rooms, default=tpot)
 
 
 def make_policy(config: SchedulerConfig, cost: StepCostModel):

@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .backend import use_triton
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
@@ -161,7 +163,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                            sliding_window=None, backend: str = "auto"):
     """Dispatch: the Triton kernel on CUDA (or when forced), the reference elsewhere."""
-    if (q.is_cuda and backend != "torch") or backend == "triton":
+    if use_triton(q, backend):
         from .attention_triton import paged_decode_attention as kernel
         return kernel(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=sliding_window)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)

@@ -7,10 +7,10 @@ training host-bound. Elsewhere the plain-PyTorch references below run, with thei
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .backend import use_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,24 +26,9 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        from . import fused_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend == "triton":  # forced: on the CPU this runs under TRITON_INTERPRET=1 (tests)
-        return True
-    return backend == "auto" and x.is_cuda and _triton_importable()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim of x [..., D]; backend "auto" (Triton on CUDA), "triton" or "torch"."""
-    if _use_triton(x, backend):
+    if use_triton(x, backend):
         from .fused_triton import rms_norm as kernel
         return kernel(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
@@ -51,7 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 
 def silu_and_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2 * inter]; backend "auto" (Triton on CUDA), "triton" or "torch"."""
-    if _use_triton(gate_up, backend):
+    if use_triton(gate_up, backend):
         from .fused_triton import silu_and_mul as kernel
         return kernel(gate_up)
     return silu_and_mul_ref(gate_up)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .backend import use_triton
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -35,24 +37,12 @@ class _RotaryFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-def _use_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, backend: str) -> bool:
-    if backend == "torch" or (backend == "auto" and not q.is_cuda):
-        return False
-    # the kernel rounds in the tables' dtype; mixed dtypes would promote in the reference
-    if not q.dtype == k.dtype == cos.dtype:
-        return False
-    try:
-        from . import rotary_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (q, k). backend "auto": Triton on CUDA, the reference on the CPU; "triton" forces the
     kernel (TRITON_INTERPRET=1 on the CPU), "torch" forces the reference."""
-    if not _use_triton(q, k, cos, backend):
+    # the kernel rounds in the tables' dtype; mixed dtypes would promote in the reference
+    if not (use_triton(q, backend) and q.dtype == k.dtype == cos.dtype):
         return apply_rotary_ref(q, k, cos, sin, positions)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _RotaryFunction.apply(q, k, cos, sin, positions)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backend import use_triton
+
 
 @dataclass
 class LoraBatchMeta:
@@ -64,24 +66,15 @@ def expand_ref_(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, scaling:
     return y
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend == "triton":   # forced: on the CPU this runs under TRITON_INTERPRET=1 (tests)
-        return True
-    if backend == "torch" or not x.is_cuda:
-        return False
-    from . import smlm_triton  # noqa: F401  (import error => fall back below)
-    return True
-
-
 def shrink(x, lora_a, meta: LoraBatchMeta, backend: str = "auto"):
-    if _use_triton(x, backend):
+    if use_triton(x, backend):
         from .smlm_triton import shrink as shrink_triton
         return shrink_triton(x, lora_a, meta.seg_cu, meta.seg_slot, meta.token_slot, meta.max_seg_len)
     return shrink_ref(x, lora_a, meta)
 
 
 def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: str = "auto"):
-    if _use_triton(y, backend):
+    if use_triton(y, backend):
         from .smlm_triton import expand_ as expand_triton
         return expand_triton(y, v, lora_b, scaling, slice_offsets, meta.seg_cu, meta.seg_slot,
                              meta.token_slot, meta.max_seg_len)
