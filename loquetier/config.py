@@ -35,6 +35,9 @@ class LoraConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
+    # inference forwards fold the SMLM shrink into the base GEMM (see lora/layer.py):
+    # "auto" (when the stacked A table is small next to the base weight) | "always" | "never"
+    fold_shrink: str = "auto"
 
 
 @dataclass

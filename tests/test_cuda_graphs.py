@@ -12,8 +12,9 @@ from loquetier import LLM, SamplingParams  # noqa: E402
 from loquetier.engine.cuda_graphs import SEGMENT_MIN_BATCH, DecodeGraphs  # noqa: E402
 
 
+@pytest.mark.parametrize("fold", ["never", "always"])
 @pytest.mark.parametrize("batch", [5, SEGMENT_MIN_BATCH + 3])
-def test_decode_graph_forward_matches_eager_step(tmp_path, batch):
+def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
     hf = write_checkpoint(tmp_path / "base", "llama")
     for i, (r, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, ["o_proj", "down_proj", "gate_proj"])]):
         write_adapter(hf, tmp_path / f"a{i}", r, targets, seed=i)
@@ -33,10 +34,11 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch):
     assert len(sched.scheduled) == batch and all(s.length == 1 for s in sched.scheduled)
     slot_of = {None: -1, **eng.adapters.activate({a for a in adapters if a})}
     graphs = DecodeGraphs(eng.model, eng.kv.scratch_block, eng.kv.block_size, -(-eng.max_model_len // eng.kv.block_size),
-                          64, eng.device)
+                          64, eng.device, max_segments=4 + 2)
     seqs, arrays = eng.runner.decode_metadata(sched.scheduled, slot_of, eng.kv.block_size)
     assert [slot_of[s.adapter] for s in seqs] == sorted(slot_of[s.adapter] for s in seqs)
     layers = [vl for table in eng.adapters.layers for vl in set(table.values())]
+    eng.model.set_lora_fold_shrink(fold)
     for vl in layers:
         vl.backend = "triton"
     try:
@@ -44,7 +46,9 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch):
     finally:
         for vl in layers:
             vl.backend = "auto"
-    # the engine's eager step for the same sequences (reference kernels, reference attention)
+    # the engine's eager step for the same sequences (reference kernels, reference attention,
+    # shrink not folded into the base GEMM)
+    eng.model.set_lora_fold_shrink("never")
     eng.step(keep_logits=True)
     ref = {id(s): row for s, row in zip(eng.last_sample_seqs, eng.last_result.logits)}
     for s, row in zip(seqs, got):

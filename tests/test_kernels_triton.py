@@ -106,6 +106,24 @@ def test_shrink_matches_reference(name, path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["segment", "gather"])
 @pytest.mark.parametrize("name", list(CASES))
+def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
+    """v_slot_stride = S*R: v holds every slot's shrink (the folded base GEMM's extra columns, a
+    strided view); each token must add the delta of its own slot only."""
+    x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
+    max_len = 1 if path == "gather" else max(max_len, 2)
+    num_slots, rows = a.shape[0], a.shape[1]
+    d_out = offsets[-1]
+    y_aug = torch.cat([torch.randn(x.shape[0], d_out, device=DEVICE), x @ a.reshape(-1, a.shape[2]).t()], 1)
+    y, v_all = y_aug[:, :d_out], y_aug[:, d_out:]
+    y0, v0 = y.clone(), v_all.clone()
+    smlm_triton.expand_(y, v_all, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len, v_slot_stride=rows)
+    v_own = shrink_ref(x, a, token_slot)
+    torch.testing.assert_close(y, expand_ref(y0, v_own, b, scaling, offsets, token_slot), rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_all, v0) and v_all.shape[1] == num_slots * rows
+
+
+@pytest.mark.parametrize("path", ["segment", "gather"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_expand_matches_reference_and_touches_only_its_columns(name, path):
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
     max_len = 1 if path == "gather" else max(max_len, 2)

@@ -42,9 +42,10 @@ def ref_logits(model, prompt):
         return model(input_ids=torch.tensor([prompt])).logits[0]
 
 
-def test_mixed_batch_logits_match_peft(setup):
+@pytest.mark.parametrize("fold", ["never", "always"])
+def test_mixed_batch_logits_match_peft(setup, fold):
     root, hf, peft_models = setup
-    llm = make_llm(root)
+    llm = make_llm(root, lora_fold_shrink=fold)
     g = torch.Generator().manual_seed(3)
     names = ["a", None, "b", "c", "a", None, "c", "b"]
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 11, 1, 23, 9, 2, 17, 30)]
@@ -54,9 +55,10 @@ def test_mixed_batch_logits_match_peft(setup):
         assert (logits - ref).abs().max().item() <= 1e-4, name
 
 
-def test_greedy_generation_matches_peft_across_many_blocks(setup):
+@pytest.mark.parametrize("fold", ["never", "always"])
+def test_greedy_generation_matches_peft_across_many_blocks(setup, fold):
     root, hf, peft_models = setup
-    llm = make_llm(root, block_size=2)
+    llm = make_llm(root, block_size=2, lora_fold_shrink=fold)
     g = torch.Generator().manual_seed(4)
     names = ["a", "b", None, "c", "b", "a"]
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 17, 8, 29, 1, 12)]

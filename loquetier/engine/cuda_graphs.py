@@ -6,8 +6,10 @@ block that no sequence owns and carry no adapter.
 
 Rows arrive sorted by adapter slot. From `SEGMENT_MIN_BATCH` rows up, each run of one adapter is a
 SMLM segment (the segment kernels share weight tiles across the run); smaller batches use the
-per-token gather kernels. The segment arrays have a fixed length (the bucket), padded with empty
-segments, so one graph serves any mix of adapters.
+per-token gather kernels. The segment arrays have a fixed length, padded with empty segments, so
+one graph serves any mix of adapters: sorted rows form at most one run per adapter slot, one of
+base-only rows and one of padding rows, so `max_segments` = slots + 2 always suffices (the
+segment kernels' grids grow with the segment count, so it is not the bucket size).
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ class DecodeGraphs:
     """Captured decode forwards (with and without the LoRA path) keyed by padded batch size."""
 
     def __init__(self, model, scratch_block: int, block_size: int, max_blocks_per_seq: int,
-                 max_batch: int, device: torch.device):
+                 max_batch: int, device: torch.device, max_segments: int):
         self.model, self.device = model, device
+        self.max_segments = max_segments
         self.scratch_block, self.block_size, self.max_blocks = scratch_block, block_size, max_blocks_per_seq
         self.buckets = [b for b in BUCKETS if b <= max_batch]
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
+    def _num_segments(self, bucket: int) -> int:
+        return min(bucket, self.max_segments)
+
     def _fields(self, bucket: int) -> list[int]:
         # input_ids, positions, slot_mapping, token_slot, context_lens, seg_cu, seg_slot, block_tables
-        return [bucket] * 5 + [bucket + 1, bucket, bucket * self.max_blocks]
+        g = self._num_segments(bucket)
+        return [bucket] * 5 + [g + 1, g, bucket * self.max_blocks]
 
     def _forward(self, flat: torch.Tensor, bucket: int, with_lora: bool) -> torch.Tensor:
         ids, pos, slot_map, token_slot, ctx_lens, seg_cu, seg_slot, tables = torch.split(flat, self._fields(bucket))
@@ -85,8 +92,10 @@ class DecodeGraphs:
         full_tables[n:, 0] = self.scratch_block
         # segments: runs of one slot, then the padding rows (no adapter), then empty segments
         starts = np.flatnonzero(np.diff(token_slot, prepend=np.int64(-2))) if n else np.zeros(0, np.int64)
-        seg_cu = np.full(bucket + 1, bucket, dtype=np.int64)
-        seg_slot = np.full(bucket, -1, dtype=np.int64)
+        g = self._num_segments(bucket)
+        assert len(starts) + (n < bucket) <= g, "more adapter runs than segments: rows must be sorted by slot"
+        seg_cu = np.full(g + 1, bucket, dtype=np.int64)
+        seg_slot = np.full(g, -1, dtype=np.int64)
         seg_cu[:len(starts)] = starts
         seg_slot[:len(starts)] = token_slot[starts]
         seg_cu[len(starts)] = n

@@ -66,6 +66,7 @@ class Engine:
         self.model = build(self.args if random else config.model, dtype, device, self.max_model_len,
                            config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend)
         self.model.set_attention_backend(config.attention_backend)
+        self.model.set_lora_fold_shrink(config.lora.fold_shrink)
         self.kv = KVCache(self.args, config.cache, dtype, device)
         self.model.kv_caches = self.kv.layers
         self.adapters = AdapterManager(self.model, config.lora)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -43,19 +44,25 @@ class ModelRunner:
                     continue
                 seen.add((vl.in_features, vl.lora_a.shape[1], vl.slice_offsets))
                 dev, dtype = vl.lora_a.device, vl.lora_a.dtype
-                for lengths in ([64, 64], [1, 1, 1, 1]):   # segment path, then gather path
+                fold = vl.fold_shrink
+                # segment path, then gather path; with the shrink kernels and, if used, folded
+                for lengths, folded in itertools.product(([64, 64], [1, 1, 1, 1]), sorted({False, fold})):
                     n = sum(lengths)
                     cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32, device=dev)
                     slots = torch.zeros(len(lengths), dtype=torch.int32, device=dev)
                     meta = LoraBatchMeta(seg_cu=cu, seg_slot=slots, token_slot=torch.zeros(n, dtype=torch.int32, device=dev),
                                          seg_cu_host=cu.tolist(), seg_slot_host=[0] * len(lengths),
                                          max_seg_len=max(lengths))
+                    vl.fold_shrink = folded
                     vl(torch.zeros(n, vl.in_features, dtype=dtype, device=dev), meta)
+                vl.fold_shrink = fold
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int) -> None:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""
         max_blocks = -(-max_model_len // kv.block_size)
-        graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch, kv.pool.device)
+        slots = self.model.layers[0].self_attn.o_proj.num_slots
+        graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch, kv.pool.device,
+                              max_segments=slots + 2)
         try:
             graphs.capture()
         except Exception as e:  # a driver/compiler problem must not stop the engine from serving

@@ -52,8 +52,9 @@ def shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraBatchMeta) -> to
 
 
 def expand_ref_(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
-                slice_offsets: tuple[int, ...], meta: LoraBatchMeta) -> torch.Tensor:
-    """In place: y[t, slice s] += scaling[l, s] * v[t, s*R:(s+1)*R] @ lora_b[l, slice s].T."""
+                slice_offsets: tuple[int, ...], meta: LoraBatchMeta, v_slot_stride: int = 0) -> torch.Tensor:
+    """In place: y[t, slice s] += scaling[l, s] * v[t, l*V + s*R : l*V + (s+1)*R] @ lora_b[l, slice s].T
+    (V = `v_slot_stride`: 0 when v holds only each token's own slot, S*R when it holds every slot's)."""
     rank = lora_b.shape[2]
     cu = meta.seg_cu_host
     for g, slot in enumerate(meta.seg_slot_host):
@@ -61,7 +62,8 @@ def expand_ref_(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, scaling:
             continue
         for s in range(len(slice_offsets) - 1):
             lo, hi = slice_offsets[s], slice_offsets[s + 1]
-            vs = v[cu[g]:cu[g + 1], s * rank:(s + 1) * rank]
+            col = slot * v_slot_stride + s * rank
+            vs = v[cu[g]:cu[g + 1], col:col + rank]
             y[cu[g]:cu[g + 1], lo:hi] += (vs @ lora_b[slot, lo:hi].t()) * scaling[slot, s].to(y.dtype)
     return y
 
@@ -73,12 +75,13 @@ def shrink(x, lora_a, meta: LoraBatchMeta, backend: str = "auto"):
     return shrink_ref(x, lora_a, meta)
 
 
-def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: str = "auto"):
+def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: str = "auto",
+            v_slot_stride: int = 0):
     if use_triton(y, backend):
         from .smlm_triton import expand_ as expand_triton
         return expand_triton(y, v, lora_b, scaling, slice_offsets, meta.seg_cu, meta.seg_slot,
-                             meta.token_slot, meta.max_seg_len)
-    return expand_ref_(y, v, lora_b, scaling, slice_offsets, meta)
+                             meta.token_slot, meta.max_seg_len, v_slot_stride)
+    return expand_ref_(y, v, lora_b, scaling, slice_offsets, meta, v_slot_stride)
 
 
 # ----------------------------------------------------------------------------- autograd

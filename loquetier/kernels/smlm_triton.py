@@ -278,7 +278,7 @@ def _expand_segment_kernel(
     y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
     rank, num_segments,
     T1, T2, T3, O1, O2, O3, O4,
-    stride_ym, stride_vm, stride_bl, stride_bn, stride_sl,
+    stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, SEG_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -297,7 +297,7 @@ def _expand_segment_kernel(
     s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < o_hi
-    v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_vm + s * rank + offs_r[None, :]
+    v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_vm + slot * stride_vl + s * rank + offs_r[None, :]
     v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # [BM, RP]
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]
     b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [RP, BN]
@@ -314,7 +314,7 @@ def _expand_gather_kernel(
     y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
     rank,
     T1, T2, T3, O1, O2, O3, O4,
-    stride_ym, stride_vm, stride_bl, stride_bn, stride_sl,
+    stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
     BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
 ):
     # grid: (token, output tile of some slice)
@@ -328,7 +328,7 @@ def _expand_gather_kernel(
     offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < o_hi
     mask_r = offs_r < rank
-    v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + s * rank + offs_r, mask=mask_r, other=0.0)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :]
     b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, RP]
     acc = tl.sum(b.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
@@ -362,13 +362,21 @@ def expand_(
     seg_slot: torch.Tensor,
     token_slot: torch.Tensor,
     max_seg_len: int,
+    v_slot_stride: int = 0,
 ) -> torch.Tensor:
-    """In place: y[t, o_s:o_{s+1}] += scaling[l, s] * lora_b[l, o_s:o_{s+1}] @ v[t, s*R:(s+1)*R]; returns y."""
+    """In place: y[t, o_s:o_{s+1}] += scaling[l, s] * lora_b[l, o_s:o_{s+1}] @ v[t, l*V + s*R : l*V + (s+1)*R]
+    with l = slot(t) and V = ``v_slot_stride``; returns y.
+
+    V = 0: v [N, S*R] holds each token's own slot (``shrink``'s output). V = S*R: v [N, L*S*R] holds
+    every slot's shrink (a base GEMM over the weight with the A table stacked under it).
+    """
     num_tokens = y.shape[0]
     num_slices = len(slice_offsets) - 1
     rank = lora_b.shape[2]
     assert y.stride(1) == 1 and v.stride(1) == 1 and lora_b.stride(2) == 1 and scaling.stride(1) == 1
-    assert y.shape[1] == slice_offsets[-1] == lora_b.shape[1] and v.shape == (num_tokens, num_slices * rank)
+    width = num_slices * rank if v_slot_stride == 0 else lora_b.shape[0] * v_slot_stride
+    assert v_slot_stride in (0, num_slices * rank)
+    assert y.shape[1] == slice_offsets[-1] == lora_b.shape[1] and v.shape == (num_tokens, width)
     assert scaling.dtype == torch.float32 and scaling.shape == (lora_b.shape[0], num_slices)
     assert v.dtype == lora_b.dtype
     if num_tokens == 0:
@@ -378,7 +386,7 @@ def expand_(
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
             y, v, lora_b, scaling, token_slot, rank, *tiles, *bounds,
-            y.stride(0), v.stride(0), lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
+            y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad,
         )
     else:
@@ -387,7 +395,7 @@ def expand_(
         grid = (_segment_grid_rows(num_tokens, num_segments, EXPAND_BLOCK_M), total_tiles)
         _expand_segment_kernel[grid](
             y, v, lora_b, scaling, seg_cu, seg_slot, rank, num_segments, *tiles, *bounds,
-            y.stride(0), v.stride(0), lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
+            y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
             num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES,

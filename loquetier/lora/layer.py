@@ -1,8 +1,15 @@
 """The virtualized LoRA layer: a thin view over one shared base linear plus a table of adapter slots.
 
-The base weight is referenced, never copied. Each slot holds one adapter's A/B for every slice of
-the (possibly fused) layer, e.g. q/k/v of a fused QKV projection. The `AdapterManager` writes the
-slots; the layer only reads them (policy vs mechanism).
+The base weight exists once. Each slot holds one adapter's A/B for every slice of the (possibly
+fused) layer, e.g. q/k/v of a fused QKV projection. The `AdapterManager` writes the slots; the
+layer only reads them (policy vs mechanism).
+
+Memory layout: the A table lives in the rows right under the base weight, in one buffer
+`[d_out + L*S*R, d_in]`; `base.weight` and `lora_a` are views of it. So an inference forward can
+"fold" the SMLM shrink into the base GEMM: one GEMM gives the base output and every slot's
+`x A^T`, and one expand kernel adds each token's own slot's delta. Decode is bound by launches
+and weight bytes, not FLOPs, so computing the L-1 unused shrinks costs only reading the A table
+(which the shrink kernel reads anyway) and saves one or two launches per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.smlm import LoraBatchMeta, TrainParamRef, smlm
+from ..kernels.smlm import LoraBatchMeta, TrainParamRef, expand_, smlm
+
+# "auto" folds the shrink into the base GEMM when the stacked A table adds at most this share of
+# the base weight's rows (L=4 slots of rank 16 on Llama-3-8B: 1.6-3%); beyond that the GEMM
+# would spend more on unused slots than the separate shrink launch costs.
+FOLD_MAX_EXTRA_ROWS = 0.25
 
 
 class _TrainPrefixLinear(torch.autograd.Function):
@@ -52,19 +64,38 @@ class VirtualLoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None   # [L, S*R, d_in]
         self.lora_b: torch.Tensor | None = None   # [L, d_out, R]
         self.scaling: torch.Tensor | None = None  # [L, S] float32
+        self.weight_aug: torch.Tensor | None = None  # [d_out + L*S*R, d_in]: base weight, then lora_a
+        self.bias_aug: torch.Tensor | None = None
+        self.fold_shrink = False
         # slot -> trainable views into lora_a / lora_b, and where each one lives
         self.train_refs: dict[int, tuple[TrainParamRef, ...]] = {}
         self.train_params: dict[int, tuple[nn.Parameter, ...]] = {}
 
     def allocate(self) -> None:
-        """Allocate the (empty) slot table in the base weight's dtype and device."""
+        """Allocate the (empty) slot table in the base weight's dtype and device, the A table in
+        one buffer with the base weight (the base weight moves in; its old storage is freed)."""
         w = self.base.weight
         num_slices = len(self.slice_names)
-        self.lora_a = torch.zeros(self.num_slots, num_slices * self.max_rank, self.base.in_features,
-                                  dtype=w.dtype, device=w.device)
+        d_out, d_in, rows = self.base.out_features, self.base.in_features, num_slices * self.max_rank
+        self.weight_aug = torch.zeros(d_out + self.num_slots * rows, d_in, dtype=w.dtype, device=w.device)
+        self.weight_aug[:d_out].copy_(w.detach())
+        self.base.weight = nn.Parameter(self.weight_aug[:d_out], requires_grad=False)
+        self.lora_a = self.weight_aug[d_out:].view(self.num_slots, rows, d_in)
+        if self.base.bias is not None:
+            self.bias_aug = torch.zeros(self.weight_aug.shape[0], dtype=w.dtype, device=w.device)
+            self.bias_aug[:d_out].copy_(self.base.bias.detach())
+            self.base.bias = nn.Parameter(self.bias_aug[:d_out], requires_grad=False)
+        self.set_fold_shrink("auto")
         self.lora_b = torch.zeros(self.num_slots, self.base.out_features, self.max_rank,
                                   dtype=w.dtype, device=w.device)
         self.scaling = torch.zeros(self.num_slots, num_slices, dtype=torch.float32, device=w.device)
+
+    def set_fold_shrink(self, policy: str) -> None:
+        """"auto" | "always" | "never": whether inference forwards fold the shrink into the base GEMM."""
+        if policy not in ("auto", "always", "never"):
+            raise ValueError(f"fold_shrink must be auto, always or never, not {policy!r}")
+        extra = self.weight_aug.shape[0] - self.base.out_features
+        self.fold_shrink = policy == "always" or (policy == "auto" and extra <= FOLD_MAX_EXTRA_ROWS * self.base.out_features)
 
     @property
     def in_features(self) -> int:
@@ -120,6 +151,13 @@ class VirtualLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
+        if (self.fold_shrink and meta is not None and meta.any_adapter
+                and (meta.num_train_tokens == 0 or not torch.is_grad_enabled())):
+            # inference only: base output and every slot's shrink in one GEMM, then one expand
+            d_out = self.base.out_features
+            y_aug = F.linear(x, self.weight_aug, self.bias_aug)
+            return expand_(y_aug[:, :d_out], y_aug[:, d_out:], self.lora_b, self.scaling, self.slice_offsets,
+                           meta, self.backend, v_slot_stride=self.lora_a.shape[1])
         if meta is not None and 0 < meta.num_train_tokens < x.shape[0] and x.requires_grad:
             y = _TrainPrefixLinear.apply(x, self.base.weight, self.base.bias, meta.num_train_tokens)
         else:

@@ -159,6 +159,11 @@ class LlamaModel(nn.Module):
             for layer in set(table.values()):
                 layer.allocate()
 
+    def set_lora_fold_shrink(self, policy: str) -> None:
+        for table in self.virtual_layers():
+            for layer in set(table.values()):
+                layer.set_fold_shrink(policy)
+
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.layers:
             layer.self_attn.attention_backend = backend
