@@ -36,8 +36,11 @@ def main():
         m = hf if n is None else peft[n]
         with torch.no_grad():
             refs32.append(m(input_ids=torch.tensor([p], device="cuda")).logits[0].float().cpu())
-    for dtype, tol in (("float32", 2e-3), ("bfloat16", None)):
-        llm = LLM(str(root / "base"), dtype=dtype, max_loras=4, max_lora_rank=16, block_size=16, num_kv_blocks=512)
+    # fold: the SMLM shrink folded into the base GEMM with fused consumers, or separate kernels
+    for dtype, tol, fold in (("float32", 2e-3, "never"), ("float32", 2e-3, "always"), ("bfloat16", None, "always")):
+        print(f"--- {dtype}, fold_shrink={fold}")
+        llm = LLM(str(root / "base"), dtype=dtype, max_loras=4, max_lora_rank=16, block_size=16, num_kv_blocks=512,
+                  lora_fold_shrink=fold)
         for n in ADAPTERS:
             llm.load_adapter(n, root / n)
         ours = forward_all(llm.engine, prompts, names)

@@ -25,6 +25,8 @@ ap.add_argument("--mean-len", type=int, default=0, help="lognormal example lengt
 ap.add_argument("--dropout", type=float, default=0.0)
 ap.add_argument("--rank", type=int, default=16)
 ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--cprofile", action="store_true",
+                help="also run 3 steps under cProfile: where the host's time goes (the step is host-bound)")
 args = ap.parse_args()
 llm = LLM(args.model, dtype="bfloat16" if torch.cuda.is_available() else "float32", max_loras=4, max_lora_rank=16, max_model_len=2048,
           kv_cache_memory=256 << 20, max_num_batched_tokens=2048)
@@ -50,6 +52,18 @@ torch.cuda.synchronize() if torch.cuda.is_available() else None
 dt = time.perf_counter() - t0
 print(f"step {dt / args.steps * 1e3:.1f} ms, {(trainer.scheduled_tokens - tok0) / args.steps:.0f} tokens/step "
       f"-> {(trainer.scheduled_tokens - tok0) / dt:.0f} tok/s")
+if args.cprofile:
+    import cProfile
+    import pstats
+    prof_py = cProfile.Profile()
+    prof_py.enable()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    prof_py.disable()
+    stats = pstats.Stats(prof_py)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -186,3 +186,132 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for `gate_up` [..., 2 * inter] = [gate | up]; returns [..., inter]."""
     assert gate_up.shape[-1] % 2 == 0, gate_up.shape
     return _SiluAndMulFunction.apply(gate_up)
+
+
+# --------------------------------------------------------------------------- inference-only fusions
+# Forward-only kernels for steps without a backward (decode graphs, prefill). Each may also add a
+# folded layer's pending LoRA delta (`LoraDelta`: every slot's shrink in v, each token adds its own
+# slot's `scaling * B @ v`), rounding exactly where the separate expand kernel would: the result
+# equals expand, then residual add, then RMSNorm (or SiLU-and-mul), up to fp32 summation order.
+
+ADD_NORM_CHUNK = 1024
+ADD_NORM_NUM_WARPS = 8
+SILU_LORA_BLOCK = 256
+
+
+@triton.jit
+def _lora_delta(row, cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, s: tl.constexpr,
+                stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD: tl.constexpr):
+    """scaling[l, s] * lora_b[l, cols] @ v[row, l*V + s*R : ...] for l = slot(row); 0 without a slot."""
+    slot = tl.load(token_slot_ptr + row)
+    on = slot >= 0
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    offs_r = tl.arange(0, RANK_PAD)
+    mask_r = (offs_r < rank) & on
+    v = tl.load(v_ptr + row * stride_v + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
+    b = tl.load(b_ptr + slot * stride_bl + cols[:, None] * stride_bn + offs_r[None, :],
+                mask=mask[:, None] & mask_r[None, :], other=0.0)
+    scale = tl.load(scaling_ptr + slot * stride_sl + s)
+    return scale * tl.sum(b.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
+
+
+@triton.jit
+def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+                         width, eps, stride_out, stride_res, stride_v, stride_vl, stride_bl, stride_bn, stride_sl,
+                         rank, CHUNK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_RES: tl.constexpr,
+                         HAS_LORA: tl.constexpr):
+    # one program per row: pass 1 writes h = residual + (out + delta) and sums h^2; pass 2 normalises
+    row = tl.program_id(0).to(tl.int64)
+    dt = h_ptr.dtype.element_ty
+    sq = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in range(0, width, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < width
+        o = tl.load(out_ptr + row * stride_out + cols, mask=mask, other=0.0)
+        if HAS_LORA:
+            d = _lora_delta(row, cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 0,
+                            stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD)
+            o = (o.to(tl.float32) + d).to(dt)
+        h = o
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            h = (r.to(tl.float32) + o.to(tl.float32)).to(dt)
+        tl.store(h_ptr + row * width + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        sq += hf * hf
+    rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / width + eps)
+    for c in range(0, width, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < width
+        h = tl.load(h_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = (h * rstd).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
+    """Kernel arguments of a pending LoRA delta (`dummy` pointers, never read, without one)."""
+    if delta is None:
+        return (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 16)
+    assert len(delta.slice_offsets) - 1 == num_slices and delta.v.stride(1) == 1 and delta.lora_b.stride(2) == 1
+    b, v = delta.lora_b, delta.v
+    return (v, b, delta.scaling, delta.meta.token_slot, v.stride(0), delta.slot_stride, b.stride(0), b.stride(1),
+            delta.scaling.stride(0), b.shape[2], max(16, triton.next_power_of_2(b.shape[2])))
+
+
+def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(rms_norm(h), h) with h = residual + (out + delta) in one kernel; no autograd.
+
+    `out` [N, D] may be a strided view (a folded GEMM's base columns); `delta` a `LoraDelta` of a
+    one-slice layer or None; `residual` [N, D] or None (then h = out + delta).
+    """
+    assert out.dim() == 2 and out.stride(1) == 1 and weight.shape == (out.shape[1],)
+    n, width = out.shape
+    h = torch.empty(n, width, dtype=out.dtype, device=out.device)
+    y = torch.empty(n, width, dtype=torch.promote_types(out.dtype, weight.dtype), device=out.device)
+    if residual is not None:
+        assert residual.shape == out.shape and residual.stride(1) == 1
+    v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 1, out)
+    if n:
+        _add_rms_norm_kernel[(n,)](
+            out, residual if residual is not None else out, weight, y, h, v, b, scaling, token_slot,
+            width, eps, out.stride(0), residual.stride(0) if residual is not None else 0,
+            s_v, s_vl, s_bl, s_bn, s_sl, rank,
+            CHUNK=min(ADD_NORM_CHUNK, triton.next_power_of_2(width)), RANK_PAD=rank_pad,
+            HAS_RES=residual is not None, HAS_LORA=delta is not None, num_warps=ADD_NORM_NUM_WARPS)
+    return y, h
+
+
+@triton.jit
+def _silu_and_mul_lora_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, inter, stride_x,
+                              stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                              BLOCK: tl.constexpr, RANK_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dt = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    gate += _lora_delta(row, cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 0,
+                        stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD)
+    up += _lora_delta(row, inter + cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 1,
+                      stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD)
+    gate = gate.to(dt).to(tl.float32)
+    up = up.to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    tl.store(y_ptr + row * inter + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
+    """silu(gate) * up of `gate_up` [N, 2*inter] (a strided view is fine) plus a pending two-slice
+    (gate, up) `LoraDelta`, in one kernel; no autograd."""
+    assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
+    n, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    assert delta.slice_offsets == (0, inter, 2 * inter)
+    y = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
+    v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 2, gate_up)
+    if n:
+        _silu_and_mul_lora_kernel[(n, triton.cdiv(inter, SILU_LORA_BLOCK))](
+            gate_up, y, v, b, scaling, token_slot, inter, gate_up.stride(0), s_v, s_vl, s_bl, s_bn, s_sl, rank,
+            BLOCK=SILU_LORA_BLOCK, RANK_PAD=rank_pad, num_warps=SILU_NUM_WARPS)
+    return y

@@ -84,6 +84,32 @@ def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: 
     return expand_ref_(y, v, lora_b, scaling, slice_offsets, meta, v_slot_stride)
 
 
+@dataclass
+class LoraDelta:
+    """A folded layer's LoRA delta, not yet added to its base output `y`:
+    y[t, slice s] += scaling[l, s] * lora_b[l, slice s] @ v[t, l*V + s*R : l*V + (s+1)*R], l = slot(t).
+
+    `v` [N, L*V] holds every slot's shrink (the folded GEMM's extra columns). The consumer of `y`
+    (the next residual-add + RMSNorm, or SiLU-and-mul) adds it inside its own kernel, which saves
+    the expand's launch and its pass over `y`; `apply_` is the stand-alone expand.
+    """
+
+    v: torch.Tensor
+    lora_b: torch.Tensor        # [L, d_out, R]
+    scaling: torch.Tensor       # [L, S] fp32
+    slice_offsets: tuple[int, ...]
+    meta: LoraBatchMeta
+    backend: str = "auto"
+
+    @property
+    def slot_stride(self) -> int:
+        return self.v.shape[1] // self.lora_b.shape[0]
+
+    def apply_(self, y: torch.Tensor) -> torch.Tensor:
+        return expand_(y, self.v, self.lora_b, self.scaling, self.slice_offsets, self.meta, self.backend,
+                       v_slot_stride=self.slot_stride)
+
+
 # ----------------------------------------------------------------------------- autograd
 @dataclass(frozen=True)
 class TrainParamRef:

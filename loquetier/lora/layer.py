@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.smlm import LoraBatchMeta, TrainParamRef, expand_, smlm
+from ..kernels.smlm import LoraBatchMeta, LoraDelta, TrainParamRef, smlm
 
 # "auto" folds the shrink into the base GEMM when the stacked A table adds at most this share of
 # the base weight's rows (L=4 slots of rank 16 on Llama-3-8B: 1.6-3%); beyond that the GEMM
@@ -151,13 +151,22 @@ class VirtualLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
+        y, delta = self.forward_deferred(x, meta)
+        return y if delta is None else delta.apply_(y)
+
+    def forward_deferred(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> tuple[torch.Tensor, LoraDelta | None]:
+        """(y, delta): when the shrink folds into the base GEMM (inference only), the LoRA delta is
+        returned for the consumer of y to add in its own kernel; otherwise y is complete."""
         if (self.fold_shrink and meta is not None and meta.any_adapter
                 and (meta.num_train_tokens == 0 or not torch.is_grad_enabled())):
-            # inference only: base output and every slot's shrink in one GEMM, then one expand
+            # base output and every slot's shrink in one GEMM
             d_out = self.base.out_features
             y_aug = F.linear(x, self.weight_aug, self.bias_aug)
-            return expand_(y_aug[:, :d_out], y_aug[:, d_out:], self.lora_b, self.scaling, self.slice_offsets,
-                           meta, self.backend, v_slot_stride=self.lora_a.shape[1])
+            return y_aug[:, :d_out], LoraDelta(y_aug[:, d_out:], self.lora_b, self.scaling, self.slice_offsets,
+                                               meta, self.backend)
+        return self._forward_unfolded(x, meta), None
+
+    def _forward_unfolded(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
         if meta is not None and 0 < meta.num_train_tokens < x.shape[0] and x.requires_grad:
             y = _TrainPrefixLinear.apply(x, self.base.weight, self.base.bias, meta.num_train_tokens)
         else:

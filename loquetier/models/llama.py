@@ -2,6 +2,12 @@
 
 Every projection that LoRA may target is a `VirtualLoraLinear` over the shared base weight;
 q/k/v and gate/up are fused at load time (one base GEMM each, LoRA slices kept apart).
+
+The residual stream is carried as (out, delta, residual): a block's output `out`, the LoRA delta
+still to be added to it (`LoraDelta` from a layer that folded its shrink into the base GEMM, or
+None) and the running residual. The next RMSNorm adds all three in one op, so in inference the
+o_proj/down_proj expands, the residual add and the norm are one kernel (gate_up's expand rides in
+SiLU-and-mul). With autograd the same ops run one after another.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import torch.nn.functional as F
 
 from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
+from ..kernels.smlm import LoraDelta
 from ..kernels import fused as fused_ops
 from ..lora.layer import VirtualLoraLinear
 from .config import ModelArgs
@@ -38,6 +45,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_ops.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, out: torch.Tensor, delta: LoraDelta | None, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h), h) with h = residual + out + delta (missing parts left out)."""
+        return fused_ops.add_rms_norm(out, delta, residual, self.weight, self.eps)
+
 
 def _linear(d_in: int, d_out: int, bias: bool) -> nn.Linear:
     layer = nn.Linear(d_in, d_out, bias=bias, device="meta")
@@ -62,7 +74,8 @@ class Attention(nn.Module):
         self.attention_backend = "auto"
 
     def forward(self, x: torch.Tensor, ctx: BatchContext, rotary: RotaryEmbedding,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, LoraDelta | None]:
+        """(o_proj output, its pending LoRA delta or None)."""
         a = self.args
         qkv = self.qkv_proj(x, ctx.lora)  # [N, q + 2 kv]
         q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
@@ -73,7 +86,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, ctx.positions)
         out = self._attend(q, k, v, ctx.attn, kv_cache)
-        return self.o_proj(out.reshape(-1, a.q_size), ctx.lora)
+        return self.o_proj.forward_deferred(out.reshape(-1, a.q_size), ctx.lora)
 
     def _attend(self, q, k, v, m, kv_cache) -> torch.Tensor:
         parts = []
@@ -117,9 +130,10 @@ class MLP(nn.Module):
         self.down_proj = VirtualLoraLinear(_linear(inter, args.hidden_size, False), ("down_proj",),
                                            (args.hidden_size,), lora_slots, lora_rank, backend)
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x, ctx.lora)
-        return self.down_proj(fused_ops.silu_and_mul(gate_up), ctx.lora)
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> tuple[torch.Tensor, LoraDelta | None]:
+        """(down_proj output, its pending LoRA delta or None)."""
+        gate_up, delta = self.gate_up_proj.forward_deferred(x, ctx.lora)
+        return self.down_proj.forward_deferred(fused_ops.silu_and_mul_with_delta(gate_up, delta), ctx.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -130,9 +144,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, lora_slots, lora_rank, backend)
 
-    def forward(self, x, ctx, rotary, kv_cache):
-        h = x + self.self_attn(self.input_layernorm(x), ctx, rotary, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+    def forward(self, out, delta, residual, ctx, rotary, kv_cache):
+        """One layer on the residual stream (out, delta, residual) of the previous one (see above)."""
+        x, residual = self.input_layernorm.add_forward(out, delta, residual)
+        out, delta = self.self_attn(x, ctx, rotary, kv_cache)
+        x, residual = self.post_attention_layernorm.add_forward(out, delta, residual)
+        out, delta = self.mlp(x, ctx)
+        return out, delta, residual
 
 
 class LlamaModel(nn.Module):
@@ -182,10 +200,11 @@ class LlamaModel(nn.Module):
         return out
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        out, delta, residual = self.embed_tokens(input_ids), None, None
         for i, layer in enumerate(self.layers):
-            h = layer(h, ctx, self.rotary, None if self.kv_caches is None else self.kv_caches[i])
-        return self.norm(h)
+            out, delta, residual = layer(out, delta, residual, ctx, self.rotary,
+                                         None if self.kv_caches is None else self.kv_caches[i])
+        return self.norm.add_forward(out, delta, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

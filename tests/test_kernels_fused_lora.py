@@ -1,0 +1,125 @@
+"""Inference-only fused kernels that also add a folded layer's pending LoRA delta: residual add +
+RMSNorm, and SiLU-and-mul, against plain-PyTorch math (interpreted on the CPU, compiled on a GPU)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
+from helpers import DEVICE, needs_gpu  # noqa: E402
+from loquetier.kernels import fused, fused_triton  # noqa: E402
+from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
+
+EPS = 1e-5
+NUM_SLOTS, RANK = 3, 8
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float buffer the kernels allocate starts as NaN: an element they fail to write shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0):
+    """A folded layer's GEMM output as the engine makes it: y_aug = [base columns | every slot's
+    shrink], returned as (out view, LoraDelta, A, x). Slots of rank RANK, scales per slice."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = [0]
+    for w in slice_widths:
+        offsets.append(offsets[-1] + w)
+    n, s = len(token_slots), len(slice_widths)
+    x = torch.randn(n, d_in, generator=g)
+    a = torch.randn(NUM_SLOTS, s * RANK, d_in, generator=g) / d_in ** 0.5
+    b = torch.randn(NUM_SLOTS, offsets[-1], RANK, generator=g) / RANK ** 0.5
+    scaling = torch.rand(NUM_SLOTS, s, generator=g) + 0.5
+    base = torch.randn(n, offsets[-1], generator=g)
+    y_aug = torch.cat([base, x @ a.reshape(-1, d_in).t()], 1).to(dtype).to(device)
+    slots = torch.tensor(token_slots, dtype=torch.int32)
+    meta = LoraBatchMeta(seg_cu=torch.arange(n + 1, dtype=torch.int32).to(device), seg_slot=slots.to(device),
+                         token_slot=slots.to(device), seg_cu_host=list(range(n + 1)), seg_slot_host=list(token_slots),
+                         max_seg_len=1)
+    delta = LoraDelta(y_aug[:, offsets[-1]:], b.to(dtype).to(device), scaling.to(device), tuple(offsets), meta)
+    return y_aug[:, :offsets[-1]], delta
+
+
+def delta_ref(out, delta):
+    """out + each token's own slot's scaled B @ (A x), in fp32."""
+    res = out.float().clone()
+    v = delta.v.float()
+    rank = delta.lora_b.shape[2]
+    width = v.shape[1] // delta.lora_b.shape[0]
+    for t, slot in enumerate(delta.meta.token_slot.tolist()):
+        if slot < 0:
+            continue
+        for s in range(len(delta.slice_offsets) - 1):
+            lo, hi = delta.slice_offsets[s], delta.slice_offsets[s + 1]
+            vs = v[t, slot * width + s * rank: slot * width + (s + 1) * rank]
+            res[t, lo:hi] += delta.scaling[slot, s] * (delta.lora_b[slot, lo:hi].float() @ vs)
+    return res
+
+
+SLOTS = [0, -1, 2, 1, 1, -1, 0]
+
+
+@pytest.mark.parametrize("width", [40, 2500])   # 2500: three chunks, the last one partial
+@pytest.mark.parametrize("with_delta,with_residual", [(True, True), (False, True), (True, False)])
+def test_add_rms_norm_matches_reference(width, with_delta, with_residual, poisoned_empty):
+    out, delta = folded_output(SLOTS, [width])
+    residual = torch.randn(len(SLOTS), width, device=DEVICE) if with_residual else None
+    weight = torch.rand(width, device=DEVICE) + 0.5
+    out0 = out.clone()
+    y, h = fused_triton.add_rms_norm(out, delta if with_delta else None, residual, weight, EPS)
+    h_ref = delta_ref(out0, delta) if with_delta else out0.clone()
+    if with_residual:
+        h_ref = residual + h_ref
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, fused.rms_norm_ref(h_ref, weight, EPS), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, out0)  # the GEMM output is read, never written
+
+
+@pytest.mark.parametrize("inter", [40, 600])
+def test_silu_and_mul_lora_matches_reference(inter, poisoned_empty):
+    gate_up, delta = folded_output(SLOTS, [inter, inter])
+    y = fused_triton.silu_and_mul_lora(gate_up, delta)
+    torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
+
+
+def test_composite_path_equals_kernels_math_on_cpu():
+    """The dispatchers' reference path (expand, then add, then norm) is the same math."""
+    out, delta = folded_output(SLOTS, [40])
+    residual = torch.randn(len(SLOTS), 40)
+    weight = torch.rand(40) + 0.5
+    expected = residual + delta_ref(out, delta)
+    y, h = fused.add_rms_norm(out.cpu().clone(), delta, residual, weight, EPS, backend="torch")
+    torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, fused.rms_norm_ref(expected, weight, EPS), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- GPU, bf16, decode sizes
+
+
+@needs_gpu
+def test_fused_lora_kernels_bf16_match_separate_kernels():
+    """Against the separate Triton expand + add + norm / SiLU kernels: last-bit differences only."""
+    slots = [i % 4 - 1 for i in range(64)]
+    out, delta = folded_output(slots, [4096], d_in=4096, dtype=torch.bfloat16)
+    residual = torch.randn(64, 4096, device=DEVICE).bfloat16()
+    weight = (torch.rand(4096, device=DEVICE) + 0.5).bfloat16()
+    y, h = fused_triton.add_rms_norm(out, delta, residual, weight, EPS)
+    sep = delta.apply_(out.clone())
+    h_sep = residual + sep
+    torch.testing.assert_close(h, h_sep, rtol=1e-2, atol=1e-2)
+    assert (h != h_sep).float().mean().item() < 0.01
+    assert (y != fused.rms_norm(h_sep, weight, EPS)).float().mean().item() < 0.01
+    gate_up, delta = folded_output(slots, [14336, 14336], d_in=4096, dtype=torch.bfloat16)
+    y = fused_triton.silu_and_mul_lora(gate_up, delta)
+    ref = fused.silu_and_mul(delta.apply_(gate_up.clone()))
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    assert (y != ref).float().mean().item() < 0.01
