@@ -104,18 +104,25 @@ def bench_e2e(args, llm, names, results):
     if args.device != "cuda":
         o_lens = [min(8, x) for x in o_lens]
     prompts = [rng.integers(10, eng.args.vocab_size - 10, p).tolist() for p in p_lens]
-    for n_ad in (1, 4):
-        params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens]
-        sync(args.device)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, adapters=[names[i % n_ad] for i in range(n)])
-        sync(args.device)
-        dt = time.perf_counter() - t0
-        gen = sum(len(o.token_ids) for o in outs)
-        row = {"section": "e2e", "adapters": n_ad, "requests": n, "gen_tokens": gen, "seconds": dt,
-               "tok_per_s": gen / dt}
-        results.append(row)
-        print(row, flush=True)
+    # a short warm-up run first, so that neither timed run pays first-use costs (cuBLAS / Triton)
+    warm = prompts[:8]
+    llm.generate(warm, [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * len(warm),
+                 adapters=[names[i % 4] for i in range(len(warm))])
+    # the first `--peft-e2e-requests` requests again: PEFT runs exactly these in its e2e part
+    subset = min(args.peft_e2e_requests, n) if "peft" in args.sections.split(",") or args.e2e_subset else 0
+    for k in ([n] + ([subset] if subset else [])):
+        for n_ad in (1, 4):
+            params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens[:k]]
+            sync(args.device)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts[:k], params, adapters=[names[i % n_ad] for i in range(k)])
+            sync(args.device)
+            dt = time.perf_counter() - t0
+            gen = sum(len(o.token_ids) for o in outs)
+            row = {"section": "e2e", "adapters": n_ad, "requests": k, "gen_tokens": gen, "seconds": dt,
+                   "tok_per_s": gen / dt}
+            results.append(row)
+            print(row, flush=True)
     return prompts, o_lens
 
 
@@ -210,7 +217,7 @@ def bench_peft(args, results, prompts, o_lens):
             print(row, flush=True)
     # e2e subset: one padded batch of the first requests, as a PEFT user would run it
     k = min(args.peft_e2e_requests, len(prompts))
-    for n_ad in ((1, 4) if "e2e" in args.peft_parts else ()):
+    for n_ad in (args.peft_e2e_adapters if "e2e" in args.peft_parts else ()):
         sub = prompts[:k]
         width = max(len(x) for x in sub)
         ids = torch.tensor([[0] * (width - len(x)) + x for x in sub], device=args.device)
@@ -272,6 +279,9 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=20)
     ap.add_argument("--e2e-requests", type=int, default=256)
     ap.add_argument("--peft-e2e-requests", type=int, default=32)
+    ap.add_argument("--peft-e2e-adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    ap.add_argument("--e2e-subset", action="store_true",
+                    help="also run the first --peft-e2e-requests requests (PEFT's e2e set) through the engine")
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--kv-gib", type=float, default=24)

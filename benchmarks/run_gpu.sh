@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | training | unified
+#   PART: check | inference | peft | training | unified
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
 set -uo pipefail
@@ -10,11 +10,15 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "$part" in
   check)      # kernels on the GPU + engine vs HF/PEFT on the GPU (fp32 exact, bf16 vs HF's own error, grads)
-    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_rotary.py tests/test_attention_packed.py -q -p no:cacheprovider 2>&1 | tail -5
+    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py -q -p no:cacheprovider 2>&1 | tail -5
     python benchmarks/gpu_check.py 2>&1 | grep -v -i warn | tee "$out/gpu_check.log" | tail -8 ;;
-  inference)  # decode step times, end-to-end 256 requests, PEFT decode (e2e subset skipped: ~2 min each)
-    timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --out "$out/inference.json" 2>&1 | tail -22
-    timeout 150 python benchmarks/bench_engine.py --sections peft --peft-parts decode --out "$out/peft_decode.json" 2>&1 | tail -6 ;;
+  inference)  # decode step times, end-to-end 256 requests and the 16 that PEFT runs; graph replay profile
+    timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --e2e-subset --peft-e2e-requests 16 \
+      --out "$out/inference.json" 2>&1 | tail -24
+    timeout 150 python benchmarks/profile_decode.py --batches 1,64 > "$out/profile_decode.log" 2>&1; tail -7 "$out/profile_decode.log" ;;
+  peft)       # PEFT decode at batch 1 and 32, and the same 16-request end-to-end subset (one padded batch)
+    timeout 560 python benchmarks/bench_engine.py --sections peft --peft-parts decode,e2e --peft-e2e-requests 16 \
+      --out "$out/peft.json" 2>&1 | tail -8 ;;
   training)   # 1 and 4 adapters (4 interleaved in 2,048-token steps) and PEFT
     timeout 120 python benchmarks/bench_engine.py --sections ceilings,train --train-jobs 1 --out "$out/train1.json" 2>&1 | grep "'section'"
     timeout 150 python benchmarks/bench_engine.py --sections train --train-jobs 4 --train-budget 2048 --out "$out/train4.json" 2>&1 | grep "'section'"

@@ -27,7 +27,7 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0):
+def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0, segments=False):
     """A folded layer's GEMM output as the engine makes it: y_aug = [base columns | every slot's
     shrink], returned as (out view, LoraDelta, A, x). Slots of rank RANK, scales per slice."""
     g = torch.Generator().manual_seed(seed)
@@ -42,9 +42,13 @@ def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, devic
     base = torch.randn(n, offsets[-1], generator=g)
     y_aug = torch.cat([base, x @ a.reshape(-1, d_in).t()], 1).to(dtype).to(device)
     slots = torch.tensor(token_slots, dtype=torch.int32)
-    meta = LoraBatchMeta(seg_cu=torch.arange(n + 1, dtype=torch.int32).to(device), seg_slot=slots.to(device),
-                         token_slot=slots.to(device), seg_cu_host=list(range(n + 1)), seg_slot_host=list(token_slots),
-                         max_seg_len=1)
+    # one segment per token, or (segments=True) one per run of equal slots, as in a sorted decode batch
+    starts = [t for t in range(n) if t == 0 or token_slots[t] != token_slots[t - 1]] if segments else list(range(n))
+    cu = starts + [n]
+    meta = LoraBatchMeta(seg_cu=torch.tensor(cu, dtype=torch.int32).to(device),
+                         seg_slot=torch.tensor([token_slots[t] for t in starts], dtype=torch.int32).to(device),
+                         token_slot=slots.to(device), seg_cu_host=cu, seg_slot_host=[token_slots[t] for t in starts],
+                         max_seg_len=max(b - a for a, b in zip(cu, cu[1:])))
     delta = LoraDelta(y_aug[:, offsets[-1]:], b.to(dtype).to(device), scaling.to(device), tuple(offsets), meta)
     return y_aug[:, :offsets[-1]], delta
 
@@ -84,9 +88,15 @@ def test_add_rms_norm_matches_reference(width, with_delta, with_residual, poison
     assert torch.equal(out, out0)  # the GEMM output is read, never written
 
 
+SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
+
+
+@pytest.mark.parametrize("slots", ["per_token", "segments"])
 @pytest.mark.parametrize("inter", [40, 600])
-def test_silu_and_mul_lora_matches_reference(inter, poisoned_empty):
-    gate_up, delta = folded_output(SLOTS, [inter, inter])
+def test_silu_and_mul_lora_matches_reference(inter, slots, poisoned_empty):
+    segmented = slots == "segments"
+    gate_up, delta = folded_output(SORTED_SLOTS if segmented else SLOTS, [inter, inter], segments=segmented)
+    assert (delta.meta.max_seg_len > 1) == segmented
     y = fused_triton.silu_and_mul_lora(gate_up, delta)
     torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
 
@@ -106,10 +116,12 @@ def test_composite_path_equals_kernels_math_on_cpu():
 
 
 @needs_gpu
-def test_fused_lora_kernels_bf16_match_separate_kernels():
+@pytest.mark.parametrize("sorted_rows", [False, True])   # True: a sorted decode batch, the tiled SiLU path
+def test_fused_lora_kernels_bf16_match_separate_kernels(sorted_rows):
     """Against the separate Triton expand + add + norm / SiLU kernels: last-bit differences only."""
     slots = [i % 4 - 1 for i in range(64)]
-    out, delta = folded_output(slots, [4096], d_in=4096, dtype=torch.bfloat16)
+    slots = sorted(slots) if sorted_rows else slots
+    out, delta = folded_output(slots, [4096], d_in=4096, dtype=torch.bfloat16, segments=sorted_rows)
     residual = torch.randn(64, 4096, device=DEVICE).bfloat16()
     weight = (torch.rand(4096, device=DEVICE) + 0.5).bfloat16()
     y, h = fused_triton.add_rms_norm(out, delta, residual, weight, EPS)
@@ -118,7 +130,7 @@ def test_fused_lora_kernels_bf16_match_separate_kernels():
     torch.testing.assert_close(h, h_sep, rtol=1e-2, atol=1e-2)
     assert (h != h_sep).float().mean().item() < 0.01
     assert (y != fused.rms_norm(h_sep, weight, EPS)).float().mean().item() < 0.01
-    gate_up, delta = folded_output(slots, [14336, 14336], d_in=4096, dtype=torch.bfloat16)
+    gate_up, delta = folded_output(slots, [14336, 14336], d_in=4096, dtype=torch.bfloat16, segments=sorted_rows)
     y = fused_triton.silu_and_mul_lora(gate_up, delta)
     ref = fused.silu_and_mul(delta.apply_(gate_up.clone()))
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)

@@ -140,13 +140,15 @@ def test_bf16_forward_and_grads_against_fp32_reference(head_dim):
     (grad_ref,) = torch.autograd.grad((q_ref, k_ref), qkv32, (dq_out.float(), dk_out.float()))
     assert _rel_err(grad, grad_ref) <= 1e-2
 
-    # against PyTorch's own bf16 ops: equal up to bf16 rounding (measured on the H100: not
-    # bit-equal, the compiled kernel may fuse a multiply-add that PyTorch rounds twice)
+    # no worse than PyTorch's own bf16 ops against the fp32 reference. (Not bit-equal to them on
+    # the H100: the compiled kernel fuses a multiply-add that PyTorch rounds twice, and where
+    # x1*cos - x2*sin cancels, one rounding step is large next to the result, so an elementwise
+    # relative tolerance fails although both are as accurate as bf16 allows.)
     q_bf, k_bf = apply_rotary_ref(q, k, rotary.cos, rotary.sin, positions)
-    torch.testing.assert_close(q_out, q_bf)   # bf16 defaults: rtol 1.6e-2
-    torch.testing.assert_close(k_out, k_bf)
+    assert _rel_err(q_out, q_ref) <= 1.1 * _rel_err(q_bf, q_ref) + 1e-6
+    assert _rel_err(k_out, k_ref) <= 1.1 * _rel_err(k_bf, k_ref) + 1e-6
     (grad_bf,) = torch.autograd.grad((q_bf, k_bf), qkv, (dq_out, dk_out))
-    torch.testing.assert_close(grad, grad_bf)
+    assert _rel_err(grad, grad_ref) <= 1.1 * _rel_err(grad_bf, grad_ref) + 1e-6
 
 
 @needs_gpu

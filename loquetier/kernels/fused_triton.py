@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .smlm_triton import GATHER_MAX_SEG_LEN, _dot_precision, _seg_pad, _segment_grid_rows, _segment_tile
+
 # silu_and_mul: a [BLOCK] slice of one row per program, 16-byte loads of 16-bit values per thread.
 SILU_BLOCK = 1024
 SILU_NUM_WARPS = 4
@@ -196,7 +198,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 ADD_NORM_CHUNK = 1024
 ADD_NORM_NUM_WARPS = 8
-SILU_LORA_BLOCK = 256
+SILU_LORA_BLOCK = 256           # per-token path (every segment one token)
+SILU_LORA_SEG_BLOCK_M = 16      # segment path: a tile of one segment's tokens shares each B tile
+SILU_LORA_SEG_BLOCK_N = 64
 
 
 @triton.jit
@@ -302,15 +306,62 @@ def _silu_and_mul_lora_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slo
     tl.store(y_ptr + row * inter + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _silu_and_mul_lora_segment_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
+                                      inter, num_segments, stride_x, stride_v, stride_vl, stride_bl, stride_bn,
+                                      stride_sl, rank, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      RANK_PAD: tl.constexpr, SEG_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # grid: (token tile of some segment, column tile); the delta is two small tl.dot per tile
+    g, m_start, seg_end = _segment_tile(tl.program_id(0), seg_cu_ptr, num_segments, BLOCK_M, SEG_PAD)
+    if g >= num_segments:
+        return
+    dt = x_ptr.dtype.element_ty
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < seg_end)[:, None] & (offs_n < inter)[None, :]
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]
+    gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+    slot = tl.load(seg_slot_ptr + g)
+    if slot >= 0:
+        offs_r = tl.arange(0, RANK_PAD)
+        mask_r = offs_r < rank
+        mask_v = (offs_m < seg_end)[:, None] & mask_r[None, :]
+        mask_b = mask_r[:, None] & (offs_n < inter)[None, :]
+        v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
+        b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]
+        v_gate = tl.load(v_ptrs, mask=mask_v, other=0.0)
+        v_up = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
+        b_gate = tl.load(b_ptrs, mask=mask_b, other=0.0)                       # [RANK_PAD, BLOCK_N]
+        b_up = tl.load(b_ptrs + inter * stride_bn, mask=mask_b, other=0.0)
+        gate += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v_gate, b_gate, input_precision=DOT_PRECISION)
+        up += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v_up, b_up, input_precision=DOT_PRECISION)
+    gate = gate.to(dt).to(tl.float32)
+    up = up.to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (act * up).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
 def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
     """silu(gate) * up of `gate_up` [N, 2*inter] (a strided view is fine) plus a pending two-slice
-    (gate, up) `LoraDelta`, in one kernel; no autograd."""
+    (gate, up) `LoraDelta`, in one kernel; no autograd. Like the SMLM expand, segments longer than
+    one token take the tiled path (tokens of a tile share B), all-one-token batches the per-token one."""
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
     n, inter = gate_up.shape[0], gate_up.shape[1] // 2
     assert delta.slice_offsets == (0, inter, 2 * inter)
     y = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
     v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 2, gate_up)
-    if n:
+    meta = delta.meta
+    if n and meta.max_seg_len > GATHER_MAX_SEG_LEN:
+        num_segments = meta.seg_slot.numel()
+        grid = (_segment_grid_rows(n, num_segments, SILU_LORA_SEG_BLOCK_M), triton.cdiv(inter, SILU_LORA_SEG_BLOCK_N))
+        _silu_and_mul_lora_segment_kernel[grid](
+            gate_up, y, v, b, scaling, meta.seg_cu, meta.seg_slot, inter, num_segments, gate_up.stride(0),
+            s_v, s_vl, s_bl, s_bn, s_sl, rank, BLOCK_M=SILU_LORA_SEG_BLOCK_M, BLOCK_N=SILU_LORA_SEG_BLOCK_N,
+            RANK_PAD=rank_pad, SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(gate_up.dtype),
+            num_warps=4)
+    elif n:
         _silu_and_mul_lora_kernel[(n, triton.cdiv(inter, SILU_LORA_BLOCK))](
             gate_up, y, v, b, scaling, token_slot, inter, gate_up.stride(0), s_v, s_vl, s_bl, s_bn, s_sl, rank,
             BLOCK=SILU_LORA_BLOCK, RANK_PAD=rank_pad, num_warps=SILU_NUM_WARPS)
