@@ -110,19 +110,19 @@ def bench_e2e(args, llm, names, results):
                  adapters=[names[i % 4] for i in range(len(warm))])
     # the first `--peft-e2e-requests` requests again: PEFT runs exactly these in its e2e part
     subset = min(args.peft_e2e_requests, n) if "peft" in args.sections.split(",") or args.e2e_subset else 0
-    for k in ([n] + ([subset] if subset else [])):
-        for n_ad in (1, 4):
-            params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens[:k]]
-            sync(args.device)
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts[:k], params, adapters=[names[i % n_ad] for i in range(k)])
-            sync(args.device)
-            dt = time.perf_counter() - t0
-            gen = sum(len(o.token_ids) for o in outs)
-            row = {"section": "e2e", "adapters": n_ad, "requests": k, "gen_tokens": gen, "seconds": dt,
-                   "tok_per_s": gen / dt}
-            results.append(row)
-            print(row, flush=True)
+    runs = [(n, n_ad) for n_ad in (1, 4)] * args.e2e_repeat + [(subset, n_ad) for n_ad in (1, 4) if subset]
+    for k, n_ad in runs:
+        params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens[:k]]
+        sync(args.device)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts[:k], params, adapters=[names[i % n_ad] for i in range(k)])
+        sync(args.device)
+        dt = time.perf_counter() - t0
+        gen = sum(len(o.token_ids) for o in outs)
+        row = {"section": "e2e", "adapters": n_ad, "requests": k, "gen_tokens": gen, "seconds": dt,
+               "tok_per_s": gen / dt}
+        results.append(row)
+        print(row, flush=True)
     return prompts, o_lens
 
 
@@ -280,6 +280,7 @@ def main():
     ap.add_argument("--e2e-requests", type=int, default=256)
     ap.add_argument("--peft-e2e-requests", type=int, default=32)
     ap.add_argument("--peft-e2e-adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    ap.add_argument("--e2e-repeat", type=int, default=1, help="run the 1- and 4-adapter e2e runs this many times")
     ap.add_argument("--e2e-subset", action="store_true",
                     help="also run the first --peft-e2e-requests requests (PEFT's e2e set) through the engine")
     ap.add_argument("--train-seq", type=int, default=512)

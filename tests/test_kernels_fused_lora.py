@@ -103,11 +103,11 @@ def test_silu_and_mul_lora_matches_reference(inter, slots, poisoned_empty):
 
 def test_composite_path_equals_kernels_math_on_cpu():
     """The dispatchers' reference path (expand, then add, then norm) is the same math."""
-    out, delta = folded_output(SLOTS, [40])
+    out, delta = folded_output(SLOTS, [40], device="cpu")
     residual = torch.randn(len(SLOTS), 40)
     weight = torch.rand(40) + 0.5
     expected = residual + delta_ref(out, delta)
-    y, h = fused.add_rms_norm(out.cpu().clone(), delta, residual, weight, EPS, backend="torch")
+    y, h = fused.add_rms_norm(out.clone(), delta, residual, weight, EPS, backend="torch")
     torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, fused.rms_norm_ref(expected, weight, EPS), rtol=1e-5, atol=1e-5)
 
