@@ -235,6 +235,8 @@ def bench_peft(args, results, prompts, o_lens):
                "tok_per_s": useful / dt}
         results.append(row)
         print(row, flush=True)
+    if "train" not in args.peft_parts:
+        return
     # training: micro-batch 4 x seq, one adapter
     model.train()
     model.set_adapter("a0")
