@@ -25,6 +25,8 @@ ap.add_argument("--mean-len", type=int, default=0, help="lognormal example lengt
 ap.add_argument("--dropout", type=float, default=0.0)
 ap.add_argument("--rank", type=int, default=16)
 ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--gc-compare", action="store_true",
+                help="time synced steps with Python's garbage collector on, off, on again (host jitter)")
 ap.add_argument("--cprofile", action="store_true",
                 help="also run 3 steps under cProfile: where the host's time goes (the step is host-bound)")
 args = ap.parse_args()
@@ -52,6 +54,25 @@ torch.cuda.synchronize() if torch.cuda.is_available() else None
 dt = time.perf_counter() - t0
 print(f"step {dt / args.steps * 1e3:.1f} ms, {(trainer.scheduled_tokens - tok0) / args.steps:.0f} tokens/step "
       f"-> {(trainer.scheduled_tokens - tok0) / dt:.0f} tok/s")
+if args.gc_compare:
+    import gc
+    import statistics
+
+    def synced_steps(n):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            times.append((time.perf_counter() - t) * 1e3)
+        return times
+
+    for label, enabled in (("gc on", True), ("gc off", False), ("gc on", True), ("gc off", False)):
+        gc.enable() if enabled else gc.disable()
+        ts = synced_steps(args.steps)
+        print(f"{label}: median {statistics.median(ts):.1f} ms, min {min(ts):.1f}, max {max(ts):.1f}  "
+              f"({' '.join(f'{t:.0f}' for t in ts)})", flush=True)
+    gc.enable()
 if args.cprofile:
     import cProfile
     import pstats
