@@ -20,3 +20,15 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     write_checkpoint(path, "llama")
     return path
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float buffer the kernels allocate starts as NaN: an element they fail to write shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)

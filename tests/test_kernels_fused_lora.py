@@ -15,18 +15,6 @@ EPS = 1e-5
 NUM_SLOTS, RANK = 3, 8
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every float buffer the kernels allocate starts as NaN: an element they fail to write shows."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0, segments=False):
     """A folded layer's GEMM output as the engine makes it: y_aug = [base columns | every slot's
     shrink], returned as (out view, LoraDelta, A, x). Slots of rank RANK, scales per slice."""

@@ -80,7 +80,8 @@ class Engine:
                 logging.getLogger("loquetier").warning("LoRA kernel warm-up failed: %s", e)
         if config.cuda_graphs and device.type == "cuda":
             self.runner.enable_graphs(self.kv, self.max_model_len,
-                                      min(config.max_graph_batch, config.scheduler.max_num_seqs))
+                                      min(config.max_graph_batch, config.scheduler.max_num_seqs),
+                                      config.lora.max_loras)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(self.args.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

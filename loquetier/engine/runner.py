@@ -57,12 +57,11 @@ class ModelRunner:
                     vl(torch.zeros(n, vl.in_features, dtype=dtype, device=dev), meta)
                 vl.fold_shrink = fold
 
-    def enable_graphs(self, kv, max_model_len: int, max_batch: int) -> None:
+    def enable_graphs(self, kv, max_model_len: int, max_batch: int, num_slots: int) -> None:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""
         max_blocks = -(-max_model_len // kv.block_size)
-        slots = self.model.layers[0].self_attn.o_proj.num_slots
         graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch, kv.pool.device,
-                              max_segments=slots + 2)
+                              max_segments=num_slots + 2)
         try:
             graphs.capture()
         except Exception as e:  # a driver/compiler problem must not stop the engine from serving

@@ -7,7 +7,8 @@ layer only reads them (policy vs mechanism).
 Memory layout: the A table lives in the rows right under the base weight, in one buffer
 `[d_out + L*S*R, d_in]`; `base.weight` and `lora_a` are views of it. So an inference forward can
 "fold" the SMLM shrink into the base GEMM: one GEMM gives the base output and every slot's
-`x A^T`, and one expand kernel adds each token's own slot's delta. Decode is bound by launches
+`x A^T`, and each token's own slot's delta is added later (`LoraDelta`: by the expand kernel, or
+inside the consumer's kernel — residual add + RMSNorm, SiLU-and-mul). Decode is bound by launches
 and weight bytes, not FLOPs, so computing the L-1 unused shrinks costs only reading the A table
 (which the shrink kernel reads anyway) and saves one or two launches per layer.
 """

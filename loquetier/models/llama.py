@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
-from ..kernels.smlm import LoraDelta
 from ..kernels import fused as fused_ops
+from ..kernels.smlm import LoraDelta
 from ..lora.layer import VirtualLoraLinear
 from .config import ModelArgs
 from .rotary import RotaryEmbedding
