@@ -34,7 +34,8 @@ from loquetier import LLM, SamplingParams  # noqa: E402
 def make_llm(args, kv_bytes, max_batched=8192, max_seqs=256):
     return LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
                max_loras=4, max_lora_rank=16, max_model_len=2048, kv_cache_memory=kv_bytes,
-               max_num_batched_tokens=max_batched, max_num_seqs=max_seqs)
+               max_num_batched_tokens=max_batched, max_num_seqs=max_seqs,
+               train_cuda_graphs=not args.no_train_graphs)
 
 
 def add_adapters(llm, n=4):
@@ -132,6 +133,7 @@ def bench_train(args, results, ceil):
     from loquetier.training.job import TrainingJob
     from loquetier.training.spec import TrainSpec
     from loquetier.training.trainer import Trainer
+    from loquetier.engine.train_graphs import CAPTURE_AFTER
     seq, mb = args.train_seq, 4
     for n_jobs in args.train_jobs:
         llm = make_llm(args, kv_bytes=256 << 20, max_batched=args.train_budget or n_jobs * mb * seq)
@@ -145,7 +147,8 @@ def bench_train(args, results, ceil):
                              lora=LoraSpec(r=16, lora_alpha=32, target_modules="all-linear"),
                              micro_batch_size=mb, grad_accum=1, max_steps=10_000, learning_rate=1e-5)
             trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
-        for _ in range(3):
+        # warm-up: every job's layout is captured on its (CAPTURE_AFTER + 1)-th step (train_graphs.py)
+        for _ in range((CAPTURE_AFTER + 1) * n_jobs + 1):
             eng.step()
         sync(args.device)
         if args.device == "cuda":
@@ -164,7 +167,7 @@ def bench_train(args, results, ceil):
         attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token
         flops = tokens * (4 * n_params + attn)
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-        row = {"section": "train", "adapters": n_jobs, "tok_per_s": tokens / dt, "mfu": flops / dt / 1e12 / ceil["bf16_TFLOPs"],
+        row = {"section": "train", "adapters": n_jobs, "graphs": not args.no_train_graphs, "tok_per_s": tokens / dt, "mfu": flops / dt / 1e12 / ceil["bf16_TFLOPs"],
                "peak_GiB": peak, "kv_pool_GiB": eng.kv.pool.numel() * eng.kv.pool.element_size() / 2**30}
         results.append(row)
         print(row, flush=True)
@@ -287,6 +290,7 @@ def main():
                     help="also run the first --peft-e2e-requests requests (PEFT's e2e set) through the engine")
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
     ap.add_argument("--kv-gib", type=float, default=24)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")

@@ -25,13 +25,14 @@ ap.add_argument("--mean-len", type=int, default=0, help="lognormal example lengt
 ap.add_argument("--dropout", type=float, default=0.0)
 ap.add_argument("--rank", type=int, default=16)
 ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--no-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
 ap.add_argument("--gc-compare", action="store_true",
                 help="time synced steps with Python's garbage collector on, off, on again (host jitter)")
 ap.add_argument("--cprofile", action="store_true",
                 help="also run 3 steps under cProfile: where the host's time goes (the step is host-bound)")
 args = ap.parse_args()
 llm = LLM(args.model, dtype="bfloat16" if torch.cuda.is_available() else "float32", max_loras=4, max_lora_rank=16, max_model_len=2048,
-          kv_cache_memory=256 << 20, max_num_batched_tokens=2048)
+          kv_cache_memory=256 << 20, max_num_batched_tokens=2048, train_cuda_graphs=not args.no_graphs)
 eng = llm.engine
 trainer = Trainer(eng)
 rng = np.random.default_rng(0)
@@ -43,7 +44,7 @@ for j in range(args.jobs):
                      lora=LoraSpec(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules="all-linear"),
                      micro_batch_size=4, max_steps=1000)
     trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
-for _ in range(3):
+for _ in range(3 * args.jobs + 1):   # past the capture of each job's layout (train_graphs.py)
     eng.step()
 torch.cuda.synchronize() if torch.cuda.is_available() else None
 tok0 = trainer.scheduled_tokens

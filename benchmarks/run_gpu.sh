@@ -10,7 +10,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "$part" in
   check)      # kernels on the GPU + engine vs HF/PEFT on the GPU (fp32 exact, bf16 vs HF's own error, grads)
-    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py -q -p no:cacheprovider 2>&1 | tail -5
+    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py tests/test_train_graphs.py -q -p no:cacheprovider 2>&1 | tail -5
     python benchmarks/gpu_check.py 2>&1 | grep -v -i warn | tee "$out/gpu_check.log" | tail -8 ;;
   inference)  # decode step times, end-to-end 256 requests and the 16 that PEFT runs; graph replay profile
     timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --e2e-subset --peft-e2e-requests 16 \
@@ -22,8 +22,9 @@ case "$part" in
       --out "$out/e2e_repeat.json" 2>&1 | grep "^e2e"
     timeout 400 python benchmarks/bench_engine.py --sections peft --peft-parts decode,e2e --peft-e2e-requests 16 \
       --out "$out/peft.json" 2>&1 | grep "^peft" ;;
-  training)   # 1 and 4 adapters (4 interleaved in 2,048-token steps) and PEFT
+  training)   # 1 and 4 adapters (4 interleaved in 2,048-token steps), 1 adapter without training graphs, and PEFT
     timeout 120 python benchmarks/bench_engine.py --sections ceilings,train --train-jobs 1 --out "$out/train1.json" 2>&1 | grep "'section'"
+    timeout 120 python benchmarks/bench_engine.py --sections train --train-jobs 1 --no-train-graphs --out "$out/train1_eager.json" 2>&1 | grep "'section'"
     timeout 150 python benchmarks/bench_engine.py --sections train --train-jobs 4 --train-budget 2048 --out "$out/train4.json" 2>&1 | grep "'section'"
     timeout 120 python benchmarks/bench_engine.py --sections peft --peft-parts train --out "$out/peft_train.json" 2>&1 | grep "'section'" ;;
   unified)    # BurstGPT replay: SLO-aware vs fixed vs serving alone vs training alone, with a plot

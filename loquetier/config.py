@@ -67,6 +67,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" (reference) | "triton" | "auto"
     lora_backend: str = "auto"       # "torch" (reference) | "triton" | "auto"
     cuda_graphs: bool = True         # decode-only steps replay captured graphs (CUDA only)
+    train_cuda_graphs: bool = True   # training-only steps whose layout repeats replay a graph (CUDA only)
     max_graph_batch: int = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -140,13 +140,13 @@ def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
     spec = TrainSpec(name="t", train_file=str(data), output_dir=str(tmp_path / "out"),
                      lora=LoraSpec(r=4, target_modules=["q_proj"]))
     runner = llm.engine.runner
-    real = runner.execute
 
-    def boom(batch, keep_logits=False):
+    def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
     async def body(aengine):
-        runner.execute = boom
+        # training-only steps go through execute_train, steps with inference rows through execute
+        runner.execute = runner.execute_train = boom
         try:
             job = await aengine.call(aengine.trainer.submit, spec)
             for _ in range(500):
@@ -154,7 +154,7 @@ def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
                     break
                 await asyncio.sleep(0.01)
         finally:
-            runner.execute = real
+            del runner.execute, runner.execute_train   # the class's methods again
         group = await aengine.add([GenerationRequest([5, 6, 7], PARAMS)])
         return job, (await group.results())[0], aengine.alive
 

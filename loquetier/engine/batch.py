@@ -60,6 +60,77 @@ class MixedBatch:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
 
 
+@dataclass
+class HostBatch:
+    """A mixed batch laid out on the host: every integer array of the step in one flat int64 array
+    (`flat`, cut by `sizes`) plus the host-side layout the model reads. `to_device` makes the
+    `MixedBatch` from a device copy of `flat`; a training graph replays with another batch of the
+    same `layout_key` by copying only `flat`."""
+
+    flat: np.ndarray
+    sizes: list[int]
+    loss_segments: list[LossSegment]
+    scheduled: list[ScheduledSeq]
+    seg_cu: np.ndarray
+    seg_slot: np.ndarray
+    num_train_segments: int
+    num_prefills: int
+    num_decodes: int
+    context_lens: np.ndarray
+    num_sampled: int
+    train_dropout: dict[int, float]
+    dropout_generators: dict
+
+    @property
+    def layout_key(self) -> tuple:
+        """Everything but the token data: equal keys give identical kernels, grids and host lists."""
+        return (tuple(self.seg_cu.tolist()), tuple(self.seg_slot.tolist()), self.num_train_segments,
+                len(self.loss_segments), tuple(sorted(self.train_dropout.items())))
+
+    def to_device(self, device: torch.device, flat: torch.Tensor | None = None) -> MixedBatch:
+        """The step's `MixedBatch` over `flat` (the device copy of `self.flat`; copied here if None).
+        The int32 copies of the metadata are made here, so a graph capturing this call refreshes them."""
+        if flat is None:
+            flat = torch.from_numpy(self.flat)
+            flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        (input_ids_t, positions_t, seg_cu_t, seg_slot_t, token_slot_t, slot_mapping_t, tables_t,
+         context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t) = torch.split(flat, self.sizes)
+        scheduled, n_loss_segs = self.scheduled, len(self.loss_segments)
+        seg_cu, seg_lens = self.seg_cu, np.diff(self.seg_cu)
+        num_loss = int(seg_cu[n_loss_segs])
+        num_train = int(seg_cu[self.num_train_segments])
+        n_pre = self.num_prefills
+        tables_t = tables_t.view(len(scheduled), -1).to(torch.int32) if scheduled else None
+        lora = None
+        if (self.seg_slot >= 0).any():
+            lora = LoraBatchMeta(seg_cu=seg_cu_t.to(torch.int32), seg_slot=seg_slot_t.to(torch.int32),
+                                 token_slot=token_slot_t.to(torch.int32), seg_cu_host=seg_cu.tolist(),
+                                 seg_slot_host=self.seg_slot.tolist(), max_seg_len=int(seg_lens.max()),
+                                 num_train_tokens=num_train, num_train_segments=self.num_train_segments,
+                                 train_dropout=self.train_dropout if num_train else {},
+                                 dropout_generators=self.dropout_generators)
+        attn = AttentionMeta(
+            num_loss_tokens=num_loss,
+            loss_cu=seg_cu[:n_loss_segs + 1].tolist(),
+            slot_mapping=slot_mapping_t if scheduled else None,
+            prefill_cu=seg_cu[n_loss_segs:n_loss_segs + n_pre + 1].tolist() if n_pre else [],
+            prefill_context_lens=self.context_lens[:n_pre].tolist(),
+            prefill_block_tables=tables_t[:n_pre] if n_pre else None,
+            decode_start=num_loss + int(seg_lens[n_loss_segs:n_loss_segs + n_pre].sum()),
+            decode_block_tables=tables_t[n_pre:] if self.num_decodes else None,
+            decode_context_lens=context_lens_t[n_pre:].to(torch.int32) if self.num_decodes else None,
+            loss_cu_t=seg_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
+            max_loss_len=int(seg_lens[:n_loss_segs].max()) if n_loss_segs else 0,
+        )
+        ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=int(seg_cu[-1]))
+        return MixedBatch(
+            input_ids=input_ids_t, ctx=ctx, loss_segments=self.loss_segments,
+            loss_targets=loss_targets_t if n_loss_segs else None,
+            loss_seg_ids=loss_seg_ids_t if n_loss_segs else None,
+            sample_rows=sample_rows_t if self.num_sampled else None,
+            sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled)
+
+
 def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
                       slot_of: dict[str | None, int], block_size: int, train_dropout: dict[int, float],
                       device: torch.device, dropout_generators: dict | None = None) -> MixedBatch:
@@ -67,6 +138,14 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
 
     `slot_of` maps adapter name (None = base) to its device slot (-1 = none).
     """
+    return plan_mixed_batch(loss_segments, scheduled, slot_of, block_size, train_dropout,
+                            dropout_generators).to_device(device)
+
+
+def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
+                     slot_of: dict[str | None, int], block_size: int, train_dropout: dict[int, float],
+                     dropout_generators: dict | None = None) -> HostBatch:
+    """The host half of `build_mixed_batch`: every array of the step, nothing on the device yet."""
     train = [s for s in loss_segments if s.train]
     evals = [s for s in loss_segments if not s.train]
     loss_segments = train + evals
@@ -84,11 +163,7 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
                           dtype=np.int64)
     seg_cu = np.zeros(len(seg_lens) + 1, dtype=np.int64)
     np.cumsum(seg_lens, out=seg_cu[1:])
-    num_tokens = int(seg_cu[-1])
     num_loss = int(seg_cu[len(loss_segments)])
-    num_train = int(seg_cu[len(train)])
-    num_prefill_tokens = sum(s.length for s in prefills)
-    decode_start = num_loss + num_prefill_tokens
 
     # inference tokens: their sequence (index into `scheduled`) and cache slot
     inf_lens = seg_lens[len(loss_segments):]
@@ -112,42 +187,9 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
     token_slot = np.repeat(seg_slot, seg_lens)
     parts = [input_ids, positions, seg_cu, seg_slot, token_slot, slot_mapping, tables.reshape(-1),
              context_lens, sample_rows, loss_targets, loss_seg_ids]
-    flat = torch.from_numpy(np.concatenate(parts))
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    t = list(torch.split(flat, [len(p) for p in parts]))
-    (input_ids_t, positions_t, seg_cu_t, seg_slot_t, token_slot_t, slot_mapping_t, tables_t,
-     context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t) = t
-    tables_t = tables_t.view(len(scheduled), -1).to(torch.int32) if scheduled else None
-
-    lora = None
-    if (seg_slot >= 0).any():
-        lora = LoraBatchMeta(seg_cu=seg_cu_t.to(torch.int32), seg_slot=seg_slot_t.to(torch.int32),
-                             token_slot=token_slot_t.to(torch.int32), seg_cu_host=seg_cu.tolist(),
-                             seg_slot_host=seg_slot.tolist(), max_seg_len=int(seg_lens.max()),
-                             num_train_tokens=num_train, num_train_segments=len(train),
-                             train_dropout=train_dropout if num_train else {},
-                             dropout_generators=dropout_generators or {})
-    n_pre = len(prefills)
-    attn = AttentionMeta(
-        num_loss_tokens=num_loss,
-        loss_cu=seg_cu[:len(loss_segments) + 1].tolist(),
-        slot_mapping=slot_mapping_t if scheduled else None,
-        prefill_cu=seg_cu[len(loss_segments):len(loss_segments) + n_pre + 1].tolist() if n_pre else [],
-        prefill_context_lens=context_lens[:n_pre].tolist(),
-        prefill_block_tables=tables_t[:n_pre] if n_pre else None,
-        decode_start=decode_start,
-        decode_block_tables=tables_t[n_pre:] if decodes else None,
-        decode_context_lens=context_lens_t[n_pre:].to(torch.int32) if decodes else None,
-        loss_cu_t=seg_cu_t[:len(loss_segments) + 1].to(torch.int32) if loss_segments else None,
-        max_loss_len=int(seg_lens[:len(loss_segments)].max()) if loss_segments else 0,
-    )
-    ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=num_tokens)
-    return MixedBatch(
-        input_ids=input_ids_t, ctx=ctx, loss_segments=loss_segments,
-        loss_targets=loss_targets_t if loss_segments else None,
-        loss_seg_ids=loss_seg_ids_t if loss_segments else None,
-        sample_rows=sample_rows_t if len(sample_rows) else None,
-        sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled)
+    num_train = int(seg_cu[len(train)])
+    return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
+                     scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, num_train_segments=len(train),
+                     num_prefills=len(prefills), num_decodes=len(decodes), context_lens=context_lens,
+                     num_sampled=len(sample_rows), train_dropout=train_dropout if num_train else {},
+                     dropout_generators=dropout_generators or {})

@@ -18,7 +18,7 @@ from ..lora.manager import AdapterManager
 from ..models.config import ModelArgs
 from ..models.loader import load_model, preset_args, random_model
 from ..sampling_params import SamplingParams
-from .batch import LossSegment, build_mixed_batch
+from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
@@ -49,6 +49,10 @@ class StepParticipant(Protocol):
 
     def next_segments(self, budget: int, num_inference_tokens: int) -> list[LossSegment]: ...
     def on_losses(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor) -> None: ...
+    def grad_plan(self, segments: list[LossSegment]) -> tuple[list[float], tuple[torch.Tensor, ...]] | None: ...
+    def on_grads(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor,
+                 grads: tuple[torch.Tensor, ...]) -> None: ...
+    def on_step_failed(self, segments: list[LossSegment], message: str) -> None: ...
 
 
 class Engine:
@@ -78,6 +82,8 @@ class Engine:
                 self.runner.warm_up_lora_kernels()
             except Exception as e:  # a warm-up problem must not stop the engine; kernels compile on first use
                 logging.getLogger("loquetier").warning("LoRA kernel warm-up failed: %s", e)
+        if config.train_cuda_graphs and device.type == "cuda":
+            self.runner.enable_train_graphs(device)
         if config.cuda_graphs and device.type == "cuda":
             self.runner.enable_graphs(self.kv, self.max_model_len,
                                       min(config.max_graph_batch, config.scheduler.max_num_seqs),
@@ -202,16 +208,34 @@ class Engine:
             scheduled = sched.scheduled
         else:
             gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
-            batch = build_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout,
-                                      self.device, gens)
-            result = self.runner.execute(batch, keep_logits)
-            scheduled, sample_seqs, segments = batch.scheduled, batch.sample_seqs, batch.loss_segments
+            host = plan_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout, gens)
+            scheduled, sample_seqs, segments = host.scheduled, [], host.loss_segments
+            # a training-only step of the participant's: the runner returns gradients (and may replay
+            # a captured graph); otherwise losses keep their autograd graph for the participant
+            plan = (self.participant.grad_plan(segments)
+                    if self.participant is not None and not scheduled and not loss_segments and not keep_logits
+                    else None)
+            if plan is not None:
+                try:
+                    result = self.runner.execute_train(host, *plan, self.device)
+                except RuntimeError as e:   # e.g. out of memory: these jobs fail, the engine serves on
+                    self.participant.on_step_failed(segments, f"training step failed: {e}")
+                    return failed
+            else:
+                if train_dropout and scheduled:   # eager activations beside a graph pool: drop the graphs
+                    self.runner.drop_train_graphs()
+                batch = host.to_device(self.device)
+                result = self.runner.execute(batch, keep_logits)
+                sample_seqs = batch.sample_seqs
         self.last_result, self.last_sample_seqs = result, sample_seqs   # for tests and debugging
         for s in scheduled:
             s.seq.num_computed_tokens += s.length
         outputs = self._advance(sample_seqs, result)
         if segments and self.participant is not None:
-            self.participant.on_losses(segments, result.loss_sums, result.loss_counts)
+            if result.grads is not None:
+                self.participant.on_grads(segments, result.loss_sums, result.loss_counts, result.grads)
+            else:
+                self.participant.on_losses(segments, result.loss_sums, result.loss_counts)
         info = {"time": time.perf_counter() - t0,
                 "num_decode_tokens": sum(1 for s in scheduled if s.length == 1),
                 "num_prefill_tokens": sum(s.length for s in scheduled if s.length > 1),

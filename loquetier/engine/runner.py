@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from ..kernels.smlm import LoraBatchMeta
 from ..models.llama import LlamaModel
-from .batch import IGNORE_INDEX, MixedBatch, ScheduledSeq
+from .batch import IGNORE_INDEX, HostBatch, MixedBatch, ScheduledSeq
 from .cuda_graphs import DecodeGraphs
+from .train_graphs import TrainGraphs
 from .sampler import Sampler
 from .sequence import TokenLogprob
 
@@ -25,6 +26,7 @@ class StepResult:
     loss_sums: torch.Tensor | None           # [num_loss_segments] summed token CE (graph for train rows)
     loss_counts: torch.Tensor | None         # [num_loss_segments] number of target tokens
     logits: torch.Tensor | None = None       # [num_sampled, V] when asked (tests)
+    grads: tuple[torch.Tensor, ...] | None = None  # training-only steps: d(weighted loss)/d(params)
 
 
 class ModelRunner:
@@ -32,6 +34,7 @@ class ModelRunner:
         self.model = model
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+        self.train_graphs: TrainGraphs | None = None
 
     @torch.no_grad()
     def warm_up_lora_kernels(self) -> None:
@@ -69,6 +72,13 @@ class ModelRunner:
             torch.cuda.synchronize()
             return
         self.graphs = graphs
+
+    def enable_train_graphs(self, device: torch.device) -> None:
+        self.train_graphs = TrainGraphs(self.train_grads, device)
+
+    def drop_train_graphs(self) -> None:
+        if self.train_graphs is not None:
+            self.train_graphs.clear()
 
     def can_replay(self, scheduled, has_loss: bool) -> bool:
         return (self.graphs is not None and not has_loss and bool(scheduled)
@@ -113,6 +123,28 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden.detach().index_select(0, batch.sample_rows))
                 tokens, logprobs = self.sampler(logits, batch.sample_seqs)
         return StepResult(tokens, logprobs, loss_sums, loss_counts, logits if keep_logits else None)
+
+    def execute_train(self, host: HostBatch, weights: list[float], params: tuple[torch.Tensor, ...],
+                      device: torch.device) -> StepResult:
+        """A training-only step: loss sums and the gradients of sum(weights * sums) for `params`,
+        replayed from a captured graph when this layout repeats (see train_graphs.py)."""
+        out = None
+        if self.train_graphs is not None and not any(p > 0 for p in host.train_dropout.values()):
+            out = self.train_graphs.run(host, weights, params)
+        if out is None:
+            w = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)
+            out = self.train_grads(host.to_device(device), w, params)
+        sums, counts, grads = out
+        return StepResult([], [], sums, counts, None, grads)
+
+    def train_grads(self, batch: MixedBatch, weights: torch.Tensor, params: tuple[torch.Tensor, ...]):
+        """Forward, per-segment losses and d(sum(weights * sums))/d(params) of a training-only batch;
+        no host sync (a graph captures it as it is)."""
+        with torch.enable_grad():
+            hidden = self.model(batch.input_ids, batch.ctx)
+            sums, counts = self._segment_losses(hidden, batch)
+            grads = torch.autograd.grad((sums * weights).sum(), params, allow_unused=True, materialize_grads=True)
+        return sums.detach(), counts, grads
 
     def _segment_losses(self, hidden: torch.Tensor, batch: MixedBatch):
         """Per-segment summed cross entropy over target tokens (HF causal-LM loss, unreduced)."""

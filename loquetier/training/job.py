@@ -163,6 +163,19 @@ class TrainingJob:
         self.trained_tokens += tokens
         return loss_sum / max(1, self.window_tokens)
 
+    def add_grads(self, grads) -> None:
+        """Accumulate gradients the engine computed for `self.params` (in that order), as a backward
+        would into `.grad`. The engine's tensors are overwritten by its next step: copied here."""
+        have = [p.grad is not None for p in self.params]
+        if all(have):
+            torch._foreach_add_([p.grad for p in self.params], list(grads))
+        elif not any(have):
+            for p, g in zip(self.params, torch._foreach_mul(list(grads), 1.0)):   # copies, one launch
+                p.grad = g
+        else:
+            for p, g in zip(self.params, grads):
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
     def after_backward(self, micro_loss: torch.Tensor) -> None:
         """Accumulate; at the window's end clip, step the optimizer and log. The loss is read back
         to the host once per optimizer step, not once per micro-batch."""
@@ -273,6 +286,7 @@ class TrainingJob:
     def release(self) -> None:
         """Free the training slot and optimizer memory."""
         mgr = self.engine.adapters
+        self.engine.runner.drop_train_graphs()   # captured with this job's parameters
         if self.adapter in mgr:
             mgr.freeze(self.adapter)
             mgr.remove(self.adapter)

@@ -113,6 +113,38 @@ class Trainer:
         self.scheduled_tokens += used
         return segments
 
+    def grad_plan(self, segments):
+        """For a step of only this trainer's training segments: each segment's weight in the total
+        loss (1 / its job's window tokens, as `TrainingJob.train_loss`) and every trained parameter,
+        job by job; None for any other step (the losses then come back through `on_losses`)."""
+        jobs: dict[TrainingJob, None] = {}
+        for seg in segments:
+            if not (seg.train and isinstance(seg.owner, TrainingJob)):
+                return None
+            jobs[seg.owner] = None
+        weights = [1.0 / max(1, seg.owner.window_tokens) for seg in segments]
+        return weights, tuple(p for job in jobs for p in job.params)
+
+    def on_grads(self, segments, sums: torch.Tensor, counts: torch.Tensor, grads) -> None:
+        """A step planned by `grad_plan`: hand each job its loss and its parameters' gradients."""
+        per_job: dict[TrainingJob, list[int]] = {}
+        for i, seg in enumerate(segments):
+            per_job.setdefault(seg.owner, []).append(i)
+        offset = 0
+        for job, idx in per_job.items():
+            loss = job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
+            n = len(job.params)
+            try:
+                job.add_grads(grads[offset:offset + n])
+                job.after_backward(loss)
+            except LoquetierError as e:
+                job.fail(str(e))
+            offset += n
+
+    def on_step_failed(self, segments, message: str) -> None:
+        for job in {seg.owner for seg in segments if isinstance(seg.owner, TrainingJob)}:
+            job.fail(message)
+
     def on_losses(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:
         per_job: dict[TrainingJob, list[int]] = {}
         evals: dict[TrainingJob, list[int]] = {}
