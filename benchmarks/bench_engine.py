@@ -147,12 +147,14 @@ def bench_train(args, results, ceil):
                              lora=LoraSpec(r=16, lora_alpha=32, target_modules="all-linear"),
                              micro_batch_size=mb, grad_accum=1, max_steps=10_000, learning_rate=1e-5)
             trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
-        # warm-up: every job's layout is captured on its (CAPTURE_AFTER + 1)-th step (train_graphs.py)
+        # warm-up: every job's layout is captured on its (CAPTURE_AFTER + 1)-th step (train_graphs.py).
+        # Peak memory counts from here: a replay allocates nothing (its activations live in the
+        # graph's pool, allocated during the capture), so the capture must be inside the window.
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for _ in range((CAPTURE_AFTER + 1) * n_jobs + 1):
             eng.step()
         sync(args.device)
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         steps = args.train_steps
         tokens0 = trainer.scheduled_tokens
         t0 = time.perf_counter()
@@ -167,8 +169,10 @@ def bench_train(args, results, ceil):
         attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token
         flops = tokens * (4 * n_params + attn)
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
         row = {"section": "train", "adapters": n_jobs, "graphs": not args.no_train_graphs, "tok_per_s": tokens / dt, "mfu": flops / dt / 1e12 / ceil["bf16_TFLOPs"],
-               "peak_GiB": peak, "kv_pool_GiB": eng.kv.pool.numel() * eng.kv.pool.element_size() / 2**30}
+               "peak_GiB": peak, "peak_reserved_GiB": reserved,
+               "kv_pool_GiB": eng.kv.pool.numel() * eng.kv.pool.element_size() / 2**30}
         results.append(row)
         print(row, flush=True)
         for j in list(trainer.jobs.values()):
@@ -264,7 +268,9 @@ def bench_peft(args, results, prompts, o_lens):
     sync(args.device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    row = {"section": "peft_train", "adapters": 1, "tok_per_s": args.train_steps * 4 * args.train_seq / dt, "peak_GiB": peak}
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
+    row = {"section": "peft_train", "adapters": 1, "tok_per_s": args.train_steps * 4 * args.train_seq / dt, "peak_GiB": peak,
+           "peak_reserved_GiB": reserved}
     results.append(row)
     print(row, flush=True)
 

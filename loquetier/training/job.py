@@ -80,8 +80,11 @@ class TrainingJob:
         self.masters = self.params
         if self.params and self.params[0].dtype != torch.float32:
             self._init_masters()
+        # the fused kernel needs each grad laid out like its parameter; an fp32 engine steps the slot
+        # table's views, which are strided when the rank is below max_lora_rank (grads come contiguous)
+        fused = engine.device.type == "cuda" and all(m.is_contiguous() for m in self.masters)
         self.optimizer = torch.optim.AdamW(self.masters, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
-                                           weight_decay=spec.weight_decay, fused=engine.device.type == "cuda")
+                                           weight_decay=spec.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
         self.dropout_gen = torch.Generator(device=engine.device).manual_seed(spec.seed)
         self.status = JobStatus.RUNNING
