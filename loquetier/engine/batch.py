@@ -71,8 +71,10 @@ class HostBatch:
     sizes: list[int]
     loss_segments: list[LossSegment]
     scheduled: list[ScheduledSeq]
-    seg_cu: np.ndarray
+    seg_cu: np.ndarray              # one segment per loss example and per scheduled sequence
     seg_slot: np.ndarray
+    lora_seg_cu: np.ndarray         # SMLM's segments: the same, adjacent inference rows of one slot merged
+    lora_seg_slot: np.ndarray
     num_train_segments: int
     num_prefills: int
     num_decodes: int
@@ -93,19 +95,20 @@ class HostBatch:
         if flat is None:
             flat = torch.from_numpy(self.flat)
             flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
-        (input_ids_t, positions_t, seg_cu_t, seg_slot_t, token_slot_t, slot_mapping_t, tables_t,
+        (input_ids_t, positions_t, lora_cu_t, lora_slot_t, token_slot_t, slot_mapping_t, tables_t,
          context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t) = torch.split(flat, self.sizes)
         scheduled, n_loss_segs = self.scheduled, len(self.loss_segments)
         seg_cu, seg_lens = self.seg_cu, np.diff(self.seg_cu)
+        lora_cu = self.lora_seg_cu
         num_loss = int(seg_cu[n_loss_segs])
         num_train = int(seg_cu[self.num_train_segments])
         n_pre = self.num_prefills
         tables_t = tables_t.view(len(scheduled), -1).to(torch.int32) if scheduled else None
         lora = None
         if (self.seg_slot >= 0).any():
-            lora = LoraBatchMeta(seg_cu=seg_cu_t.to(torch.int32), seg_slot=seg_slot_t.to(torch.int32),
-                                 token_slot=token_slot_t.to(torch.int32), seg_cu_host=seg_cu.tolist(),
-                                 seg_slot_host=self.seg_slot.tolist(), max_seg_len=int(seg_lens.max()),
+            lora = LoraBatchMeta(seg_cu=lora_cu_t.to(torch.int32), seg_slot=lora_slot_t.to(torch.int32),
+                                 token_slot=token_slot_t.to(torch.int32), seg_cu_host=lora_cu.tolist(),
+                                 seg_slot_host=self.lora_seg_slot.tolist(), max_seg_len=int(np.diff(lora_cu).max()),
                                  num_train_tokens=num_train, num_train_segments=self.num_train_segments,
                                  train_dropout=self.train_dropout if num_train else {},
                                  dropout_generators=self.dropout_generators)
@@ -119,7 +122,8 @@ class HostBatch:
             decode_start=num_loss + int(seg_lens[n_loss_segs:n_loss_segs + n_pre].sum()),
             decode_block_tables=tables_t[n_pre:] if self.num_decodes else None,
             decode_context_lens=context_lens_t[n_pre:].to(torch.int32) if self.num_decodes else None,
-            loss_cu_t=seg_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
+            # loss segments are never merged: their boundaries are the prefix of the SMLM ones
+            loss_cu_t=lora_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
             max_loss_len=int(seg_lens[:n_loss_segs].max()) if n_loss_segs else 0,
         )
         ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=int(seg_cu[-1]))
@@ -150,7 +154,9 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     evals = [s for s in loss_segments if not s.train]
     loss_segments = train + evals
     prefills = [s for s in scheduled if s.length > 1]
-    decodes = [s for s in scheduled if s.length == 1]
+    # decode rows sorted by adapter slot: each adapter's rows form one SMLM segment (shared weight tiles,
+    # few segments whatever the batch size)
+    decodes = sorted((s for s in scheduled if s.length == 1), key=lambda s: slot_of[s.seq.adapter])
     scheduled = prefills + decodes
 
     ids_parts = [np.asarray(s.token_ids, dtype=np.int64) for s in loss_segments]
@@ -181,15 +187,24 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
         if loss_segments else np.zeros(0, np.int64)
     loss_seg_ids = np.repeat(np.arange(len(loss_segments)), seg_lens[:len(loss_segments)])
 
+    # SMLM segments: loss examples as they are (training runs and dropout masks follow them); runs of
+    # inference rows with one slot merged, since the attention metadata, not SMLM, tells sequences apart
+    n_loss_segs = len(loss_segments)
+    inf_slot = seg_slot[n_loss_segs:]
+    run_start = np.flatnonzero(np.diff(inf_slot, prepend=np.int64(-2))) if len(inf_slot) else np.zeros(0, np.int64)
+    lora_seg_cu = np.concatenate([seg_cu[:n_loss_segs], seg_cu[n_loss_segs + run_start], seg_cu[-1:]])
+    lora_seg_slot = np.concatenate([seg_slot[:n_loss_segs], inf_slot[run_start]])
+
     # one host->device copy for every integer array of the step
     input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
     positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, np.int64)
     token_slot = np.repeat(seg_slot, seg_lens)
-    parts = [input_ids, positions, seg_cu, seg_slot, token_slot, slot_mapping, tables.reshape(-1),
+    parts = [input_ids, positions, lora_seg_cu, lora_seg_slot, token_slot, slot_mapping, tables.reshape(-1),
              context_lens, sample_rows, loss_targets, loss_seg_ids]
     num_train = int(seg_cu[len(train)])
     return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
-                     scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, num_train_segments=len(train),
+                     scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,
+                     lora_seg_slot=lora_seg_slot, num_train_segments=len(train),
                      num_prefills=len(prefills), num_decodes=len(decodes), context_lens=context_lens,
                      num_sampled=len(sample_rows), train_dropout=train_dropout if num_train else {},
                      dropout_generators=dropout_generators or {})

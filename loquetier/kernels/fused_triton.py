@@ -306,7 +306,7 @@ def _silu_and_mul_lora_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slo
     tl.store(y_ptr + row * inter + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _silu_and_mul_lora_segment_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
                                       inter, num_segments, stride_x, stride_v, stride_vl, stride_bl, stride_bn,
                                       stride_sl, rank, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -100,7 +100,7 @@ def _segment_grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
 # --------------------------------------------------------------------------- shrink
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _shrink_segment_kernel(
     x_ptr, a_ptr, out_ptr, seg_cu_ptr, seg_slot_ptr,
     d_in, num_rows, num_segments, k_per_split,  # num_rows = S*R
@@ -172,7 +172,7 @@ def _shrink_gather_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _sum_splits_kernel(
     part_ptr, v_ptr, num_tokens, num_rows, stride_vm,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -273,7 +273,7 @@ def _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4):
     return s, tile0, o_lo, o_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _expand_segment_kernel(
     y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
     rank, num_segments,

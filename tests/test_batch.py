@@ -1,0 +1,43 @@
+"""The mixed batch's layout: loss examples first, then prefills, then decode rows sorted by adapter
+slot; SMLM segments keep every loss example apart and merge runs of inference rows of one slot."""
+
+import numpy as np
+import torch
+
+from loquetier.engine.batch import LossSegment, ScheduledSeq, plan_mixed_batch
+from loquetier.engine.sequence import Sequence
+from loquetier.sampling_params import SamplingParams
+
+
+def _seq(n_prompt: int, adapter, rid: str) -> Sequence:
+    seq = Sequence(list(range(3, 3 + n_prompt)), SamplingParams(max_tokens=4), adapter, rid)
+    seq.block_table = [int(rid[1:]) + 1]
+    return seq
+
+
+def test_lora_segments_merge_inference_runs_and_keep_loss_examples():
+    slot_of = {None: -1, "a": 0, "b": 1}
+    loss = [LossSegment([5, 6, 7], [6, 7, -100], "a", True), LossSegment([8, 9], [9, -100], "a", True)]
+    prefill = ScheduledSeq(_seq(5, "b", "s0"), 0, 5)
+    decode_adapters = ["b", "a", None, "b", "a", "b"]
+    decodes = [ScheduledSeq(_seq(3, a, f"s{i + 1}"), 2, 1) for i, a in enumerate(decode_adapters)]
+    host = plan_mixed_batch(loss, [decodes[0], prefill] + decodes[1:], slot_of, block_size=16, train_dropout={0: 0.0})
+
+    # per-sequence layout: 2 loss examples, the prefill, then decodes ordered by slot (base first)
+    assert host.seg_cu.tolist() == [0, 3, 5, 10, 11, 12, 13, 14, 15, 16]
+    assert host.seg_slot.tolist() == [0, 0, 1, -1, 0, 0, 1, 1, 1]
+    assert [s.seq.adapter for s in host.scheduled] == ["b", None, "a", "a", "b", "b", "b"]
+    # SMLM: loss examples apart (same slot, still two segments), the prefill and the slot runs merged
+    assert host.lora_seg_cu.tolist() == [0, 3, 5, 10, 11, 13, 16]
+    assert host.lora_seg_slot.tolist() == [0, 0, 1, -1, 0, 1]
+
+    batch = host.to_device(torch.device("cpu"))
+    meta = batch.ctx.lora
+    assert meta.seg_cu.tolist() == host.lora_seg_cu.tolist() and meta.seg_slot.tolist() == [0, 0, 1, -1, 0, 1]
+    assert meta.max_seg_len == 5 and meta.num_train_tokens == 5 and meta.num_train_segments == 2
+    assert meta.token_slot.tolist() == np.repeat(host.seg_slot, np.diff(host.seg_cu)).tolist()
+    assert batch.ctx.attn.loss_cu == [0, 3, 5] and batch.ctx.attn.loss_cu_t.tolist() == [0, 3, 5]
+    assert batch.ctx.attn.prefill_cu == [5, 10] and batch.ctx.attn.decode_start == 10
+    # the sampled rows follow the new order: the prefill's last token, then every decode row
+    assert batch.sample_rows.tolist() == [9, 10, 11, 12, 13, 14, 15]
+    assert batch.sample_seqs == [s.seq for s in host.scheduled]
