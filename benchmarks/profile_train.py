@@ -86,12 +86,14 @@ if args.cprofile:
     stats = pstats.Stats(prof_py)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(40)
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     eng.step()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
-kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+# kernels only: a CPU op's entry also carries the device time of the kernels it launched
+kernel_ms = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
 print(f"profiled step: GPU kernel time {kernel_ms:.1f} ms (if far under the step time, the step is host-bound)")
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
 print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))

@@ -140,34 +140,51 @@ def test_expand_matches_reference_and_touches_only_its_columns(name, path):
     assert big[:, :5].isnan().all() and big[:, 5 + d_out:].isnan().all()
 
 
-def test_smlm_backward_matches_autograd():
+def test_smlm_training_backward_matches_per_token_autograd():
+    """The SMLM autograd node (the engine's training path): dx and the trainable A/B views' grads,
+    slot 1 in two separate runs (summed), a base-only segment, slot 2 of a smaller rank."""
+    from loquetier.kernels.smlm import LoraBatchMeta, TrainParamRef, smlm
     torch.manual_seed(0)
     num_slices, rank, d_in, offsets = 3, 8, 40, (0, 24, 32, 40)
-    lengths, slots = [7, 5, 1, 9], [1, -1, 2, 1]  # slot 1 twice: its grads are summed
-    seg_cu, _, token_slot, _ = make_segments(lengths, slots)
-    x = torch.randn(sum(lengths), d_in, device=DEVICE)
-    dy = torch.randn(sum(lengths), offsets[-1], device=DEVICE)
-    a, b, scaling = make_lora(3, num_slices, rank, d_in, offsets)
+    lengths, slots = [7, 5, 1, 9], [1, -1, 2, 1]
+    ranks = {1: 8, 2: 5}
+    seg_cu, seg_slot, token_slot, max_len = make_segments(lengths, slots, device="cpu")
+    x = torch.randn(sum(lengths), d_in)
+    dy = torch.randn(sum(lengths), offsets[-1])
+    a, b, scaling = make_lora(3, num_slices, rank, d_in, offsets, device="cpu", ranks=[8, 8, 5])
 
-    xg, ag, bg = x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
-    y = torch.zeros(x.shape[0], offsets[-1], device=DEVICE)
+    # reference: every token through its slot's full (zero-padded) tables, plain autograd
+    ag, bg, xg = a.clone().requires_grad_(), b.clone().requires_grad_(), x.clone().requires_grad_()
+    y = torch.zeros(x.shape[0], offsets[-1])
     for t, slot in enumerate(token_slot.tolist()):
         if slot < 0:
             continue
         v = ag[slot] @ xg[t]
-        for s in range(num_slices):
-            lo, hi = offsets[s], offsets[s + 1]
-            y[t, lo:hi] += scaling[slot, s] * (bg[slot, lo:hi] @ v[s * rank:(s + 1) * rank])
+        for sl in range(num_slices):
+            lo, hi = offsets[sl], offsets[sl + 1]
+            y[t, lo:hi] += scaling[slot, sl] * (bg[slot, lo:hi] @ v[sl * rank:(sl + 1) * rank])
     (y * dy).sum().backward()
 
-    v = shrink_ref(x, a, token_slot)
-    dx, grads = smlm_triton.smlm_backward(x, v, dy, a, b, scaling, offsets, seg_cu.tolist(), slots)
-    torch.testing.assert_close(dx, xg.grad, rtol=1e-5, atol=1e-5)
-    assert sorted(grads) == [1, 2]
-    for slot, (da, db) in grads.items():
-        assert da.dtype == db.dtype == torch.float32
-        torch.testing.assert_close(da, ag.grad[slot], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(db, bg.grad[slot], rtol=1e-5, atol=1e-5)
+    # ours: trainable parameters are views of the slot tables, as `VirtualLoraLinear.make_trainable` makes them
+    refs, params = [], []
+    for slot, r in ranks.items():
+        for sl in range(num_slices):
+            lo, hi = offsets[sl], offsets[sl + 1]
+            refs += [TrainParamRef(slot, sl, "A", r), TrainParamRef(slot, sl, "B", r)]
+            params += [torch.nn.Parameter(a[slot, sl * rank:sl * rank + r]), torch.nn.Parameter(b[slot, lo:hi, :r])]
+    meta = LoraBatchMeta(seg_cu=seg_cu, seg_slot=seg_slot, token_slot=token_slot, seg_cu_host=seg_cu.tolist(),
+                         seg_slot_host=slots, max_seg_len=max_len, num_train_tokens=sum(lengths),
+                         num_train_segments=len(lengths), train_dropout={1: 0.0, 2: 0.0})
+    xo = x.clone().requires_grad_()
+    out = smlm(xo, torch.zeros(x.shape[0], offsets[-1]), a, b, scaling, offsets, meta, tuple(refs), tuple(params))
+    torch.testing.assert_close(out, y.detach(), rtol=1e-5, atol=1e-5)
+    (out * dy).sum().backward()
+    torch.testing.assert_close(xo.grad, xg.grad, rtol=1e-5, atol=1e-5)
+    for ref, param in zip(refs, params):
+        lo, hi = offsets[ref.slice], offsets[ref.slice + 1]
+        want = (ag.grad[ref.slot, ref.slice * rank:ref.slice * rank + ref.rank] if ref.kind == "A"
+                else bg.grad[ref.slot, lo:hi, :ref.rank])
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- attention (interpreter-sized)

@@ -19,7 +19,7 @@ some segment is longer than one token (reads seg_cu/seg_slot), and a per-token g
 every segment is one token (reads token_slot). Segments only mean "a run of tokens with one slot":
 an engine that orders decode tokens by adapter and gives each run one segment lets its decode
 tokens share weight tiles (the segment path), which beats the gather path from about 32 tokens.
-The backward for training segments is plain torch (``smlm_backward``): few, large matmuls.
+The backward for training segments is plain torch (``smlm._SMLMFunction``): few, large matmuls.
 """
 
 from __future__ import annotations
@@ -401,53 +401,3 @@ def expand_(
             num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES,
         )
     return y
-
-
-# --------------------------------------------------------------------------- backward
-
-
-def smlm_backward(
-    x_train: torch.Tensor,
-    v_train: torch.Tensor,
-    dy_train: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: torch.Tensor,
-    slice_offsets: tuple[int, ...],
-    seg_cu_train: list[int],
-    seg_slot_train: list[int],
-) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """LoRA part of the backward for training segments (plain torch, fp32).
-
-    Returns dx_train [n, d_in] in x_train.dtype (LoRA contribution only; rows of slot -1 are 0)
-    and {slot: (dA [S*R, d_in], dB [d_out_total, R])} in fp32, summed over that slot's segments,
-    with scaling[slot, s] already applied.
-    """
-    num_slices = len(slice_offsets) - 1
-    rank = lora_b.shape[2]
-    dx = torch.zeros(x_train.shape, dtype=torch.float32, device=x_train.device)
-    grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    scales = scaling.detach().float()  # stays on device: no host sync in the backward
-    for g, slot in enumerate(seg_slot_train):
-        lo, hi = seg_cu_train[g], seg_cu_train[g + 1]
-        if slot < 0 or hi <= lo:
-            continue
-        x = x_train[lo:hi].float()  # [n, d_in]
-        v = v_train[lo:hi].float()  # [n, S*R]
-        dy = dy_train[lo:hi].float()  # [n, d_out_total]
-        b = lora_b[slot].float()  # [d_out_total, R]
-        dv = torch.empty_like(v)
-        db = torch.empty_like(b)
-        for s in range(num_slices):
-            o_lo, o_hi, scale = slice_offsets[s], slice_offsets[s + 1], scales[slot, s]
-            r = slice(s * rank, (s + 1) * rank)
-            dv[:, r] = scale * (dy[:, o_lo:o_hi] @ b[o_lo:o_hi])  # [n, R]
-            db[o_lo:o_hi] = scale * (dy[:, o_lo:o_hi].t() @ v[:, r])  # [w_s, R]
-        da = dv.t() @ x  # [S*R, d_in]
-        dx[lo:hi] = dv @ lora_a[slot].float()
-        if slot in grads:
-            grads[slot][0].add_(da)
-            grads[slot][1].add_(db)
-        else:
-            grads[slot] = (da, db)
-    return dx.to(x_train.dtype), grads
