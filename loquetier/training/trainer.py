@@ -127,12 +127,10 @@ class Trainer:
 
     def on_grads(self, segments, sums: torch.Tensor, counts: torch.Tensor, grads) -> None:
         """A step planned by `grad_plan`: hand each job its loss and its parameters' gradients."""
-        per_job: dict[TrainingJob, list[int]] = {}
-        for i, seg in enumerate(segments):
-            per_job.setdefault(seg.owner, []).append(i)
+        per_job, _ = _by_job(segments)
         offset = 0
         for job, idx in per_job.items():
-            loss = job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
+            loss = _micro_loss(job, idx, segments, sums)
             n = len(job.params)
             try:
                 job.add_grads(grads[offset:offset + n])
@@ -146,18 +144,12 @@ class Trainer:
             job.fail(message)
 
     def on_losses(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        per_job: dict[TrainingJob, list[int]] = {}
-        evals: dict[TrainingJob, list[int]] = {}
-        for i, seg in enumerate(segments):
-            if isinstance(seg.owner, TrainingJob):   # segments a caller passed to step() itself are theirs
-                (per_job if seg.train else evals).setdefault(seg.owner, []).append(i)
+        per_job, evals = _by_job(segments)
         for job, idx in evals.items():
             job.eval_loss(float(sum(sums[i] for i in idx)), sum(segments[i].num_targets for i in idx))
         if not per_job:
             return
-        # plain indexing and host-side token counts: no index tensors copied to the device here
-        losses = {job: job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
-                  for job, idx in per_job.items()}
+        losses = {job: _micro_loss(job, idx, segments, sums) for job, idx in per_job.items()}
         total = sum(losses.values())
         try:
             total.backward()
@@ -170,3 +162,18 @@ class Trainer:
                 job.after_backward(loss.detach())
             except LoquetierError as e:
                 job.fail(str(e))
+
+
+def _by_job(segments) -> tuple[dict[TrainingJob, list[int]], dict[TrainingJob, list[int]]]:
+    """Indices of each job's training and evaluation segments (a caller's own segments are left out)."""
+    train: dict[TrainingJob, list[int]] = {}
+    evals: dict[TrainingJob, list[int]] = {}
+    for i, seg in enumerate(segments):
+        if isinstance(seg.owner, TrainingJob):
+            (train if seg.train else evals).setdefault(seg.owner, []).append(i)
+    return train, evals
+
+
+def _micro_loss(job: TrainingJob, idx: list[int], segments, sums: torch.Tensor) -> torch.Tensor:
+    # plain indexing and host-side token counts: no index tensors copied to the device here
+    return job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
