@@ -65,35 +65,53 @@ def adapter_bytes(engine, r=16) -> int:
 
 
 def bench_decode(args, llm, names, ceil, results):
+    """Decode steps at a fixed batch. `step_ms` is the steady-state step: wall time of
+    `--decode-steps` consecutive `Engine.step()` calls (a device sync before and after, none between,
+    so asynchronous scheduling can overlap the host's work with the GPU) over their number. The
+    same steps with asynchronous scheduling off run in the same process for the A/B."""
     eng = llm.engine
     a = eng.args
     kv_per_token = a.num_layers * 2 * a.kv_size * 2
     wbytes = param_bytes(eng.model)
     rng = np.random.default_rng(0)
+    modes = [True, False] if not args.no_async_ab else [True]
     for batch in args.batches:
         for n_ad in (0, 1, 4):
-            adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
-            for ad in adapters:
-                eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
-                                SamplingParams(max_tokens=args.decode_steps + 8,
-                                               temperature=0, ignore_eos=True), ad)
-            while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-                eng.step()
-            times = []
-            for _ in range(args.decode_steps):
+            for asynchronous in modes:
+                eng.config.async_scheduling = asynchronous
+                adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
+                for ad in adapters:
+                    eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
+                                    SamplingParams(max_tokens=2 * args.decode_steps + 8,
+                                                   temperature=0, ignore_eos=True), ad)
+                while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
+                    eng.step()
+                for _ in range(3):   # settle into decode-only steps
+                    eng.step()
                 sync(args.device)
                 t0 = time.perf_counter()
-                eng.step()
+                for _ in range(args.decode_steps):
+                    eng.step()
                 sync(args.device)
-                times.append(time.perf_counter() - t0)
-            for rid in list(eng.requests):
-                eng.abort(rid)
-            step = statistics.median(times)
-            moved = wbytes + n_ad * adapter_bytes(eng) + batch * (args.context + args.decode_steps // 2) * kv_per_token
-            row = {"section": "decode", "batch": batch, "adapters": n_ad, "step_ms": step * 1e3,
-                   "tok_per_s": batch / step, "bw_util": moved / step / 1e9 / ceil["bandwidth_GBps"]}
-            results.append(row)
-            print(row, flush=True)
+                step = (time.perf_counter() - t0) / args.decode_steps
+                synced = []          # the same steps, each one waited for (host work not overlapped)
+                for _ in range(args.decode_steps):
+                    t1 = time.perf_counter()
+                    eng.step()
+                    sync(args.device)
+                    synced.append(time.perf_counter() - t1)
+                for rid in list(eng.requests):
+                    eng.abort(rid)
+                while eng.has_unfinished():
+                    eng.step()
+                moved = (wbytes + n_ad * adapter_bytes(eng)
+                         + batch * (args.context + args.decode_steps) * kv_per_token)
+                row = {"section": "decode", "batch": batch, "adapters": n_ad, "async": asynchronous,
+                       "step_ms": step * 1e3, "step_ms_synced": statistics.median(synced) * 1e3,
+                       "tok_per_s": batch / step, "bw_util": moved / step / 1e9 / ceil["bandwidth_GBps"]}
+                results.append(row)
+                print(row, flush=True)
+    eng.config.async_scheduling = True
 
 
 def bench_e2e(args, llm, names, results):
@@ -297,6 +315,8 @@ def main():
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
+    ap.add_argument("--no-async-ab", action="store_true",
+                    help="decode: measure with asynchronous scheduling only (no run with it off)")
     ap.add_argument("--kv-gib", type=float, default=24)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")
@@ -332,7 +352,7 @@ def main():
             prompts = [rng.integers(10, 1000, p).tolist() for p in p_l]
         bench_peft(args, results, prompts, o_lens)
     write_json(args.out, {"info": info, "results": results})
-    print(table(results, ["section", "batch", "adapters", "step_ms", "tok_per_s", "bw_util", "mfu", "peak_GiB",
+    print(table(results, ["section", "batch", "adapters", "async", "step_ms", "step_ms_synced", "tok_per_s", "bw_util", "mfu", "peak_GiB",
                           "requests", "gen_tokens", "seconds"]))
 
 

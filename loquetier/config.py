@@ -69,6 +69,9 @@ class EngineConfig:
     cuda_graphs: bool = True         # decode-only steps replay captured graphs (CUDA only)
     train_cuda_graphs: bool = True   # training-only steps whose layout repeats replay a graph (CUDA only)
     max_graph_batch: int = 256
+    # launch each inference-only step before reading the previous step's tokens on the host, so host
+    # work overlaps the GPU (vLLM's async scheduling); outputs and stop checks trail by one step
+    async_scheduling: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -34,7 +34,7 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
     assert len(sched.scheduled) == batch and all(s.length == 1 for s in sched.scheduled)
     slot_of = {None: -1, **eng.adapters.activate({a for a in adapters if a})}
     graphs = DecodeGraphs(eng.model, eng.kv.scratch_block, eng.kv.block_size, -(-eng.max_model_len // eng.kv.block_size),
-                          64, eng.device, max_segments=4 + 2)
+                          64, eng.device, max_segments=4 + 2, resolve_ids=eng.runner.resolve_ids)
     seqs, arrays = eng.runner.decode_metadata(sched.scheduled, slot_of, eng.kv.block_size)
     assert [slot_of[s.adapter] for s in seqs] == sorted(slot_of[s.adapter] for s in seqs)
     layers = [vl for table in eng.adapters.layers for vl in set(table.values())]

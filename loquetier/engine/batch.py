@@ -58,6 +58,7 @@ class MixedBatch:
     sample_rows: torch.Tensor | None   # int64 [num_sampled]: rows whose next-token logits are sampled
     sample_seqs: list[Sequence] = field(default_factory=list)
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    has_placeholders: bool = False     # input ids name tokens the previous step sampled (Sequence)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class HostBatch:
     num_sampled: int
     train_dropout: dict[int, float]
     dropout_generators: dict
+    has_placeholders: bool = False
 
     @property
     def layout_key(self) -> tuple:
@@ -132,7 +134,8 @@ class HostBatch:
             loss_targets=loss_targets_t if n_loss_segs else None,
             loss_seg_ids=loss_seg_ids_t if n_loss_segs else None,
             sample_rows=sample_rows_t if self.num_sampled else None,
-            sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled)
+            sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled,
+            has_placeholders=self.has_placeholders)
 
 
 def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
@@ -207,4 +210,5 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
                      lora_seg_slot=lora_seg_slot, num_train_segments=len(train),
                      num_prefills=len(prefills), num_decodes=len(decodes), context_lens=context_lens,
                      num_sampled=len(sample_rows), train_dropout=train_dropout if num_train else {},
-                     dropout_generators=dropout_generators or {})
+                     dropout_generators=dropout_generators or {},
+                     has_placeholders=bool(scheduled) and bool((input_ids[num_loss:] < 0).any()))

@@ -28,8 +28,9 @@ class DecodeGraphs:
     """Captured decode forwards (with and without the LoRA path) keyed by padded batch size."""
 
     def __init__(self, model, scratch_block: int, block_size: int, max_blocks_per_seq: int,
-                 max_batch: int, device: torch.device, max_segments: int):
+                 max_batch: int, device: torch.device, max_segments: int, resolve_ids=None):
         self.model, self.device = model, device
+        self.resolve_ids = resolve_ids   # placeholder input ids -> the last step's tokens (ModelRunner)
         self.max_segments = max_segments
         self.scratch_block, self.block_size, self.max_blocks = scratch_block, block_size, max_blocks_per_seq
         self.buckets = [b for b in BUCKETS if b <= max_batch]
@@ -46,6 +47,8 @@ class DecodeGraphs:
 
     def _forward(self, flat: torch.Tensor, bucket: int, with_lora: bool) -> torch.Tensor:
         ids, pos, slot_map, token_slot, ctx_lens, seg_cu, seg_slot, tables = torch.split(flat, self._fields(bucket))
+        if self.resolve_ids is not None:
+            ids = self.resolve_ids(ids)
         lora = None
         if with_lora:
             segmented = bucket >= SEGMENT_MIN_BATCH

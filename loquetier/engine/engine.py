@@ -22,6 +22,7 @@ from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
+from .sampler import HostTokens
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus, TokenLogprob
 from .stats import EngineStats
@@ -42,6 +43,20 @@ class RequestOutput:
     adapter: str | None = None
     metrics: dict = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass
+class _InFlight:
+    """A step's sampled tokens on their way to the host, and where each belongs."""
+
+    seqs: list[Sequence]
+    index: list[int]       # position of each row's placeholder in its seq.output_token_ids
+    host: HostTokens
+
+
+def _drop_placeholders(seq: Sequence) -> None:
+    while seq.output_token_ids and seq.output_token_ids[-1] < 0:
+        seq.output_token_ids.pop()
 
 
 class StepParticipant(Protocol):
@@ -76,7 +91,7 @@ class Engine:
         self.adapters = AdapterManager(self.model, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
         self.scheduler.ensure_adapter = self.ensure_adapter
-        self.runner = ModelRunner(self.model)
+        self.runner = ModelRunner(self.model, config.scheduler.max_num_seqs)
         if device.type == "cuda":
             try:
                 self.runner.warm_up_lora_kernels()
@@ -93,6 +108,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.requests: dict[str, Sequence] = {}
+        self._in_flight: _InFlight | None = None   # a launched step whose tokens the host has not read
         self.adapter_paths: dict[str, tuple[Path, str | None]] = {}  # re-loadable adapters
         self.participant: StepParticipant | None = None
         self._ids = itertools.count()
@@ -177,16 +193,24 @@ class Engine:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
             seq.finish_time = time.monotonic()
+            _drop_placeholders(seq)   # a step in flight may still compute its row: it is dropped
             self.scheduler.free(seq)
             self.stats.on_finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        live = self._in_flight is not None and any(not s.is_finished for s in self._in_flight.seqs)
+        return self.scheduler.has_work() or live
 
     # ------------------------------------------------------------------ the step
     def step(self, loss_segments: list[LossSegment] | None = None, keep_logits: bool = False
              ) -> list[RequestOutput]:
-        """One scheduling round and one forward over the mixed batch."""
+        """One scheduling round and one forward over the mixed batch.
+
+        Asynchronous scheduling (inference-only steps, `EngineConfig.async_scheduling`): the step is
+        launched before the previous step's tokens are read on the host. Its inputs take those tokens
+        on the device (placeholders, see `Sequence`), and the host's bookkeeping of the previous step
+        (stop checks, outputs) overlaps this step's GPU work. So outputs come back one step later,
+        and a request that stopped on a token runs one extra row, which is dropped."""
         t0 = time.perf_counter()
         sched: SchedulerOutput = self.scheduler.schedule()
         failed = [self._fail(seq) for seq in sched.failed]
@@ -196,7 +220,16 @@ class Engine:
             if allowed > 0 or not sched.scheduled:
                 segments += self.participant.next_segments(allowed, sched.num_inference_tokens)
         if not sched.scheduled and not segments:
-            return failed
+            return failed + self._drain()
+        asynchronous = (self.config.async_scheduling and not segments and not keep_logits
+                        and not any(s.seq.params.has_penalties for s in sched.scheduled))
+        outputs = []
+        if not asynchronous and self._in_flight is not None:
+            # this step reads tokens on the host (penalties, training, logits): settle the last one first
+            outputs = self._drain()
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
+            if not sched.scheduled and not segments:
+                return failed + outputs
         names = {s.seq.adapter for s in sched.scheduled} | {s.adapter for s in segments}
         names.discard(None)
         for name in names:
@@ -220,7 +253,7 @@ class Engine:
                     result = self.runner.execute_train(host, *plan, self.device)
                 except RuntimeError as e:   # e.g. out of memory: these jobs fail, the engine serves on
                     self.participant.on_step_failed(segments, f"training step failed: {e}")
-                    return failed
+                    return failed + outputs
             else:
                 if train_dropout and scheduled:   # eager activations beside a graph pool: drop the graphs
                     self.runner.drop_train_graphs()
@@ -230,7 +263,12 @@ class Engine:
         self.last_result, self.last_sample_seqs = result, sample_seqs   # for tests and debugging
         for s in scheduled:
             s.seq.num_computed_tokens += s.length
-        outputs = self._advance(sample_seqs, result)
+        launched = self._launched(sample_seqs, result)
+        outputs += self._drain()            # the previous step's tokens, while this one runs
+        if asynchronous:
+            self._in_flight = launched
+        elif launched is not None:
+            outputs += self._settle(launched)
         if segments and self.participant is not None:
             if result.grads is not None:
                 self.participant.on_grads(segments, result.loss_sums, result.loss_counts, result.grads)
@@ -245,40 +283,68 @@ class Engine:
             observer(info)
         return failed + outputs
 
-    def _fail(self, seq: Sequence) -> RequestOutput:
-        """End a request the scheduler could not admit; its output carries the reason."""
-        seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, "abort", time.monotonic()
-        self.requests.pop(seq.request_id, None)
-        self.stats.on_finish(seq)
-        return self._output(seq)
+    def _launched(self, seqs: list[Sequence], result: StepResult) -> _InFlight | None:
+        """Start the copy of the step's tokens to the host and give each sequence a placeholder."""
+        if result.sampled is None:
+            return None
+        self.runner.publish(result.sampled)
+        index = []
+        for row, seq in enumerate(seqs):
+            index.append(len(seq.output_token_ids))
+            seq.output_token_ids.append(-1 - row)
+            seq.final_in_flight = self._reaches_length(seq, len(seq.output_token_ids))
+        return _InFlight(seqs, index, result.sampled.to_host())
 
-    def _advance(self, seqs: list[Sequence], result: StepResult) -> list[RequestOutput]:
+    def _drain(self) -> list[RequestOutput]:
+        """Settle the step still in flight, if any."""
+        in_flight, self._in_flight = self._in_flight, None
+        return [] if in_flight is None else self._settle(in_flight)
+
+    def _settle(self, step: _InFlight) -> list[RequestOutput]:
+        """Write a step's tokens into its sequences, check stops, free what finished."""
+        tokens, logprobs = step.host.wait()
         outputs = []
         now = time.monotonic()
-        for seq, token, lp in zip(seqs, result.tokens, result.logprobs):
-            seq.output_token_ids.append(token)
+        for seq, index, token, lp in zip(step.seqs, step.index, tokens, logprobs):
+            if seq.is_finished:   # aborted, or stopped by its previous token: this row is dropped
+                continue
+            seq.output_token_ids[index] = token
             if lp is not None:
                 seq.output_logprobs.append(lp)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._check_stop(seq, token)
+            self._check_stop(seq, index + 1)
             if seq.is_finished:
+                del seq.output_token_ids[index + 1:]   # a placeholder of the step now running
                 seq.finish_time = now
                 self.scheduler.free(seq)
                 self.requests.pop(seq.request_id, None)
                 self.stats.on_finish(seq)
-            outputs.append(self._output(seq))
+            outputs.append(self._output(seq, index + 1))
         return outputs
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _reaches_length(self, seq: Sequence, num_output: int) -> bool:
+        return num_output >= seq.params.max_tokens or len(seq.prompt_token_ids) + num_output >= self.max_model_len
+
+    def _fail(self, seq: Sequence) -> RequestOutput:
+        """End a request the scheduler could not admit; its output carries the reason."""
+        seq.status, seq.finish_reason, seq.finish_time = SequenceStatus.FINISHED, "abort", time.monotonic()
+        _drop_placeholders(seq)
+        self.requests.pop(seq.request_id, None)
+        self.stats.on_finish(seq)
+        return self._output(seq)
+
+    def _check_stop(self, seq: Sequence, num_output: int) -> None:
+        """Stop conditions after the first `num_output` output tokens (later ones may be in flight)."""
         p = seq.params
+        token = seq.output_token_ids[num_output - 1]
         reason = None
         if not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason = "stop"
         if p.stop and self.tokenizer is not None and reason is None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode(seq.output_token_ids[:num_output], skip_special_tokens=True)
             # only look where a new match can start: the tail that this token may have completed
             start = max(0, len(seq.text) - max(len(s) for s in p.stop))
             hits = [i for s in p.stop if (i := text.find(s, start)) >= 0]
@@ -286,7 +352,7 @@ class Engine:
             if hits:
                 seq.stop_text_len = min(hits)
                 reason = "stop"
-        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and self._reaches_length(seq, num_output):
             reason = "length"
         if reason is not None:
             seq.status = SequenceStatus.FINISHED
@@ -300,12 +366,13 @@ class Engine:
             text = text[:seq.stop_text_len]
         return text
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, num_output: int | None = None) -> RequestOutput:
+        """What the caller sees; `num_output` leaves out tokens still in flight."""
         finished = seq.is_finished
         metrics = {"arrival_time": seq.arrival_time, "first_scheduled_time": seq.first_scheduled_time,
                    "first_token_time": seq.first_token_time, "finish_time": seq.finish_time,
                    "num_preemptions": seq.num_preemptions}
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids),
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:num_output],
                              self.detokenize(seq) if finished else "", finished, seq.finish_reason,
                              list(seq.output_logprobs) if seq.params.logprobs is not None else None,
                              seq.adapter, metrics, seq.error)

@@ -15,14 +15,12 @@ from ..models.llama import LlamaModel
 from .batch import IGNORE_INDEX, HostBatch, MixedBatch, ScheduledSeq
 from .cuda_graphs import DecodeGraphs
 from .train_graphs import TrainGraphs
-from .sampler import Sampler
-from .sequence import TokenLogprob
+from .sampler import SampledTokens, Sampler
 
 
 @dataclass
 class StepResult:
-    tokens: list[int]                        # one per batch.sample_seqs
-    logprobs: list[TokenLogprob | None]
+    sampled: SampledTokens | None            # one row per sampled sequence, still on the device
     loss_sums: torch.Tensor | None           # [num_loss_segments] summed token CE (graph for train rows)
     loss_counts: torch.Tensor | None         # [num_loss_segments] number of target tokens
     logits: torch.Tensor | None = None       # [num_sampled, V] when asked (tests)
@@ -30,9 +28,13 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: LlamaModel, max_sampled_rows: int):
         self.model = model
         self.sampler = Sampler()
+        device = next(model.parameters()).device
+        # the last step's sampled tokens, where the next step's placeholder input ids are read
+        # (asynchronous scheduling: see Sequence); a fixed buffer, since decode graphs capture it
+        self.last_tokens = torch.zeros(max_sampled_rows, dtype=torch.int64, device=device)
         self.graphs: DecodeGraphs | None = None
         self.train_graphs: TrainGraphs | None = None
 
@@ -64,7 +66,7 @@ class ModelRunner:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""
         max_blocks = -(-max_model_len // kv.block_size)
         graphs = DecodeGraphs(self.model, kv.scratch_block, kv.block_size, max_blocks, max_batch, kv.pool.device,
-                              max_segments=num_slots + 2)
+                              max_segments=num_slots + 2, resolve_ids=self.resolve_ids)
         try:
             graphs.capture()
         except Exception as e:  # a driver/compiler problem must not stop the engine from serving
@@ -79,6 +81,14 @@ class ModelRunner:
     def drop_train_graphs(self) -> None:
         if self.train_graphs is not None:
             self.train_graphs.clear()
+
+    def resolve_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input ids with placeholders (-(i + 1)) replaced by row i of the last step's tokens."""
+        return torch.where(ids < 0, self.last_tokens[(-1 - ids).clamp_min(0)], ids)
+
+    def publish(self, sampled: SampledTokens) -> None:
+        """Keep this step's tokens on the device for the next step's placeholder inputs."""
+        self.last_tokens[:sampled.tokens.shape[0]].copy_(sampled.tokens)
 
     def can_replay(self, scheduled, has_loss: bool) -> bool:
         return (self.graphs is not None and not has_loss and bool(scheduled)
@@ -106,23 +116,23 @@ class ModelRunner:
         seqs, arrays = self.decode_metadata(scheduled, slot_of, block_size)
         with_lora = bool((arrays[3] >= 0).any())
         logits = self.graphs.run(*arrays, with_lora)
-        tokens, logprobs = self.sampler(logits, seqs)
-        return seqs, StepResult(tokens, logprobs, None, None, None)
+        return seqs, StepResult(self.sampler.sample(logits, seqs), None, None, None)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
         ctx = batch.ctx
         has_train = any(s.train for s in batch.loss_segments)
+        input_ids = self.resolve_ids(batch.input_ids) if batch.has_placeholders else batch.input_ids
         with torch.set_grad_enabled(has_train):
-            hidden = self.model(batch.input_ids, ctx)
+            hidden = self.model(input_ids, ctx)
             loss_sums = loss_counts = None
             if batch.loss_segments:
                 loss_sums, loss_counts = self._segment_losses(hidden[:ctx.attn.num_loss_tokens], batch)
-        tokens, logprobs, logits = [], [], None
+        sampled, logits = None, None
         if batch.sample_rows is not None:
             with torch.no_grad():
                 logits = self.model.compute_logits(hidden.detach().index_select(0, batch.sample_rows))
-                tokens, logprobs = self.sampler(logits, batch.sample_seqs)
-        return StepResult(tokens, logprobs, loss_sums, loss_counts, logits if keep_logits else None)
+                sampled = self.sampler.sample(logits, batch.sample_seqs)
+        return StepResult(sampled, loss_sums, loss_counts, logits if keep_logits else None)
 
     def execute_train(self, host: HostBatch, weights: list[float], params: tuple[torch.Tensor, ...],
                       device: torch.device) -> StepResult:
@@ -135,7 +145,7 @@ class ModelRunner:
             w = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)
             out = self.train_grads(host.to_device(device), w, params)
         sums, counts, grads = out
-        return StepResult([], [], sums, counts, None, grads)
+        return StepResult(None, sums, counts, None, grads)
 
     def train_grads(self, batch: MixedBatch, weights: torch.Tensor, params: tuple[torch.Tensor, ...]):
         """Forward, per-segment losses and d(sum(weights * sums))/d(params) of a training-only batch;

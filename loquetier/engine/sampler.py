@@ -1,10 +1,27 @@
-"""Batched sampling over all sequences of a step: penalties, temperature, top-k/p, min-p, seeds."""
+"""Batched sampling over all sequences of a step: penalties, temperature, top-k/p, min-p, seeds.
+
+`Sampler.sample` only queues device work and returns `SampledTokens`; `SampledTokens.to_host()`
+starts the copies to the host without waiting, and `HostTokens.wait()` waits for them. The engine
+uses the gap to launch its next step before reading this one's tokens (asynchronous scheduling).
+Per-row parameters go to the device by non-blocking copies from pinned memory: a blocking copy
+would wait for every kernel queued before it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .sequence import Sequence, TokenLogprob
+
+
+def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _pad(rows: list[list[int]], fill: int, device) -> torch.Tensor:
@@ -13,13 +30,63 @@ def _pad(rows: list[list[int]], fill: int, device) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r:
             out[i, :len(r)] = torch.as_tensor(r)
-    return out.to(device)
+    return _to_device(out, torch.int64, device)
+
+
+@dataclass
+class HostTokens:
+    """A step's sampled tokens on their way to the host (pinned buffers written by async copies)."""
+
+    tokens: torch.Tensor
+    chosen: torch.Tensor | None
+    top_v: torch.Tensor | None
+    top_i: torch.Tensor | None
+    logprob_counts: list[int | None]   # per row: how many top logprobs it asked for (None: no logprobs)
+    event: torch.cuda.Event | None
+
+    def wait(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        if self.event is not None:
+            self.event.synchronize()
+        token_list = self.tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_list)
+        if self.chosen is not None:
+            chosen, top_v, top_i = self.chosen.tolist(), self.top_v.tolist(), self.top_i.tolist()
+            for i, n in enumerate(self.logprob_counts):
+                if n is not None:
+                    logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+        return token_list, logprobs
+
+
+@dataclass
+class SampledTokens:
+    """A step's sampled tokens (and logprobs when any row asked), still on the device."""
+
+    tokens: torch.Tensor                    # [B] int64
+    chosen: torch.Tensor | None             # [B] logprob of each chosen token
+    top_v: torch.Tensor | None              # [B, k] top logprobs
+    top_i: torch.Tensor | None              # [B, k] their token ids
+    logprob_counts: list[int | None]
+
+    def to_host(self) -> HostTokens:
+        parts = [self.tokens, self.chosen, self.top_v, self.top_i]
+        if self.tokens.device.type != "cuda":
+            return HostTokens(*parts, self.logprob_counts, None)
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in parts]
+        event = torch.cuda.Event()
+        event.record()
+        return HostTokens(*host, self.logprob_counts, event)
 
 
 class Sampler:
     """Turns next-token logits [B, V] into tokens (and logprobs) for B sequences."""
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Sample and wait for the tokens on the host."""
+        return self.sample(logits, seqs).to_host().wait()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """Queue the sampling of one token per row; nothing here waits for the device."""
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device
@@ -33,8 +100,9 @@ class Sampler:
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
             return self._finish(tokens, raw_logprobs, params)
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        row = _to_device([[p.temperature if p.temperature > 0 else 1.0, float(p.greedy)] for p in params],
+                         torch.float32, dev)
+        temps, greedy = row[:, 0], row[:, 1] > 0
         scaled = logits / temps[:, None]
         scaled = self._filter(scaled, params)
         probs = scaled.softmax(-1)
@@ -48,21 +116,14 @@ class Sampler:
         return self._finish(tokens, raw_logprobs, params)
 
     @staticmethod
-    def _finish(tokens, raw_logprobs, params):
-        B = tokens.shape[0]
-        token_list = tokens.tolist()
-
-        logprobs: list[TokenLogprob | None] = [None] * B
-        if raw_logprobs is not None:
-            k = max(p.logprobs or 0 for p in params)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-            top_v, top_i = (raw_logprobs.topk(k, -1) if k else (raw_logprobs[:, :0], raw_logprobs[:, :0].long()))
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for i, p in enumerate(params):
-                if p.logprobs is not None:
-                    n = p.logprobs
-                    logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
-        return token_list, logprobs
+    def _finish(tokens, raw_logprobs, params) -> SampledTokens:
+        counts = [p.logprobs for p in params]
+        if raw_logprobs is None:
+            return SampledTokens(tokens, None, None, None, counts)
+        k = max(p.logprobs or 0 for p in params)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_v, top_i = raw_logprobs.topk(k, -1) if k else (raw_logprobs[:, :0], raw_logprobs[:, :0].long())
+        return SampledTokens(tokens, chosen, top_v, top_i, counts)
 
     @staticmethod
     def _generator(seq: Sequence, device) -> torch.Generator:
@@ -77,9 +138,9 @@ class Sampler:
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         dev = logits.device
         B, V = logits.shape
-        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)
-        pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)
-        freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)
+        row = _to_device([[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty]
+                          for s in seqs], torch.float32, dev)
+        rep, pres, freq = row[:, 0], row[:, 1], row[:, 2]
         out_ids = _pad([s.output_token_ids for s in seqs], V, dev)
         counts = torch.zeros(B, V + 1, device=dev).scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float))[:, :V]
         all_ids = _pad([s.all_token_ids for s in seqs], V, dev)
@@ -101,12 +162,13 @@ class Sampler:
             return logits
         sorted_logits, order = logits.sort(-1, descending=True)
         ranks = torch.arange(V, device=dev)[None, :]
-        remove = ranks >= torch.tensor(top_k, device=dev)[:, None]
+        row = _to_device([list(r) for r in zip(top_k, top_p, min_p)], torch.float32, dev)
+        remove = ranks >= row[:, 0:1]   # k <= V < 2**24: exact in float32
         probs = sorted_logits.softmax(-1)
         # top-p: drop a token if the mass before it already reaches p (always keep the first)
         cum_before = probs.cumsum(-1) - probs
-        remove |= cum_before >= torch.tensor(top_p, device=dev)[:, None]
-        remove |= probs < torch.tensor(min_p, device=dev)[:, None] * probs[:, :1]
+        remove |= cum_before >= row[:, 1:2]
+        remove |= probs < row[:, 2:3] * probs[:, :1]
         remove[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)

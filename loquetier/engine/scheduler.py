@@ -87,8 +87,8 @@ class Scheduler:
         running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
         preempted: set[int] = set()
         for seq in running:
-            if seq.seq_id in preempted:
-                continue  # preempted below to make room for an older one
+            if seq.seq_id in preempted or seq.final_in_flight:
+                continue  # preempted below to make room for an older one / ends with the token in flight
             pending = seq.num_tokens - seq.num_computed_tokens
             n = min(pending, budget)
             if n <= 0:

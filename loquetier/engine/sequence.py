@@ -27,7 +27,12 @@ class TokenLogprob:
 
 @dataclass(eq=False)  # identity, not field-by-field comparison: sequences live in lists and sets
 class Sequence:
-    """A request: prompt, generated tokens, KV blocks, adapter, and timing for metrics."""
+    """A request: prompt, generated tokens, KV blocks, adapter, and timing for metrics.
+
+    With asynchronous scheduling the last one or two entries of `output_token_ids` can be
+    placeholders for tokens still on the device: -(i + 1) names row i of the tokens the previous
+    step sampled, which the next step's inputs read on the device (`ModelRunner.resolve_ids`).
+    The engine writes the real ids in one step later, before anything else reads them."""
 
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -48,6 +53,7 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     error: str | None = None          # why the engine ended it, when it did (finish_reason "abort")
+    final_in_flight: bool = False     # the token in flight is its last (length limit): do not schedule it
 
     @property
     def all_token_ids(self) -> list[int]:
