@@ -78,7 +78,7 @@ def main():
         for label, (fold, max_segments) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
-                                  max_segments=max_segments or batch)
+                                  max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
             if not cuda:
                 graphs.run_eager(*arrays, with_lora=True)

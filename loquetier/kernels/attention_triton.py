@@ -148,11 +148,15 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache with GQA: [B, H, D] -> [B, H, D] in q.dtype.
 
     ``num_splits`` (power of two) splits each context across programs; None picks it from the
     batch size. ``out`` (optional, [B, H, D], unit last stride) is written instead of a new tensor.
+    ``block_n``, ``num_warps``, ``num_stages``: tile and launch settings (benchmarks/tune_decode_attention.py).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -183,9 +187,9 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit inputs ignore it
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
