@@ -47,7 +47,8 @@ def main():
         kv_bytes = batch * args.context * KVH * D * 2 * 2
         default_splits = at.default_num_splits(batch, KVH, dev)
         ref = at.paged_decode_attention(q, k_cache, v_cache, tables, lens, D ** -0.5).float()
-        configs = [(at.BLOCK_N, at.NUM_WARPS, at.NUM_STAGES, default_splits)]
+        configs = [(at.BLOCK_N if default_splits == 1 else at.BLOCK_N_SPLIT, at.NUM_WARPS, at.NUM_STAGES,
+                    default_splits)]
         splits_options = (4, 8, 16) if batch * KVH < 132 else (1, 2, 4)
         configs += [c for c in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits_options)
                     if c != configs[0]]

@@ -22,8 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Tuned on H100, bf16, 32 query / 8 kv heads, head_dim 128, block_size 16.
-BLOCK_N = 128  # cached positions per inner iteration (gathered across pages, any block_size)
+# Tuned on H100, bf16, 32 query / 8 kv heads, head_dim 128, block_size 16, context 512
+# (benchmarks/tune_decode_attention.py; results/2026-11-23_s5_h100_tune_decode_attention.log).
+# Batch 64 and 128 run at the copy-ceiling fraction they reach with any tile; a split context
+# (small batch) wants the smaller tile: 13 us at batch 1 where 128 positions x 4 warps took 47.
+BLOCK_N = 128        # cached positions per inner iteration (gathered across pages, any block_size)
+BLOCK_N_SPLIT = 64   # the same when the context is split across programs
 NUM_WARPS = 4
 NUM_STAGES = 2
 MAX_SPLITS = 16
@@ -148,7 +152,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
@@ -173,6 +177,8 @@ def paged_decode_attention(
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
+    if block_n is None:
+        block_n = BLOCK_N if num_splits == 1 else BLOCK_N_SPLIT
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
