@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 # conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
 from helpers import DEVICE, needs_gpu  # noqa: E402
 from loquetier.kernels import rotary_triton  # noqa: E402
-from loquetier.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from loquetier.kernels.attention import write_kv  # noqa: E402
+from loquetier.kernels.rotary import apply_rotary, apply_rotary_and_cache, apply_rotary_ref  # noqa: E402
 from loquetier.models.rotary import RotaryEmbedding  # noqa: E402
 
 
@@ -116,6 +117,41 @@ def test_auto_uses_reference_on_cpu_and_kernel_on_cuda(monkeypatch):
     assert calls == ([1] if q.is_cuda else [])
 
 
+def _cache_case(num_tokens, heads, kv_heads, head_dim, dtype=torch.float32, num_blocks=9, block_size=4):
+    """q, k, v as views of one qkv tensor, positions, tables, NaN-poisoned caches and distinct slots."""
+    qkv, q, k, rotary, positions = make_qkv(num_tokens, heads, kv_heads, head_dim, dtype)
+    qkv = qkv.detach()
+    q, k = q.detach(), k.detach()
+    v = qkv[:, (heads + kv_heads) * head_dim:].reshape(-1, kv_heads, head_dim)
+    # one pool like the engine's: [layers, 2, blocks, block_size, kvh, d]; the caches are views of layer 1
+    pool = torch.full((2, 2, num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    return q, k, v, rotary, positions, pool, slots
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rotary_and_cache_write_matches_rotary_then_write_kv(name, monkeypatch):
+    """One launch rotates q/k and writes the rotated keys and the values into their slots: the same
+    as the reference rotary followed by write_kv, and no other cache slot is touched."""
+    num_tokens, heads, kv_heads, head_dim, per_program = CASES[name]
+    monkeypatch.setattr(rotary_triton, "HEADS_PER_PROGRAM", per_program)
+    q, k, v, rotary, positions, pool, slots = _cache_case(num_tokens, heads, kv_heads, head_dim)
+    ref_pool = pool.clone()
+    q_out, k_out = apply_rotary_and_cache(q, k, v, rotary.cos, rotary.sin, positions, pool[1, 0], pool[1, 1],
+                                          slots, backend="triton")
+    q_ref, k_ref = apply_rotary_ref(q, k, rotary.cos, rotary.sin, positions)
+    write_kv(ref_pool[1, 0], ref_pool[1, 1], k_ref, v, slots)
+    torch.testing.assert_close((q_out, k_out), (q_ref, k_ref), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pool, ref_pool, rtol=1e-6, atol=1e-6, equal_nan=True)
+    written = pool[1].view(2, -1, kv_heads, head_dim)[:, slots]
+    assert not torch.isnan(written).any() and torch.isnan(pool[0]).all()
+    # the reference path (backend "torch") does the same
+    ref_pool2 = torch.full_like(pool, float("nan"))
+    apply_rotary_and_cache(q, k, v, rotary.cos, rotary.sin, positions, ref_pool2[1, 0], ref_pool2[1, 1], slots,
+                           backend="torch")
+    torch.testing.assert_close(ref_pool2, ref_pool, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- GPU, bf16, realistic size
 
 
@@ -165,3 +201,15 @@ def test_cuda_graph_capture_replays_with_new_inputs():
         graph.replay()
         q_ref, k_ref = apply_rotary_ref(q, k, rotary.cos, rotary.sin, positions)
     assert _rel_err(q_out, q_ref.float()) <= 2e-3 and _rel_err(k_out, k_ref.float()) <= 2e-3
+
+
+@needs_gpu
+def test_bf16_rotary_and_cache_write_at_decode_size():
+    q, k, v, rotary, positions, pool, slots = _cache_case(64, 32, 8, 128, torch.bfloat16, num_blocks=64,
+                                                          block_size=16)
+    q_out, k_out = rotary.forward_and_cache(q, k, v, positions, pool[1, 0], pool[1, 1], slots)
+    q32, k32 = apply_rotary_ref(q.float(), k.float(), rotary.cos.float(), rotary.sin.float(), positions)
+    assert _rel_err(q_out, q32) <= 1e-2 and _rel_err(k_out, k32) <= 1e-2
+    cache = pool[1].view(2, -1, 8, 128)[:, slots]
+    assert torch.equal(cache[0], k_out) and torch.equal(cache[1], v)
+    assert torch.isnan(pool[0]).all()

@@ -49,3 +49,18 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     # inference (and CUDA graph capture): no autograd node to build
     from .rotary_triton import rotary_forward
     return rotary_forward(q, k, cos, sin, positions)
+
+
+def apply_rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (q, k), with the rotated keys and `v` written to their KV-cache slots (inference
+    only: no autograd). The Triton path does it in one launch; the reference is `apply_rotary`
+    then `write_kv`."""
+    from .attention import write_kv
+    if not (use_triton(q, backend) and q.dtype == k.dtype == v.dtype == cos.dtype == k_cache.dtype):
+        q, k = apply_rotary_ref(q, k, cos, sin, positions)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return q, k
+    from .rotary_triton import rotary_forward_and_cache
+    return rotary_forward_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)

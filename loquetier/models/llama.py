@@ -84,11 +84,17 @@ class Attention(nn.Module):
         v = v.reshape(-1, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, ctx.positions)
-        out = self._attend(q, k, v, ctx.attn, kv_cache)
+        m = ctx.attn
+        # inference-only rows: the rotary kernel also writes K/V to the cache (one launch, not three)
+        cached = kv_cache is not None and m.num_loss_tokens == 0 and m.slot_mapping is not None
+        if cached:
+            q, k = rotary.forward_and_cache(q, k, v, ctx.positions, *kv_cache, m.slot_mapping)
+        else:
+            q, k = rotary(q, k, ctx.positions)
+        out = self._attend(q, k, v, m, kv_cache, cached)
         return self.o_proj.forward_deferred(out.reshape(-1, a.q_size), ctx.lora)
 
-    def _attend(self, q, k, v, m, kv_cache) -> torch.Tensor:
+    def _attend(self, q, k, v, m, kv_cache, cached: bool = False) -> torch.Tensor:
         parts = []
         sw = self.args.sliding_window
         n_loss = m.num_loss_tokens
@@ -97,15 +103,17 @@ class Attention(nn.Module):
                                                           self.scale, sw, m.loss_cu_t, m.max_loss_len))
         if q.shape[0] > n_loss:
             with torch.no_grad():  # inference rows never reach a loss: no graph for them
-                parts.append(self._attend_cached(q[n_loss:], k[n_loss:], v[n_loss:], m, kv_cache, n_loss))
+                parts.append(self._attend_cached(q[n_loss:], k[n_loss:], v[n_loss:], m, kv_cache, n_loss, cached))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
-    def _attend_cached(self, q, k, v, m, kv_cache, offset: int) -> torch.Tensor:
-        """Prefill chunks then decode tokens (rows offset.. of the batch) over the paged cache."""
+    def _attend_cached(self, q, k, v, m, kv_cache, offset: int, cached: bool = False) -> torch.Tensor:
+        """Prefill chunks then decode tokens (rows offset.. of the batch) over the paged cache;
+        `cached`: their K/V are in the cache already."""
         sw = self.args.sliding_window
         parts = []
         k_cache, v_cache = kv_cache
-        attn_ops.write_kv(k_cache, v_cache, k, v, m.slot_mapping)
+        if not cached:
+            attn_ops.write_kv(k_cache, v_cache, k, v, m.slot_mapping)
         if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
             lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
             cu = [c - m.prefill_cu[0] for c in m.prefill_cu]

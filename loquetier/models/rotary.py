@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import ModelLoadError
-from ..kernels.rotary import apply_rotary
+from ..kernels.rotary import apply_rotary, apply_rotary_and_cache
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -50,3 +50,8 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """q [N, H, D], k [N, KVH, D] -> rotated, same shapes."""
         return apply_rotary(q, k, self.cos, self.sin, positions, self.backend)
+
+    def forward_and_cache(self, q, k, v, positions, k_cache, v_cache, slot_mapping):
+        """`forward`, with the rotated keys and the values written to their KV-cache slots."""
+        return apply_rotary_and_cache(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, slot_mapping,
+                                      self.backend)
