@@ -130,13 +130,23 @@ def bench_e2e(args, llm, names, results):
     # the first `--peft-e2e-requests` requests again: PEFT runs exactly these in its e2e part
     subset = min(args.peft_e2e_requests, n) if "peft" in args.sections.split(",") or args.e2e_subset else 0
     runs = [(n, n_ad) for n_ad in (1, 4)] * args.e2e_repeat + [(subset, n_ad) for n_ad in (1, 4) if subset]
-    for k, n_ad in runs:
+    for run, (k, n_ad) in enumerate(runs):
         params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in o_lens[:k]]
+        profiler = None
+        if args.e2e_profile_first and run == 0:   # where the first run's extra time goes (host side)
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         sync(args.device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts[:k], params, adapters=[names[i % n_ad] for i in range(k)])
         sync(args.device)
         dt = time.perf_counter() - t0
+        if profiler is not None:
+            import pstats
+            profiler.disable()
+            print(f"--- cProfile of the first e2e run ({dt:.1f} s with the profiler on)")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         gen = sum(len(o.token_ids) for o in outs)
         row = {"section": "e2e", "adapters": n_ad, "requests": k, "gen_tokens": gen, "seconds": dt,
                "tok_per_s": gen / dt}
@@ -312,6 +322,8 @@ def main():
     ap.add_argument("--e2e-repeat", type=int, default=1, help="run the 1- and 4-adapter e2e runs this many times")
     ap.add_argument("--e2e-subset", action="store_true",
                     help="also run the first --peft-e2e-requests requests (PEFT's e2e set) through the engine")
+    ap.add_argument("--e2e-profile-first", action="store_true",
+                    help="run the first e2e run under cProfile and print its top functions")
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
