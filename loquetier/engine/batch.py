@@ -98,7 +98,7 @@ class HostBatch:
             flat = torch.from_numpy(self.flat)
             flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
         (input_ids_t, positions_t, lora_cu_t, lora_slot_t, token_slot_t, slot_mapping_t, tables_t,
-         context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t) = torch.split(flat, self.sizes)
+         context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t, prefill_cu_t) = torch.split(flat, self.sizes)
         scheduled, n_loss_segs = self.scheduled, len(self.loss_segments)
         seg_cu, seg_lens = self.seg_cu, np.diff(self.seg_cu)
         lora_cu = self.lora_seg_cu
@@ -127,6 +127,10 @@ class HostBatch:
             # loss segments are never merged: their boundaries are the prefix of the SMLM ones
             loss_cu_t=lora_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
             max_loss_len=int(seg_lens[:n_loss_segs].max()) if n_loss_segs else 0,
+            # a chunk is a whole prompt when its context is the chunk itself (nothing cached before)
+            prefill_whole=bool(n_pre) and bool((self.context_lens[:n_pre] == seg_lens[n_loss_segs:n_loss_segs + n_pre]).all()),
+            prefill_cu_t=prefill_cu_t.to(torch.int32) if n_pre else None,
+            max_prefill_len=int(seg_lens[n_loss_segs:n_loss_segs + n_pre].max()) if n_pre else 0,
         )
         ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=int(seg_cu[-1]))
         return MixedBatch(
@@ -202,8 +206,10 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
     positions = np.concatenate(pos_parts) if pos_parts else np.zeros(0, np.int64)
     token_slot = np.repeat(seg_slot, seg_lens)
+    n_pre = len(prefills)
+    prefill_cu = seg_cu[n_loss_segs:n_loss_segs + n_pre + 1] - seg_cu[n_loss_segs] if n_pre else np.zeros(0, np.int64)
     parts = [input_ids, positions, lora_seg_cu, lora_seg_slot, token_slot, slot_mapping, tables.reshape(-1),
-             context_lens, sample_rows, loss_targets, loss_seg_ids]
+             context_lens, sample_rows, loss_targets, loss_seg_ids, prefill_cu]
     num_train = int(seg_cu[len(train)])
     return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
                      scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,

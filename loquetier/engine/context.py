@@ -29,6 +29,11 @@ class AttentionMeta:
     decode_context_lens: torch.Tensor | None   # int32 [D]
     loss_cu_t: torch.Tensor | None = None      # int32 [L+1] on device: loss_cu for packed kernels
     max_loss_len: int = 0                      # longest train/eval segment
+    # every prefill chunk is a whole prompt (nothing cached before it): causal attention within each
+    # chunk, one packed kernel call for all of them (prefill_cu_t: their boundaries from 0, on device)
+    prefill_whole: bool = False
+    prefill_cu_t: torch.Tensor | None = None   # int32 [P+1]
+    max_prefill_len: int = 0
 
 
 @dataclass

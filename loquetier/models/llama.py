@@ -117,9 +117,15 @@ class Attention(nn.Module):
         if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
             lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
             cu = [c - m.prefill_cu[0] for c in m.prefill_cu]
-            parts.append(attn_ops.paged_prefill_attention_ref(
-                q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale, sw,
-                k[lo:hi], v[lo:hi]))
+            if m.prefill_whole:
+                # whole prompts attend only within themselves: one packed flash call on CUDA for all of
+                # them (one SDPA call per prompt and layer costs host time at the start of a burst)
+                parts.append(attn_ops.varlen_causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], cu, self.scale, sw,
+                                                              m.prefill_cu_t, m.max_prefill_len))
+            else:
+                parts.append(attn_ops.paged_prefill_attention_ref(
+                    q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale,
+                    sw, k[lo:hi], v[lo:hi]))
         start = m.decode_start - offset
         if q.shape[0] > start:
             parts.append(attn_ops.paged_decode_attention(
