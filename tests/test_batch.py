@@ -44,16 +44,20 @@ def test_lora_segments_merge_inference_runs_and_keep_loss_examples():
 
 
 def test_whole_prompts_get_packed_prefill_boundaries():
-    """Prefill chunks that are whole prompts (start 0) are marked for one packed attention call, with
-    their boundaries from 0 on the device; a chunk continuing a cached prompt turns that off."""
+    """Prefill chunks that are whole prompts (start 0) come first and are counted for one packed
+    attention call, with their boundaries from 0 on the device; chunks continuing a cached prompt
+    follow them."""
     slot_of = {None: -1, "a": 0}
     whole = [ScheduledSeq(_seq(5, "a", "s0"), 0, 5), ScheduledSeq(_seq(3, None, "s1"), 0, 3)]
     decode = ScheduledSeq(_seq(4, None, "s2"), 3, 1)
     attn = plan_mixed_batch([], whole + [decode], slot_of, 16, {}).to_device(torch.device("cpu")).ctx.attn
-    assert attn.prefill_whole and attn.prefill_cu_t.tolist() == [0, 5, 8] and attn.max_prefill_len == 5
+    assert attn.num_whole_prefills == 2 and attn.prefill_cu_t.tolist() == [0, 5, 8] and attn.max_prefill_len == 5
     assert attn.prefill_cu_t.dtype == torch.int32
     chunked = ScheduledSeq(_seq(9, None, "s3"), 4, 5)   # positions 4..8: its first 4 are cached already
-    attn = plan_mixed_batch([], whole + [chunked], slot_of, 16, {}).to_device(torch.device("cpu")).ctx.attn
-    assert not attn.prefill_whole and attn.prefill_cu_t.tolist() == [0, 5, 8, 13]
+    host = plan_mixed_batch([], [chunked] + whole, slot_of, 16, {})
+    assert host.scheduled == whole + [chunked]
+    attn = host.to_device(torch.device("cpu")).ctx.attn
+    assert attn.num_whole_prefills == 2 and attn.prefill_cu_t.tolist() == [0, 5, 8, 13]
+    assert attn.prefill_context_lens == [5, 3, 9]
     attn = plan_mixed_batch([], [decode], slot_of, 16, {}).to_device(torch.device("cpu")).ctx.attn
-    assert not attn.prefill_whole and attn.prefill_cu_t is None
+    assert attn.num_whole_prefills == 0 and attn.prefill_cu_t is None

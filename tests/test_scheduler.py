@@ -65,3 +65,22 @@ def test_request_whose_adapter_file_vanished_fails_alone(tmp_path):
             outs[o.request_id] = o
     assert outs[gone].finish_reason == "abort" and "does not exist" in outs[gone].error
     assert len(outs[good].token_ids) == 3
+
+
+def test_start_up_warm_up_steps_touch_only_the_scratch_block(llama_dir):
+    """The CUDA engine runs dummy prefills at start-up (`ModelRunner.warm_up_steps`); their K/V land in
+    the scratch block alone, so the cache of live sequences and every generation are unchanged."""
+    llm = LLM(str(llama_dir), block_size=4, num_kv_blocks=64)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    before = [o.token_ids for o in llm.generate(_prompts()[:3], params)]
+    rid = eng.add_request(_prompts()[3], params)
+    eng.step()
+    pool = eng.kv.pool.clone()
+    eng.runner.warm_up_steps(eng.kv.scratch_block, eng.kv.block_size)
+    changed = (eng.kv.pool != pool).flatten(3).any(-1)          # [layers, 2, blocks]
+    assert changed.any() and changed[:, :, eng.kv.scratch_block].all()
+    changed[:, :, eng.kv.scratch_block] = False
+    assert not changed.any() and eng.kv.allocator.num_free < 64
+    eng.abort(rid)
+    assert [o.token_ids for o in llm.generate(_prompts()[:3], params)] == before

@@ -128,7 +128,7 @@ class HostBatch:
             loss_cu_t=lora_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
             max_loss_len=int(seg_lens[:n_loss_segs].max()) if n_loss_segs else 0,
             # a chunk is a whole prompt when its context is the chunk itself (nothing cached before)
-            prefill_whole=bool(n_pre) and bool((self.context_lens[:n_pre] == seg_lens[n_loss_segs:n_loss_segs + n_pre]).all()),
+            num_whole_prefills=int((self.context_lens[:n_pre] == seg_lens[n_loss_segs:n_loss_segs + n_pre]).sum()),
             prefill_cu_t=prefill_cu_t.to(torch.int32) if n_pre else None,
             max_prefill_len=int(seg_lens[n_loss_segs:n_loss_segs + n_pre].max()) if n_pre else 0,
         )
@@ -160,7 +160,9 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     train = [s for s in loss_segments if s.train]
     evals = [s for s in loss_segments if not s.train]
     loss_segments = train + evals
-    prefills = [s for s in scheduled if s.length > 1]
+    # whole prompts (nothing cached yet) before chunks that continue a cached prompt: the whole ones
+    # then form a prefix that one packed attention call covers
+    prefills = sorted((s for s in scheduled if s.length > 1), key=lambda s: s.start > 0)
     # decode rows sorted by adapter slot: each adapter's rows form one SMLM segment (shared weight tiles,
     # few segments whatever the batch size)
     decodes = sorted((s for s in scheduled if s.length == 1), key=lambda s: slot_of[s.seq.adapter])

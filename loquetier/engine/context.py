@@ -29,9 +29,9 @@ class AttentionMeta:
     decode_context_lens: torch.Tensor | None   # int32 [D]
     loss_cu_t: torch.Tensor | None = None      # int32 [L+1] on device: loss_cu for packed kernels
     max_loss_len: int = 0                      # longest train/eval segment
-    # every prefill chunk is a whole prompt (nothing cached before it): causal attention within each
-    # chunk, one packed kernel call for all of them (prefill_cu_t: their boundaries from 0, on device)
-    prefill_whole: bool = False
+    # the first prefill chunks are whole prompts (nothing cached before them): causal attention within
+    # each, one packed kernel call for all of them (prefill_cu_t: chunk boundaries from 0, on device)
+    num_whole_prefills: int = 0
     prefill_cu_t: torch.Tensor | None = None   # int32 [P+1]
     max_prefill_len: int = 0
 

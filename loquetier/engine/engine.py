@@ -95,8 +95,9 @@ class Engine:
         if device.type == "cuda":
             try:
                 self.runner.warm_up_lora_kernels()
+                self.runner.warm_up_steps(self.kv.scratch_block, self.kv.block_size)
             except Exception as e:  # a warm-up problem must not stop the engine; kernels compile on first use
-                logging.getLogger("loquetier").warning("LoRA kernel warm-up failed: %s", e)
+                logging.getLogger("loquetier").warning("kernel warm-up failed: %s", e)
         if config.train_cuda_graphs and device.type == "cuda":
             self.runner.enable_train_graphs(device)
         if config.cuda_graphs and device.type == "cuda":

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 from ..kernels.smlm import LoraBatchMeta
 from ..models.llama import LlamaModel
-from .batch import IGNORE_INDEX, HostBatch, MixedBatch, ScheduledSeq
+from ..sampling_params import SamplingParams
+from .batch import IGNORE_INDEX, HostBatch, MixedBatch, ScheduledSeq, plan_mixed_batch
 from .cuda_graphs import DecodeGraphs
 from .train_graphs import TrainGraphs
 from .sampler import SampledTokens, Sampler
+from .sequence import Sequence
 
 
 @dataclass
@@ -61,6 +63,23 @@ class ModelRunner:
                     vl.fold_shrink = folded
                     vl(torch.zeros(n, vl.in_features, dtype=dtype, device=dev), meta)
                 vl.fold_shrink = fold
+
+    @torch.no_grad()
+    def warm_up_steps(self, scratch_block: int, block_size: int) -> None:
+        """Run two eager steps of dummy prefills and a decode row at start-up, so that the Triton
+        kernels of prefill-sized batches compile now and not under the first burst of requests.
+        Their K/V go to the scratch block, which no sequence owns. Two token counts, one a multiple
+        of 16, because Triton specializes kernels on that."""
+        device = next(self.model.parameters()).device
+        for lengths in ((37, 64), (64, 63)):
+            seqs = [Sequence([1] * n, SamplingParams(max_tokens=1), adapter)
+                    for n, adapter in ((lengths[0], "warm-up"), (lengths[1], None), (4, "warm-up"))]
+            for seq in seqs:
+                seq.block_table = [scratch_block] * -(-seq.num_tokens // block_size)
+            scheduled = [ScheduledSeq(seqs[0], 0, lengths[0]), ScheduledSeq(seqs[1], 0, lengths[1]),
+                         ScheduledSeq(seqs[2], 3, 1)]
+            host = plan_mixed_batch([], scheduled, {None: -1, "warm-up": 0}, block_size, {})
+            self.execute(host.to_device(device))
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int, num_slots: int) -> None:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""

@@ -117,15 +117,19 @@ class Attention(nn.Module):
         if m.prefill_cu and m.prefill_cu[-1] > m.prefill_cu[0]:
             lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
             cu = [c - m.prefill_cu[0] for c in m.prefill_cu]
-            if m.prefill_whole:
+            w = m.num_whole_prefills
+            if w:
                 # whole prompts attend only within themselves: one packed flash call on CUDA for all of
                 # them (one SDPA call per prompt and layer costs host time at the start of a burst)
-                parts.append(attn_ops.varlen_causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], cu, self.scale, sw,
-                                                              m.prefill_cu_t, m.max_prefill_len))
-            else:
+                mid = lo + cu[w]
+                parts.append(attn_ops.varlen_causal_attention(
+                    q[lo:mid], k[lo:mid], v[lo:mid], cu[:w + 1], self.scale, sw,
+                    m.prefill_cu_t[:w + 1], m.max_prefill_len))
+            if w < len(cu) - 1:   # chunks continuing a cached prompt
+                mid = lo + cu[w]
                 parts.append(attn_ops.paged_prefill_attention_ref(
-                    q[lo:hi], k_cache, v_cache, m.prefill_block_tables, cu, m.prefill_context_lens, self.scale,
-                    sw, k[lo:hi], v[lo:hi]))
+                    q[mid:hi], k_cache, v_cache, m.prefill_block_tables[w:], [c - cu[w] for c in cu[w:]],
+                    m.prefill_context_lens[w:], self.scale, sw, k[mid:hi], v[mid:hi]))
         start = m.decode_start - offset
         if q.shape[0] > start:
             parts.append(attn_ops.paged_decode_attention(
