@@ -13,8 +13,13 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .backend import use_triton
+
+# SDPA without cuDNN attention: cuDNN builds a graph for every new shape, 40-55 ms on its first call
+# (H100, benchmarks/probe_sdpa_first_call.py), and every new prompt length is a new shape
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -40,8 +45,9 @@ def _sdpa(q, k, v, mask, scale):
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     # 4-D inputs: the fused (flash / memory-efficient) kernels do not take 3-D ones
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, scale=scale)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
@@ -100,8 +106,9 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
             n_rep = q.shape[1] // k.shape[1]
             if n_rep > 1:
                 kt, vt = kt.repeat_interleave(n_rep, dim=1), vt.repeat_interleave(n_rep, dim=1)
-            o = F.scaled_dot_product_attention(qt[None], kt.transpose(0, 1)[None], vt.transpose(0, 1)[None],
-                                               is_causal=True, scale=scale)
+            with sdpa_kernel(SDPA_BACKENDS):
+                o = F.scaled_dot_product_attention(qt[None], kt.transpose(0, 1)[None], vt.transpose(0, 1)[None],
+                                                   is_causal=True, scale=scale)
             outs.append(o[0].transpose(0, 1))
         else:
             pos = torch.arange(b - a, device=q.device)
