@@ -22,7 +22,7 @@ from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
-from .sampler import HostTokens
+from .sampler import SampledTokens
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus, TokenLogprob
 from .stats import EngineStats
@@ -51,7 +51,7 @@ class _InFlight:
 
     seqs: list[Sequence]
     index: list[int]       # position of each row's placeholder in its seq.output_token_ids
-    host: HostTokens
+    host: SampledTokens    # in pinned host buffers (SampledTokens.to_host)
 
 
 def _drop_placeholders(seq: Sequence) -> None:

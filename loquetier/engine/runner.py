@@ -33,10 +33,10 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, max_sampled_rows: int):
         self.model = model
         self.sampler = Sampler()
-        device = next(model.parameters()).device
+        self.device = next(model.parameters()).device
         # the last step's sampled tokens, where the next step's placeholder input ids are read
         # (asynchronous scheduling: see Sequence); a fixed buffer, since decode graphs capture it
-        self.last_tokens = torch.zeros(max_sampled_rows, dtype=torch.int64, device=device)
+        self.last_tokens = torch.zeros(max_sampled_rows, dtype=torch.int64, device=self.device)
         self.graphs: DecodeGraphs | None = None
         self.train_graphs: TrainGraphs | None = None
 
@@ -70,7 +70,6 @@ class ModelRunner:
         kernels of prefill-sized batches compile now and not under the first burst of requests.
         Their K/V go to the scratch block, which no sequence owns. Two token counts, one a multiple
         of 16, because Triton specializes kernels on that."""
-        device = next(self.model.parameters()).device
         for lengths in ((37, 64), (64, 63)):
             seqs = [Sequence([1] * n, SamplingParams(max_tokens=1), adapter)
                     for n, adapter in ((lengths[0], "warm-up"), (lengths[1], None), (4, "warm-up"))]
@@ -79,7 +78,7 @@ class ModelRunner:
             scheduled = [ScheduledSeq(seqs[0], 0, lengths[0]), ScheduledSeq(seqs[1], 0, lengths[1]),
                          ScheduledSeq(seqs[2], 3, 1)]
             host = plan_mixed_batch([], scheduled, {None: -1, "warm-up": 0}, block_size, {})
-            self.execute(host.to_device(device))
+            self.execute(host.to_device(self.device))
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int, num_slots: int) -> None:
         """Capture decode graphs; if capture fails, say so and keep serving eagerly."""

@@ -1,7 +1,7 @@
 """Batched sampling over all sequences of a step: penalties, temperature, top-k/p, min-p, seeds.
 
-`Sampler.sample` only queues device work and returns `SampledTokens`; `SampledTokens.to_host()`
-starts the copies to the host without waiting, and `HostTokens.wait()` waits for them. The engine
+`Sampler.sample` only queues device work and returns `SampledTokens`; its `to_host()` starts the
+copies to the host without waiting, and `wait()` on the result waits for them. The engine
 uses the gap to launch its next step before reading this one's tokens (asynchronous scheduling).
 Per-row parameters go to the device by non-blocking copies from pinned memory: a blocking copy
 would wait for every kernel queued before it.
@@ -34,15 +34,26 @@ def _pad(rows: list[list[int]], fill: int, device) -> torch.Tensor:
 
 
 @dataclass
-class HostTokens:
-    """A step's sampled tokens on their way to the host (pinned buffers written by async copies)."""
+class SampledTokens:
+    """A step's sampled tokens (and logprobs when any row asked): on the device from `Sampler.sample`;
+    `to_host()` gives the same in pinned host buffers filling by async copies, `wait()` reads them."""
 
-    tokens: torch.Tensor
-    chosen: torch.Tensor | None
-    top_v: torch.Tensor | None
-    top_i: torch.Tensor | None
-    logprob_counts: list[int | None]   # per row: how many top logprobs it asked for (None: no logprobs)
-    event: torch.cuda.Event | None
+    tokens: torch.Tensor                    # [B] int64
+    chosen: torch.Tensor | None             # [B] logprob of each chosen token
+    top_v: torch.Tensor | None              # [B, k] top logprobs
+    top_i: torch.Tensor | None              # [B, k] their token ids
+    logprob_counts: list[int | None]        # per row: how many top logprobs it asked for (None: none)
+    event: torch.cuda.Event | None = None   # recorded after the copies to the host
+
+    def to_host(self) -> SampledTokens:
+        parts = [self.tokens, self.chosen, self.top_v, self.top_i]
+        if self.tokens.device.type != "cuda":
+            return self
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in parts]
+        event = torch.cuda.Event()
+        event.record()
+        return SampledTokens(*host, self.logprob_counts, event)
 
     def wait(self) -> tuple[list[int], list[TokenLogprob | None]]:
         if self.event is not None:
@@ -55,27 +66,6 @@ class HostTokens:
                 if n is not None:
                     logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
         return token_list, logprobs
-
-
-@dataclass
-class SampledTokens:
-    """A step's sampled tokens (and logprobs when any row asked), still on the device."""
-
-    tokens: torch.Tensor                    # [B] int64
-    chosen: torch.Tensor | None             # [B] logprob of each chosen token
-    top_v: torch.Tensor | None              # [B, k] top logprobs
-    top_i: torch.Tensor | None              # [B, k] their token ids
-    logprob_counts: list[int | None]
-
-    def to_host(self) -> HostTokens:
-        parts = [self.tokens, self.chosen, self.top_v, self.top_i]
-        if self.tokens.device.type != "cuda":
-            return HostTokens(*parts, self.logprob_counts, None)
-        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                for t in parts]
-        event = torch.cuda.Event()
-        event.record()
-        return HostTokens(*host, self.logprob_counts, event)
 
 
 class Sampler:

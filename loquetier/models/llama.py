@@ -118,15 +118,14 @@ class Attention(nn.Module):
             lo, hi = m.prefill_cu[0] - offset, m.prefill_cu[-1] - offset
             cu = [c - m.prefill_cu[0] for c in m.prefill_cu]
             w = m.num_whole_prefills
+            mid = lo + cu[w]   # whole prompts in [lo, mid), chunks continuing a cached prompt after
             if w:
                 # whole prompts attend only within themselves: one packed flash call on CUDA for all of
                 # them (one SDPA call per prompt and layer costs host time at the start of a burst)
-                mid = lo + cu[w]
                 parts.append(attn_ops.varlen_causal_attention(
                     q[lo:mid], k[lo:mid], v[lo:mid], cu[:w + 1], self.scale, sw,
                     m.prefill_cu_t[:w + 1], m.max_prefill_len))
-            if w < len(cu) - 1:   # chunks continuing a cached prompt
-                mid = lo + cu[w]
+            if mid < hi:
                 parts.append(attn_ops.paged_prefill_attention_ref(
                     q[mid:hi], k_cache, v_cache, m.prefill_block_tables[w:], [c - cu[w] for c in cu[w:]],
                     m.prefill_context_lens[w:], self.scale, sw, k[mid:hi], v[mid:hi]))
