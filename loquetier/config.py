@@ -72,6 +72,8 @@ class EngineConfig:
     # launch each inference-only step before reading the previous step's tokens on the host, so host
     # work overlaps the GPU (vLLM's async scheduling); outputs and stop checks trail by one step
     async_scheduling: bool = True
+    # split the model over this many processes of one host (one GPU each; `loquetier.parallel`)
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

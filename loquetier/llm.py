@@ -29,17 +29,23 @@ class LLM:
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, seed: int = 0,
                  attention_backend: str = "auto", lora_backend: str = "auto", lora_fold_shrink: str = "auto",
-                 train_cuda_graphs: bool = True, async_scheduling: bool = True):
+                 train_cuda_graphs: bool = True, async_scheduling: bool = True, tensor_parallel_size: int = 1):
+        """`tensor_parallel_size` N > 1 splits the model over N processes of this host (GPUs 0..N-1);
+        this one is rank 0 and starts the others (`close()` stops them)."""
         config = EngineConfig(
             model=str(model), dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
             attention_backend=attention_backend, lora_backend=lora_backend, train_cuda_graphs=train_cuda_graphs,
-            async_scheduling=async_scheduling,
+            async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_cache_memory),
             lora=LoraConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                             fold_shrink=lora_fold_shrink),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs))
         self.tokenizer = load_tokenizer(model)
         self.engine = Engine(config, self.tokenizer)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at exit)."""
+        self.engine.close()
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         self.engine.load_adapter(name, path)

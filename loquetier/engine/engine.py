@@ -73,7 +73,13 @@ class StepParticipant(Protocol):
 class Engine:
     """Owns the model, KV cache, adapters, scheduler and runner; `step()` is the hot loop."""
 
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, tp=None):
+        """`tp`: this process's rank of a tensor-parallel engine (a worker's); with
+        `config.tensor_parallel_size` > 1 and none given, this process is rank 0 and starts the workers."""
+        if tp is None and config.tensor_parallel_size > 1:
+            from ..parallel.launcher import launch
+            tp = launch(config)
+        self.tp = tp
         self.config = config
         device, dtype = config.torch_device, config.torch_dtype
         self.device, self.dtype = device, dtype
@@ -83,15 +89,18 @@ class Engine:
         self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
         build = random_model if random else load_model
         self.model = build(self.args if random else config.model, dtype, device, self.max_model_len,
-                           config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend)
+                           config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend, tp=tp)
         self.model.set_attention_backend(config.attention_backend)
         self.model.set_lora_fold_shrink(config.lora.fold_shrink)
-        self.kv = KVCache(self.args, config.cache, dtype, device)
+        # the model's args: this rank's heads when split (its KV cache holds only those)
+        cache = config.cache if tp is None else tp.cache_config(config.cache, self.model.args, dtype, device)
+        self.kv = KVCache(self.model.args, cache, dtype, device)
         self.model.kv_caches = self.kv.layers
-        self.adapters = AdapterManager(self.model, config.lora)
+        self.adapters = AdapterManager(self.model, config.lora) if tp is None else tp.adapter_manager(self.model, config.lora)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters, self.max_model_len)
         self.scheduler.ensure_adapter = self.ensure_adapter
-        self.runner = ModelRunner(self.model, config.scheduler.max_num_seqs)
+        self.runner = (ModelRunner(self.model, config.scheduler.max_num_seqs) if tp is None
+                       else tp.runner(self.model, config.scheduler.max_num_seqs, self.adapters))
         if device.type == "cuda":
             try:
                 self.runner.warm_up_lora_kernels()
@@ -117,6 +126,11 @@ class Engine:
         self.train_policy = make_policy(config.scheduler, self.cost_model)
         self.stats = EngineStats(config.scheduler.slo_ttft, config.scheduler.slo_tpot)
         self.step_observers: list = [self.cost_model.observe, self.stats.on_step]  # callables(step info)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine is unusable afterwards)."""
+        if self.tp is not None and self.tp.is_leader:
+            self.tp.shutdown()
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str | Path, parent: str | None = None) -> None:
@@ -258,7 +272,7 @@ class Engine:
             else:
                 if train_dropout and scheduled:   # eager activations beside a graph pool: drop the graphs
                     self.runner.drop_train_graphs()
-                batch = host.to_device(self.device)
+                batch = self.runner.prepare(host)
                 result = self.runner.execute(batch, keep_logits)
                 sample_seqs = batch.sample_seqs
         self.last_result, self.last_sample_seqs = result, sample_seqs   # for tests and debugging

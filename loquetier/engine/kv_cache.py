@@ -29,24 +29,27 @@ class BlockAllocator:
         self.free.extend(blocks)
 
 
+def num_kv_blocks(args: ModelArgs, config: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """The pool's size in blocks: `config.num_blocks`, or as many as the memory budget holds."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    bytes_per_block = 2 * args.num_layers * config.block_size * args.kv_size * torch.tensor([], dtype=dtype).element_size()
+    budget = config.memory_budget_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.9)
+        else:
+            budget = 256 << 20
+    return max(1, budget // bytes_per_block)
+
+
 class KVCache:
     """K/V tensors for every layer, [num_blocks, block_size, kv_heads, head_dim] each, from one pool."""
 
     def __init__(self, args: ModelArgs, config: CacheConfig, dtype: torch.dtype, device: torch.device):
         self.block_size = config.block_size
-        bytes_per_block = 2 * args.num_layers * config.block_size * args.kv_size * torch.tensor([], dtype=dtype).element_size()
-        if config.num_blocks is not None:
-            num_blocks = config.num_blocks
-        else:
-            budget = config.memory_budget_bytes
-            if budget is None:
-                if device.type == "cuda":
-                    free, _ = torch.cuda.mem_get_info(device)
-                    budget = int(free * 0.9)
-                else:
-                    budget = 256 << 20
-            num_blocks = max(1, budget // bytes_per_block)
-        self.num_blocks = num_blocks
+        num_blocks = self.num_blocks = num_kv_blocks(args, config, dtype, device)
         # one extra block that no sequence owns: padded rows of captured decode graphs write there
         self.scratch_block = num_blocks
         # one allocation for the whole pool; per-layer views into it

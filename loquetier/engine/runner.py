@@ -46,7 +46,7 @@ class ModelRunner:
         the first requests with adapters do not wait for Triton. Empty slots (zero weights) suffice."""
         seen = set()
         for table in self.model.virtual_layers()[:1]:
-            for vl in set(table.values()):
+            for vl in dict.fromkeys(table.values()):   # the same order in every process (tensor parallelism)
                 if (vl.in_features, vl.lora_a.shape[1], vl.slice_offsets) in seen:
                     continue
                 seen.add((vl.in_features, vl.lora_a.shape[1], vl.slice_offsets))
@@ -136,6 +136,10 @@ class ModelRunner:
         logits = self.graphs.run(*arrays, with_lora)
         return seqs, StepResult(self.sampler.sample(logits, seqs), None, None, None)
 
+    def prepare(self, host: HostBatch) -> MixedBatch:
+        """The step's batch on the device (split over ranks, the plan also goes to the workers)."""
+        return host.to_device(self.device)
+
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
         ctx = batch.ctx
         has_train = any(s.train for s in batch.loss_segments)
@@ -178,9 +182,12 @@ class ModelRunner:
         """Per-segment summed cross entropy over target tokens (HF causal-LM loss, unreduced)."""
         targets = batch.loss_targets
         keep = targets != IGNORE_INDEX
-        logits = self.model.compute_logits(hidden).float()
-        token_loss = F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * keep
+        token_loss = self._token_losses(hidden, targets.clamp_min(0)) * keep
         n = len(batch.loss_segments)
         sums = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, batch.loss_seg_ids, token_loss)
         counts = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, batch.loss_seg_ids, keep.float())
         return sums, counts
+
+    def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each row's cross entropy against its target (fp32 logits, as HF)."""
+        return F.cross_entropy(self.model.compute_logits(hidden).float(), targets, reduction="none")

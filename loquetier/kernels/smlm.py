@@ -125,7 +125,8 @@ class _SMLMFunction(torch.autograd.Function):
     """out = y + SMLM(x). Backward: grads only from training segments, only for trainable slots."""
 
     @staticmethod
-    def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, refs, backend, *params):
+    def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, refs, backend, shrink_reduce, x_cols,
+                *params):
         n_train = meta.num_train_tokens
         x_lora = x
         masks: dict[int, torch.Tensor] = {}
@@ -136,10 +137,12 @@ class _SMLMFunction(torch.autograd.Function):
                 p = meta.train_dropout.get(meta.seg_slot_host[g], 0.0)
                 if p > 0:
                     gen = meta.dropout_generators.get(meta.seg_slot_host[g])
-                    keep = torch.empty_like(x[cu[g]:cu[g + 1]]).bernoulli_(1 - p, generator=gen) / (1 - p)
+                    keep = _dropout_keep(x[cu[g]:cu[g + 1]], p, gen, x_cols)
                     x_lora[cu[g]:cu[g + 1]] *= keep
                     masks[g] = keep
         v = shrink(x_lora, lora_a, meta, backend)
+        if shrink_reduce is not None:
+            shrink_reduce(v)
         # y is the base GEMM's fresh output (its own backward does not need it): add in place
         expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
         ctx.mark_dirty(y)
@@ -196,7 +199,18 @@ class _SMLMFunction(torch.autograd.Function):
                 g = dB.get(ref.slot)
                 lo, hi = offs[ref.slice], offs[ref.slice + 1]
                 param_grads.append(None if g is None else g[lo:hi, :ref.rank])
-        return (dx, dout, None, None, None, None, None, None, None, *param_grads)
+        return (dx, dout, None, None, None, None, None, None, None, None, None, *param_grads)
+
+
+def _dropout_keep(x_seg: torch.Tensor, p: float, gen, x_cols: tuple[int, int] | None) -> torch.Tensor:
+    """Inverted-dropout multipliers for x_seg. With `x_cols` (full width, first column) x_seg holds
+    columns of a wider input (a tensor-parallel shard): the mask is drawn over the full width and
+    cut, so every split of the layer applies the same mask."""
+    if x_cols is None:
+        return torch.empty_like(x_seg).bernoulli_(1 - p, generator=gen) / (1 - p)
+    width, lo = x_cols
+    full = x_seg.new_empty(x_seg.shape[0], width).bernoulli_(1 - p, generator=gen)
+    return full[:, lo:lo + x_seg.shape[1]] / (1 - p)
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,8 +241,11 @@ def _train_runs(meta: LoraBatchMeta):
 def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
          scaling: torch.Tensor, slice_offsets: tuple[int, ...], meta: LoraBatchMeta,
          train_refs: tuple[TrainParamRef, ...] = (), train_params: tuple[torch.Tensor, ...] = (),
-         backend: str = "auto") -> torch.Tensor:
+         backend: str = "auto", shrink_reduce=None, x_cols: tuple[int, int] | None = None) -> torch.Tensor:
     """Return y + each segment's `scale * (x A^T) B^T`.
+
+    Tensor parallelism (row-parallel layers): `shrink_reduce` sums the shrink over ranks in place,
+    `x_cols` = (full width, first column) of this rank's input columns (for LoRA dropout masks).
 
     Without training tokens (or with grad disabled) the delta is added into `y` in place and no
     graph is recorded. With training tokens, an autograd node gives grads for x (training rows)
@@ -236,6 +253,8 @@ def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     """
     if meta.num_train_tokens == 0 or not torch.is_grad_enabled():
         v = shrink(x, lora_a, meta, backend)
+        if shrink_reduce is not None:
+            shrink_reduce(v)
         return expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
     return _SMLMFunction.apply(x, y, lora_a, lora_b, scaling, slice_offsets, meta, train_refs,
-                               backend, *train_params)
+                               backend, shrink_reduce, x_cols, *train_params)

@@ -71,6 +71,10 @@ class VirtualLoraLinear(nn.Module):
         # slot -> trainable views into lora_a / lora_b, and where each one lives
         self.train_refs: dict[int, tuple[TrainParamRef, ...]] = {}
         self.train_params: dict[int, tuple[nn.Parameter, ...]] = {}
+        # tensor parallelism (set by the model): this rank's shard of a column-parallel layer (split by
+        # output) or, with tp_row, of a row-parallel one (split by input: partial outputs are summed)
+        self.tp = None
+        self.tp_row = False
 
     def allocate(self) -> None:
         """Allocate the (empty) slot table in the base weight's dtype and device, the A table in
@@ -114,7 +118,10 @@ class VirtualLoraLinear(nn.Module):
         self.train_params.pop(slot, None)
 
     def write_slice(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy one module's A [r, d_in] and B [d_out, r] into the slot, zero-padded to max_rank."""
+        """Copy one module's A [r, d_in] and B [d_out, r] into the slot, zero-padded to max_rank
+        (split over ranks: the full tensors, of which this rank keeps its shard)."""
+        if self.tp is not None:
+            a, b = self.tp.lora_shard(name, a, b)
         s = self.slice_index(name)
         r = a.shape[0]
         lo, hi = self.slice_offsets[s], self.slice_offsets[s + 1]
@@ -163,15 +170,21 @@ class VirtualLoraLinear(nn.Module):
             # base output and every slot's shrink in one GEMM
             d_out = self.base.out_features
             y_aug = F.linear(x, self.weight_aug, self.bias_aug)
+            if self.tp_row:   # partial sums of the output and of every slot's shrink: one all-reduce
+                self.tp.all_reduce_(y_aug)
             return y_aug[:, :d_out], LoraDelta(y_aug[:, d_out:], self.lora_b, self.scaling, self.slice_offsets,
                                                meta, self.backend)
         return self._forward_unfolded(x, meta), None
 
     def _forward_unfolded(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
+        if self.tp is not None and not self.tp_row:
+            x = self.tp.copy_to(x)   # training: the input's gradient is summed over the column shards
         if meta is not None and 0 < meta.num_train_tokens < x.shape[0] and x.requires_grad:
             y = _TrainPrefixLinear.apply(x, self.base.weight, self.base.bias, meta.num_train_tokens)
         else:
             y = F.linear(x, self.base.weight, self.base.bias)
+        if self.tp_row:
+            y = self.tp.reduce_from(y)
         if meta is None or not meta.any_adapter:
             return y
         refs: tuple[TrainParamRef, ...] = ()
@@ -181,5 +194,8 @@ class VirtualLoraLinear(nn.Module):
                 if slot in self.train_refs:
                     refs += self.train_refs[slot]
                     params += self.train_params[slot]
+        if self.tp_row:   # the shrink of an input shard is partial: summed over ranks before the expand
+            return smlm(x, y, self.lora_a, self.lora_b, self.scaling, self.slice_offsets, meta, refs, params,
+                        self.backend, self.tp.all_reduce_, (self.tp.size * x.shape[1], self.tp.rank * x.shape[1]))
         return smlm(x, y, self.lora_a, self.lora_b, self.scaling, self.slice_offsets, meta,
                     refs, params, self.backend)

@@ -151,10 +151,17 @@ class AdapterManager:
         """Pin the adapter to a slot; return (layer, module) -> (A, B) Parameters aliasing the slot table."""
         rec = self.get(name)
         self.activate({name})
+        params = self.trainable_views(rec.slot, {key: a.shape[0] for key, (a, _) in rec.weights.modules.items()})
+        rec.trainable = True
+        return params
+
+    def trainable_views(self, slot: int, ranks: dict[tuple[int, str], int]
+                        ) -> dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]]:
+        """(layer, module) -> (A, B) Parameters aliasing the slot's tables, for modules of the given ranks."""
         params: dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]] = {}
         by_layer: dict[int, dict[str, int]] = {}
-        for (layer, module), (a, _) in rec.weights.modules.items():
-            by_layer.setdefault(layer, {})[module] = a.shape[0]
+        for (layer, module), r in ranks.items():
+            by_layer.setdefault(layer, {})[module] = r
         for layer, ranks in sorted(by_layer.items()):
             # group modules by the virtual layer that holds them (q/k/v share one)
             groups: dict[int, tuple[object, dict[str, int]]] = {}
@@ -162,10 +169,17 @@ class AdapterManager:
                 vl = self.layers[layer][module]
                 groups.setdefault(id(vl), (vl, {}))[1][module] = r
             for vl, sub in groups.values():
-                for module, pair in vl.make_trainable(rec.slot, sub).items():
+                for module, pair in vl.make_trainable(slot, sub).items():
                     params[(layer, module)] = pair
-        rec.trainable = True
         return params
+
+    def collect_grads(self, name: str) -> None:
+        """Before an optimizer step: complete the gradients of `make_trainable`'s parameters. On one
+        device backward wrote them already; split over ranks (`parallel.adapters`) they are gathered."""
+
+    def publish_weights(self, name: str) -> None:
+        """After an optimizer step: on one device the parameters are the served slot itself; split
+        over ranks (`parallel.adapters`) the updated weights go into every rank's shard."""
 
     def snapshot(self, name: str) -> AdapterWeights:
         """The adapter's current weights as a CPU copy (reads the slot while it trains)."""

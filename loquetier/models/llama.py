@@ -173,17 +173,22 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Decoder over a flat token batch: `forward(input_ids [N], ctx) -> hidden [N, hidden]`."""
 
-    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, lora_backend: str = "auto"):
+    def __init__(self, args: ModelArgs, lora_slots: int, lora_rank: int, lora_backend: str = "auto", tp=None):
+        """`tp` (a `parallel.TensorParallel`): this rank's shard; `args` are then the shard's shapes."""
         super().__init__()
         self.args = args
+        self.tp = tp
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
         self.embed_tokens.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(args, lora_slots, lora_rank, lora_backend)
                                     for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else _linear(args.hidden_size, args.vocab_size, False)
+        vocab_rows = args.vocab_size if tp is None else args.vocab_size // tp.size   # vocab-parallel LM head
+        self.lm_head = None if args.tie_word_embeddings else _linear(args.hidden_size, vocab_rows, False)
         self.rotary: RotaryEmbedding | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if tp is not None:
+            tp.split_layers(self)
 
     def init_runtime(self, max_positions: int) -> None:
         """After the weights are loaded: rotary tables and empty adapter slot tables."""
@@ -223,6 +228,9 @@ class LlamaModel(nn.Module):
                                          None if self.kv_caches is None else self.kv_caches[i])
         return self.norm.add_forward(out, delta, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """[N, vocab]; split over ranks, each rank's vocabulary shard [N, vocab / size] unless `gather`."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.tp is not None:
+            return self.tp.vocab_logits(hidden, weight, self.lm_head is None, gather)
         return F.linear(hidden, weight)

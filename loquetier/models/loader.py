@@ -50,14 +50,18 @@ def _slice_rows(args: ModelArgs, fused: str, index: int) -> tuple[int, int]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               lora_slots: int, lora_rank: int, lora_backend: str = "auto") -> LlamaModel:
-    """Build the model on the meta device, allocate it once on `device`, and stream the weights in."""
+               lora_slots: int, lora_rank: int, lora_backend: str = "auto", tp=None) -> LlamaModel:
+    """Build the model on the meta device, allocate it once on `device`, and stream the weights in
+    (with `tp`, a `parallel.TensorParallel`, only this rank's shards: each rank reads only those)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model path {str(path)!r} is not a directory (a Hugging Face checkpoint is expected)")
     args = ModelArgs.from_dir(path)
+    if tp is not None:
+        from ..parallel.sharding import read_shard
+        args = tp.shard_args(args)
     with torch.device("meta"):
-        model = LlamaModel(args, lora_slots, lora_rank, lora_backend).to(dtype)
+        model = LlamaModel(args, lora_slots, lora_rank, lora_backend, tp).to(dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     loaded_rows: dict[str, int] = {}
@@ -69,7 +73,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                     continue
                 if target not in params:
                     raise ModelLoadError(f"checkpoint tensor {name} has no place in a {args.family} model")
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(name) if tp is None else read_shard(f, name, tp.rank, tp.size)
                 param = params[target]
                 dst = param.data if rows is None else param.data[rows[0]:rows[1]]
                 if dst.shape != tensor.shape:
@@ -108,6 +112,10 @@ PRESETS = {
     "llama3-8b": dict(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
                       max_position_embeddings=8192, eos_token_ids=[128001]),
+    # Llama-3-70B's shape (tensor-parallel benchmarks: about 35 GiB of bf16 weights per GPU at size 4)
+    "llama3-70b": dict(family="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                       num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192, eos_token_ids=[128001]),
     "tiny": dict(family="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048, eos_token_ids=[2]),
 }
@@ -122,16 +130,21 @@ def preset_args(spec: str) -> ModelArgs:
 
 
 def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_positions: int,
-                 lora_slots: int, lora_rank: int, lora_backend: str = "auto", seed: int = 0) -> LlamaModel:
-    """A model of `args`' shape with N(0, 0.02) weights made directly on `device` (for benchmarks)."""
+                 lora_slots: int, lora_rank: int, lora_backend: str = "auto", seed: int = 0, tp=None) -> LlamaModel:
+    """A model of `args`' shape with N(0, 0.02) weights made directly on `device` (for benchmarks;
+    with `tp` this rank's shard: split weights drawn with its own seed, the embedding with the shared one)."""
+    if tp is not None:
+        args = tp.shard_args(args)
     with torch.device("meta"):
-        model = LlamaModel(args, lora_slots, lora_rank, lora_backend).to(dtype)
+        model = LlamaModel(args, lora_slots, lora_rank, lora_backend, tp).to(dtype)
     model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed if tp is None else seed + 1000 * tp.rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
+            elif name == "embed_tokens.weight" and tp is not None:   # whole on every rank: the same values
+                p.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     model.init_runtime(max_positions)

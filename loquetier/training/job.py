@@ -194,6 +194,7 @@ class TrainingJob:
             return
         self.window_loss = loss
         spec = self.spec
+        self.engine.adapters.collect_grads(self.adapter)
         mixed = self.masters is not self.params
         if mixed:
             # same-dtype multi-tensor copy into the staging buffer, then one casting copy
@@ -211,6 +212,7 @@ class TrainingJob:
                 p.grad = None
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        self.engine.adapters.publish_weights(self.adapter)
         self.step += 1
         self.window = []
         self.losses.append((self.step, self.window_loss))

@@ -1,0 +1,66 @@
+"""The control channel: rank 0 sends each step's plan to every worker over a local socket.
+
+Plain bytes of int64 arrays (`plan.pack`), no pickling; sockets have no timeout, so an idle engine
+keeps its workers, and a worker whose rank 0 is gone sees the connection close and exits.
+"""
+
+from __future__ import annotations
+
+import enum
+from multiprocessing.connection import Client, Connection, Listener
+
+import numpy as np
+
+from .plan import pack, unpack
+
+
+class Op(enum.IntEnum):
+    STEP = 1              # run a HostBatch (forward, losses, logits)
+    DECODE = 2            # replay a decode graph
+    TRAIN = 3             # a training-only step: gradients for the named trained slots
+    BACKWARD = 4          # backpropagate the last STEP's loss sums (the gradient follows by broadcast)
+    WRITE_SLOT = 5        # an adapter into a slot (its tensors follow by broadcast)
+    CLEAR_SLOT = 6
+    MAKE_TRAINABLE = 7
+    FREEZE = 8
+    COLLECT_GRADS = 9     # gather a trained slot's gradients to rank 0
+    PUBLISH = 10          # rank 0's updated weights of a trained slot into every rank's shard
+    DROP_TRAIN_GRAPHS = 11
+    SHUTDOWN = 12
+
+
+class LeaderChannel:
+    """Rank 0's end: one connection per worker, accepted on a local listener."""
+
+    def __init__(self, authkey: bytes):
+        self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        self.conns: list[Connection] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listener.address
+
+    def accept(self, n: int) -> None:
+        self.conns = [self.listener.accept() for _ in range(n)]
+        self.listener.close()
+
+    def send(self, op: Op, parts: list[np.ndarray] = ()) -> None:
+        data = pack([np.asarray([int(op)]), *parts]).tobytes()
+        for conn in self.conns:
+            conn.send_bytes(data)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
+
+
+class WorkerChannel:
+    """A worker's end."""
+
+    def __init__(self, address: tuple[str, int], authkey: bytes):
+        self.conn = Client(address, authkey=authkey)
+
+    def recv(self) -> tuple[Op, list[np.ndarray]]:
+        op, *parts = unpack(np.frombuffer(bytearray(self.conn.recv_bytes()), dtype=np.int64))
+        return Op(int(op[0])), parts

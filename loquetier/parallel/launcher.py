@@ -1,0 +1,121 @@
+"""Start a tensor-parallel engine's workers (rank 0 is the calling process) and stop them.
+
+Each worker is `python -m loquetier.parallel.worker` (a fresh interpreter: the caller's main module
+is never re-imported). The engine config travels as JSON in its environment. Ranks meet in a
+TCPStore that rank 0 opens on a free local port, and workers connect to rank 0's control channel.
+NVLink multicast (NVLS) stays off: plain NCCL collectives, no symmetric-memory ops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+from .channel import LeaderChannel, Op
+from .group import TensorParallel
+
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+log = logging.getLogger("loquetier")
+
+
+def config_from_dict(d: dict) -> EngineConfig:
+    return EngineConfig(**{**d, "cache": CacheConfig(**d["cache"]), "lora": LoraConfig(**d["lora"]),
+                           "scheduler": SchedulerConfig(**d["scheduler"])})
+
+
+def init_group(rank: int, size: int, store_port: int, device: torch.device, channel, store=None) -> TensorParallel:
+    """Join the ranks' process group (NCCL on CUDA, gloo on the CPU)."""
+    os.environ.update(NCCL_ENV)
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", store_port, size, is_master=False)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size)
+    return TensorParallel(rank, size, dist.group.WORLD, channel)
+
+
+def launch(config: EngineConfig) -> TensorParallel:
+    """Start ranks 1..N-1 and make this process rank 0; returns its `TensorParallel`."""
+    size = config.tensor_parallel_size
+    device = config.torch_device
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group; one tensor-parallel "
+                           "engine per process (close the other one first)")
+    os.environ.update(NCCL_ENV)
+    authkey = secrets.token_bytes(16)
+    channel = LeaderChannel(authkey)
+    store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)
+    cfg = dataclasses.asdict(config)
+    procs = []
+    for rank in range(1, size):
+        spec = {"rank": rank, "size": size, "store_port": store.port, "address": list(channel.address),
+                "authkey": authkey.hex(), "config": cfg}
+        procs.append(subprocess.Popen([sys.executable, "-m", "loquetier.parallel.worker"],
+                                      env={**os.environ, **NCCL_ENV, "LOQUETIER_TP_WORKER": json.dumps(spec)}))
+    try:
+        _accept(channel, procs)
+        tp = init_group(0, size, store.port, device, channel, store)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    tp.processes = procs
+    atexit.register(shutdown, tp)
+    return tp
+
+
+def _accept(channel: LeaderChannel, procs: list[subprocess.Popen]) -> None:
+    """Wait for every worker's connection; fail at once if one exits before connecting."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def accept():
+        try:
+            channel.accept(len(procs))
+        except BaseException as e:   # the listener closed under it
+            errors.append(e)
+        done.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    while not done.wait(0.1):
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            channel.listener.close()
+            raise RuntimeError(f"a tensor-parallel worker exited with status {dead[0].returncode} while starting")
+    if errors:
+        raise errors[0]
+
+
+def shutdown(tp: TensorParallel) -> None:
+    """Tell the workers to stop, wait for them, leave the process group."""
+    if not tp.processes:
+        return
+    procs, tp.processes = tp.processes, []
+    try:
+        tp.channel.send(Op.SHUTDOWN)
+    except OSError:
+        pass   # a worker already gone
+    deadline = time.monotonic() + 30
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("tensor-parallel worker %d did not stop; killing it", p.pid)
+            p.kill()
+    tp.channel.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,103 @@
+"""Step plans as one int64 array: what rank 0 sends the workers each step (no pickling).
+
+A message is `pack(parts)`: the number of parts, their lengths, then the parts. A `HostBatch`
+travels as its flat array (every integer array of the step) plus the layout the model reads on
+the host; the workers rebuild it with stand-ins for the loss segments and scheduled sequences,
+whose only use there is their count and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine.batch import HostBatch, LossSegment
+
+
+def pack(parts: list[np.ndarray]) -> np.ndarray:
+    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in parts]
+    return np.concatenate([np.asarray([len(parts)] + [len(p) for p in parts], dtype=np.int64), *parts])
+
+
+def unpack(buf: np.ndarray) -> list[np.ndarray]:
+    n = int(buf[0])
+    lengths = buf[1:1 + n]
+    ends = np.cumsum(lengths) + 1 + n
+    return [buf[e - k:e] for k, e in zip(lengths.tolist(), ends.tolist())]
+
+
+def floats(values) -> np.ndarray:
+    """float64 values carried bit for bit in an int64 part."""
+    return np.asarray(values, dtype=np.float64).view(np.int64)
+
+
+def as_floats(part: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(part).view(np.float64)
+
+
+def _bytes_part(data: bytes) -> np.ndarray:
+    padded = data + b"\0" * (-len(data) % 8)
+    return np.concatenate([[len(data)], np.frombuffer(padded, dtype=np.int64)])
+
+
+def _part_bytes(part: np.ndarray) -> bytes:
+    return np.ascontiguousarray(part[1:]).tobytes()[:int(part[0])]
+
+
+@dataclass
+class PlannedRow:
+    """A worker's stand-in for a `ScheduledSeq`: whether its next token is sampled."""
+
+    completes: bool
+    seq: None = None
+
+
+def host_batch_parts(host: HostBatch) -> list[np.ndarray]:
+    """A `HostBatch` as int64 parts (its dropout generators as their states)."""
+    slots = sorted(host.train_dropout)
+    gens = [host.dropout_generators[s].get_state() if s in host.dropout_generators else None for s in slots]
+    scalars = [host.num_train_segments, host.num_prefills, host.num_decodes, host.num_sampled,
+               int(host.has_placeholders)]
+    return [np.asarray(scalars), np.asarray(host.sizes), host.flat, host.seg_cu, host.seg_slot, host.lora_seg_cu,
+            host.lora_seg_slot, host.context_lens, np.asarray([s.train for s in host.loss_segments]),
+            np.asarray([s.completes for s in host.scheduled]), np.asarray(slots),
+            floats([host.train_dropout[s] for s in slots]), np.asarray([g is not None for g in gens]),
+            *[_bytes_part(bytes(g.numpy().tobytes())) for g in gens if g is not None]]
+
+
+NUM_HOST_PARTS = 13   # parts before the generator states
+
+
+def host_batch_from_parts(parts: list[np.ndarray], generators: dict, device: torch.device) -> HostBatch:
+    """Rebuild the `HostBatch`; `generators` (slot -> Generator, kept by the caller) take the sent states."""
+    (scalars, sizes, flat, seg_cu, seg_slot, lora_cu, lora_slot, context_lens, train, completes, slots,
+     dropout, has_state) = parts[:NUM_HOST_PARTS]
+    n_train, n_pre, n_dec, n_sampled, placeholders = scalars.tolist()
+    states = iter(parts[NUM_HOST_PARTS:])
+    gens = {}
+    for slot, has in zip(slots.tolist(), has_state.tolist()):
+        if has:
+            gen = generators.setdefault(slot, torch.Generator(device=device))
+            gen.set_state(torch.frombuffer(bytearray(_part_bytes(next(states))), dtype=torch.uint8))
+            gens[slot] = gen
+    return HostBatch(
+        flat=np.ascontiguousarray(flat), sizes=sizes.tolist(),
+        loss_segments=[LossSegment([], [], "", bool(t)) for t in train.tolist()],
+        scheduled=[PlannedRow(bool(c)) for c in completes.tolist()],
+        seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_cu, lora_seg_slot=lora_slot,
+        num_train_segments=n_train, num_prefills=n_pre, num_decodes=n_dec, context_lens=context_lens,
+        num_sampled=n_sampled, train_dropout=dict(zip(slots.tolist(), as_floats(dropout).tolist())),
+        dropout_generators=gens, has_placeholders=bool(placeholders))
+
+
+def decode_parts(arrays, with_lora: bool) -> list[np.ndarray]:
+    """A decode-graph step: (ids, positions, slot mapping, token slots, context lengths, tables)."""
+    *rows, tables = arrays
+    return [np.asarray([int(with_lora), tables.shape[1]]), *rows, tables]
+
+
+def decode_from_parts(parts: list[np.ndarray]):
+    (with_lora, width), *rows, tables = parts
+    return (*rows, tables.reshape(-1, int(width))), bool(with_lora)
