@@ -77,9 +77,9 @@ class TensorParallel:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`."""
-        out = torch.empty((self.size, *t.shape), dtype=t.dtype, device=t.device)
-        dist.all_gather_single(out, t.contiguous(), group=self.group)
-        return out
+        out = torch.empty(self.size * t.numel(), dtype=t.dtype, device=t.device)
+        dist.all_gather_single(out, t.contiguous().view(-1), group=self.group)
+        return out.view(self.size, *t.shape)
 
     def copy_to(self, x: torch.Tensor) -> torch.Tensor:
         """Input of a column-parallel layer (see ops: f)."""

@@ -1,8 +1,8 @@
 """Start a tensor-parallel engine's workers (rank 0 is the calling process) and stop them.
 
-Each worker is `python -m loquetier.parallel.worker` (a fresh interpreter: the caller's main module
-is never re-imported). The engine config travels as JSON in its environment. Ranks meet in a
-TCPStore that rank 0 opens on a free local port, and workers connect to rank 0's control channel.
+Workers are forked by a helper interpreter (`spawner.py`; the caller's main module is never
+re-imported); the engine config reaches them as JSON. Ranks meet in a TCPStore that rank 0 opens
+on a free local port, and workers connect to rank 0's control channel.
 NVLink multicast (NVLS) stays off: plain NCCL collectives, no symmetric-memory ops.
 """
 
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
 import logging
 import os
 import secrets
-import subprocess
-import sys
+import signal
 import threading
 import time
 
@@ -25,6 +23,7 @@ import torch.distributed as dist
 from ..config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 from .channel import LeaderChannel, Op
 from .group import TensorParallel
+from .spawner import alive, spawner, wait_exit
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 log = logging.getLogger("loquetier")
@@ -61,24 +60,29 @@ def launch(config: EngineConfig) -> TensorParallel:
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)
     cfg = dataclasses.asdict(config)
     procs = []
-    for rank in range(1, size):
-        spec = {"rank": rank, "size": size, "store_port": store.port, "address": list(channel.address),
-                "authkey": authkey.hex(), "config": cfg}
-        procs.append(subprocess.Popen([sys.executable, "-m", "loquetier.parallel.worker"],
-                                      env={**os.environ, **NCCL_ENV, "LOQUETIER_TP_WORKER": json.dumps(spec)}))
     try:
+        for rank in range(1, size):
+            procs.append(spawner().start({"rank": rank, "size": size, "store_port": store.port,
+                                          "address": list(channel.address), "authkey": authkey.hex(), "config": cfg}))
         _accept(channel, procs)
         tp = init_group(0, size, store.port, device, channel, store)
     except BaseException:
-        for p in procs:
-            p.kill()
+        for pid in procs:
+            _kill(pid)
         raise
     tp.processes = procs
     atexit.register(shutdown, tp)
     return tp
 
 
-def _accept(channel: LeaderChannel, procs: list[subprocess.Popen]) -> None:
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _accept(channel: LeaderChannel, procs: list[int]) -> None:
     """Wait for every worker's connection; fail at once if one exits before connecting."""
     done = threading.Event()
     errors: list[BaseException] = []
@@ -92,10 +96,9 @@ def _accept(channel: LeaderChannel, procs: list[subprocess.Popen]) -> None:
 
     threading.Thread(target=accept, daemon=True).start()
     while not done.wait(0.1):
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
+        if not all(alive(pid) for pid in procs):
             channel.listener.close()
-            raise RuntimeError(f"a tensor-parallel worker exited with status {dead[0].returncode} while starting")
+            raise RuntimeError("a tensor-parallel worker exited while starting (its error is above)")
     if errors:
         raise errors[0]
 
@@ -110,12 +113,10 @@ def shutdown(tp: TensorParallel) -> None:
     except OSError:
         pass   # a worker already gone
     deadline = time.monotonic() + 30
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("tensor-parallel worker %d did not stop; killing it", p.pid)
-            p.kill()
+    for pid in procs:
+        if not wait_exit(pid, max(0.1, deadline - time.monotonic())):
+            log.warning("tensor-parallel worker %d did not stop; killing it", pid)
+            _kill(pid)
     tp.channel.close()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,9 +1,8 @@
-"""A worker process of a tensor-parallel engine: `python -m loquetier.parallel.worker` (the
-launcher starts it). It builds its shard of the engine, then runs what rank 0 sends until told to stop."""
+"""A worker process of a tensor-parallel engine (forked by `spawner.py`): it builds its shard of the
+engine, then runs what rank 0 sends until told to stop."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -23,8 +22,6 @@ from .adapters import (
 )
 from .channel import Op, WorkerChannel
 from .plan import as_floats, decode_from_parts, host_batch_from_parts
-
-WORKER_ENV = "LOQUETIER_TP_WORKER"
 
 
 class Worker:
@@ -98,10 +95,10 @@ class Worker:
             raise AssertionError(f"unknown op {op}")
 
 
-def main() -> None:
+def run(spec: dict) -> None:
+    """Rank `spec["rank"]`: join the group, build this rank's engine, serve rank 0 until it stops us."""
     from ..engine.engine import Engine
     from .launcher import config_from_dict, init_group
-    spec = json.loads(os.environ.pop(WORKER_ENV))
     rank, size = spec["rank"], spec["size"]
     config = config_from_dict(spec["config"])
     channel = WorkerChannel(tuple(spec["address"]), bytes.fromhex(spec["authkey"]))
@@ -116,7 +113,3 @@ def main() -> None:
         pass
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

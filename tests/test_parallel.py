@@ -1,0 +1,208 @@
+"""Tensor parallelism: 2 and 4 gloo processes on the CPU give the single-process engine's logits,
+generations, LoRA gradients and fine-tuned adapters (fp32)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_adapter, write_model_with_tokenizer, write_prompt_completion
+from safetensors.torch import load_file
+
+from loquetier import LLM, SamplingParams
+from loquetier.engine.batch import LossSegment, ScheduledSeq, plan_mixed_batch
+from loquetier.engine.sequence import Sequence
+from loquetier.errors import ModelLoadError
+from loquetier.lora.adapter import LoraSpec, load_peft_adapter
+from loquetier.models.config import ModelArgs
+from loquetier.parallel.plan import host_batch_from_parts, host_batch_parts, pack, unpack
+from loquetier.parallel.sharding import shard_args
+from loquetier.training.spec import TrainSpec
+from loquetier.training.trainer import Trainer
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# 8 heads, 4 KV heads, intermediate 128, vocab 384: every split of the model divides by 4
+SHAPE = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(40, 61)), [3, 4, 5, 6]]
+ADAPTERS = ["a", None, "b", "a"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    hf = write_model_with_tokenizer(root / "base", "llama", **SHAPE)
+    write_adapter(hf, root / "a", 8, ALL, seed=1)
+    write_adapter(hf, root / "b", 4, ["q_proj", "o_proj", "down_proj"], seed=2)
+    write_prompt_completion(root / "data.jsonl", 8, seed=1)
+    return root
+
+
+def make_llm(root, tp, fold="auto"):
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=8, num_kv_blocks=128, block_size=4,
+              lora_fold_shrink=fold, tensor_parallel_size=tp)
+    llm.load_adapter("a", root / "a")
+    llm.load_adapter("b", root / "b")
+    return llm
+
+
+# the folded path (the row-parallel shrink rides in the output's all-reduce) at size 2, the
+# unfolded one (shrink summed on its own) at size 4
+FOLD = {2: "always", 4: "never"}
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def pair(request, root):
+    """(engine split over `size` processes, the same engine in one process)."""
+    size = request.param
+    one, split = make_llm(root, 1, FOLD[size]), make_llm(root, size, FOLD[size])
+    yield size, split, one
+    split.close()
+
+
+def step_logits(llm, steps=4):
+    """Logits of a prefill step of every prompt (with adapters), then of decode steps."""
+    eng = llm.engine
+    for p, a in zip(PROMPTS, ADAPTERS):
+        eng.add_request(p, SamplingParams(max_tokens=steps + 1, temperature=0), a)
+    out = []
+    for _ in range(steps):
+        eng.step(keep_logits=True)
+        out.append(eng.last_result.logits.clone())
+    while eng.has_unfinished():
+        eng.step()
+    return out
+
+
+def test_logits_and_generations_match_one_process(pair):
+    size, split, one = pair
+    for got, want in zip(step_logits(split), step_logits(one)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # greedy, asynchronous scheduling on, and one request with a penalty (a synchronous step)
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] * 3 + \
+        [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.3)]
+    got = [o.token_ids for o in split.generate(PROMPTS, params, ADAPTERS)]
+    assert got == [o.token_ids for o in one.generate(PROMPTS, params, ADAPTERS)]
+    assert all(len(t) == 12 for t in got)
+    assert split.engine.kv.allocator.num_free == split.engine.kv.num_blocks
+
+
+def loss_segments(adapter, gen_seed=None):
+    """Two training examples (and an evaluation one) for `adapter`."""
+    g = None if gen_seed is None else torch.Generator().manual_seed(gen_seed)
+    ids = [list(range(20, 33)), list(range(50, 58))]
+    segs = [LossSegment(x, x[1:] + [-100], adapter, True, generator=g) for x in ids]
+    return segs + [LossSegment(list(range(70, 76)), list(range(71, 76)) + [-100], adapter, False)]
+
+
+def train_grads(llm, name, dropout):
+    """The trainable adapter's gradients from a mixed step (with inference rows) and from a
+    training-only step, in `make_trainable`'s order."""
+    eng = llm.engine
+    weights = load_peft_adapter(Path(eng.config.model).parent / "a", eng.args, 8)
+    weights.spec.lora_dropout = dropout
+    eng.add_adapter(name, weights)
+    params = eng.adapters.make_trainable(name)
+    flat = [t for k in sorted(params) for t in params[k]]
+    for p, a in zip(PROMPTS[:2], ["b", None]):
+        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0), a)
+    eng.step(loss_segments=loss_segments(name, gen_seed=5))
+    sums = eng.last_result.loss_sums
+    (sums[:2] * torch.tensor([0.5, 0.25])).sum().backward()
+    eng.adapters.collect_grads(name)
+    mixed = [p.grad.clone() for p in flat]
+    while eng.has_unfinished():
+        eng.step()
+    segs = loss_segments(name)[:2]
+    slot = eng.adapters.activate({name})[name]
+    host = plan_mixed_batch(segs, [], {None: -1, name: slot}, eng.kv.block_size, {slot: 0.0})
+    only = eng.runner.execute_train(host, [0.3, 0.7], tuple(flat), eng.device).grads
+    eng.adapters.freeze(name)
+    eng.unload_adapter(name)
+    return sums.detach(), mixed, list(only)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_gradients_match_one_process(pair, dropout):
+    size, split, one = pair
+    name = f"t{dropout}"
+    got_sums, got_mixed, got_only = train_grads(split, name, dropout)
+    want_sums, want_mixed, want_only = train_grads(one, name, dropout)
+    torch.testing.assert_close(got_sums, want_sums, rtol=1e-5, atol=1e-5)
+    assert len(got_mixed) == len(want_mixed) == 2 * 7 * 2
+    for got, want in zip(got_mixed + got_only, want_mixed + want_only):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(w.abs().max() > 0 for w in want_only)
+
+
+@pytest.mark.parametrize("pair", [2], indirect=True)   # size 4's gradients are checked above
+def test_finetune_job_saves_the_same_adapter(pair, tmp_path):
+    """A job trained while serving (mixed steps and training-only steps, accumulation, clipping,
+    checkpoints) saves the adapter the one-process engine saves, as an ordinary PEFT adapter."""
+    size, split, one = pair
+
+    def run(llm, out):
+        trainer = Trainer(llm.engine)
+        spec = TrainSpec(name="ft", train_file=str(Path(llm.engine.config.model).parent / "data.jsonl"),
+                         output_dir=str(out), lora=LoraSpec(r=4, lora_alpha=8, target_modules="all-linear"),
+                         epochs=2, micro_batch_size=2, grad_accum=2, learning_rate=5e-3, max_grad_norm=0.5,
+                         checkpoint_interval=2, seed=3)
+        job = trainer.submit(spec)
+        for p, a in zip(PROMPTS, ADAPTERS):
+            llm.engine.add_request(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), a)
+        trainer.run()
+        served = [o.token_ids for o in llm.generate(PROMPTS[:2], SamplingParams(max_tokens=6, temperature=0),
+                                                    ["ft", "ft:step-2"])]
+        llm.engine.participant = None
+        for name in llm.engine.adapter_names():
+            if name.startswith("ft"):
+                llm.engine.unload_adapter(name)
+        return job, served
+
+    job_split, served_split = run(split, tmp_path / "split")
+    job_one, served_one = run(one, tmp_path / "one")
+    assert job_split.status.value == job_one.status.value == "succeeded" and job_split.step == 4
+    assert [l for _, l in job_split.losses] == pytest.approx([l for _, l in job_one.losses], rel=1e-5)
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        got, want = (load_file(str(tmp_path / d / ckpt / "adapter_model.safetensors")) for d in ("split", "one"))
+        assert got.keys() == want.keys() and len(got) == 2 * 7 * 2
+        for k in want:
+            assert got[k].shape == want[k].shape
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=2e-4)   # as the test against PEFT: AdamW scales up rounding in tiny gradients
+    assert served_split == served_one
+
+
+def test_step_plan_round_trip():
+    """A step's `HostBatch` survives the trip to a worker: every field, and its device batch."""
+    seqs = [Sequence([5, 6, 7, 8], SamplingParams(), "x"), Sequence([1, 2], SamplingParams(), None)]
+    for s in seqs:
+        s.block_table = [3, 4]
+    seqs[1].num_computed_tokens = 1
+    gen = torch.Generator().manual_seed(11)
+    host = plan_mixed_batch(loss_segments("x", 0)[:2] + loss_segments("x")[2:],
+                            [ScheduledSeq(seqs[0], 0, 4), ScheduledSeq(seqs[1], 1, 1)],
+                            {None: -1, "x": 2}, 4, {2: 0.1}, {2: gen})
+    parts = unpack(pack(host_batch_parts(host)))
+    gens: dict = {}
+    back = host_batch_from_parts(parts, gens, torch.device("cpu"))
+    for field in ("flat", "seg_cu", "seg_slot", "lora_seg_cu", "lora_seg_slot", "context_lens"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(host, field))
+    for field in ("sizes", "num_train_segments", "num_prefills", "num_decodes", "num_sampled",
+                  "has_placeholders", "train_dropout", "layout_key"):
+        assert getattr(back, field) == getattr(host, field), field
+    assert [s.train for s in back.loss_segments] == [s.train for s in host.loss_segments]
+    assert [s.completes for s in back.scheduled] == [s.completes for s in host.scheduled]
+    assert torch.equal(gens[2].get_state(), gen.get_state())
+    a, b = host.to_device(torch.device("cpu")), back.to_device(torch.device("cpu"))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.ctx.attn.slot_mapping, b.ctx.attn.slot_mapping)
+    assert (a.ctx.attn.loss_cu, a.ctx.attn.prefill_cu, a.ctx.attn.decode_start) == \
+        (b.ctx.attn.loss_cu, b.ctx.attn.prefill_cu, b.ctx.attn.decode_start)
+    assert a.ctx.lora.seg_cu_host == b.ctx.lora.seg_cu_host and len(b.sample_seqs) == len(a.sample_seqs)
+
+
+def test_split_that_does_not_divide_the_model_is_refused():
+    args = ModelArgs(family="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=8, num_kv_heads=2, head_dim=8)
+    assert shard_args(args, 2).num_kv_heads == 1 and shard_args(args, 2).intermediate_size == 64
+    with pytest.raises(ModelLoadError, match="does not divide the model's key/value heads"):
+        shard_args(args, 4)
