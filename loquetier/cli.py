@@ -22,6 +22,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     g.add_argument("--max-cpu-loras", type=int, default=64, help="further adapters kept in CPU memory")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs of this host (N processes; default: %(default)s)")
 
 
 def _serve_parser(sub) -> None:
@@ -91,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, slo_ttft=args.slo_ttft,
-        slo_tpot=args.slo_tpot, train_policy=args.train_policy)
+        slo_tpot=args.slo_tpot, train_policy=args.train_policy, tensor_parallel_size=args.tensor_parallel_size)
     app = create_app(config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -141,7 +143,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(args.output)
     targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
     llm = LLM(args.model, max_loras=2, max_lora_rank=max(args.r, args.max_lora_rank), dtype=args.dtype,
-              device=args.device, max_model_len=args.max_model_len, num_kv_blocks=16, seed=args.seed)
+              device=args.device, max_model_len=args.max_model_len, num_kv_blocks=16, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size)
     spec = TrainSpec(name="finetuned", train_file=args.data, output_dir=str(out / "checkpoints"),
                      lora=LoraSpec(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets),
                      eval_file=args.eval_file, eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
@@ -194,7 +197,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from . import LLM, SamplingParams
     from .server.completions import CHAT_END_TOKENS
     llm = LLM(args.model, max_loras=2, max_lora_rank=args.max_lora_rank, dtype=args.dtype, device=args.device,
-              max_model_len=args.max_model_len, kv_cache_memory=64 << 20, seed=args.seed)
+              max_model_len=args.max_model_len, kv_cache_memory=64 << 20, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size)
     adapter = None
     if args.adapter:
         llm.load_adapter("adapter", args.adapter)

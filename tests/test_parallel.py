@@ -206,3 +206,25 @@ def test_split_that_does_not_divide_the_model_is_refused():
     assert shard_args(args, 2).num_kv_heads == 1 and shard_args(args, 2).intermediate_size == 64
     with pytest.raises(ModelLoadError, match="does not divide the model's key/value heads"):
         shard_args(args, 4)
+
+
+def test_server_with_tensor_parallel_size_2(root, tmp_path):
+    """`loquetier serve --tensor-parallel-size 2`: the official client gets the one-process answers."""
+    from test_server_api import BASE, Server
+    server = Server(root / "base", tmp_path / "data", tmp_path / "server.log", "--tensor-parallel-size", "2",
+                    "--adapter", f"a={root / 'a'}")
+    try:
+        client = server.client(None)
+        one = LLM(str(root / "base"), max_lora_rank=16, num_kv_blocks=256)
+        one.load_adapter("a", root / "a")
+        for model in (BASE, "a"):
+            resp = client.completions.create(model=model, prompt=["Hello there", "12+7="], max_tokens=12, temperature=0)
+            want = one.generate(["Hello there", "12+7="], SamplingParams(max_tokens=12, temperature=0),
+                                None if model == BASE else model)
+            assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == [o.text for o in want]
+        stream = client.completions.create(model="a", prompt="Once", max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == \
+            one.generate("Once", SamplingParams(max_tokens=8, temperature=0), "a")[0].text
+    finally:
+        server.stop()
+    assert "Traceback" not in server.tail(), server.tail()

@@ -46,6 +46,7 @@ class ServerConfig:
     train_policy: str = "slo"
     attention_backend: str = "auto"
     lora_backend: str = "auto"
+    tensor_parallel_size: int = 1              # GPUs (processes) the model is split over
 
     @property
     def model_name(self) -> str:
@@ -60,6 +61,7 @@ class ServerConfig:
         return EngineConfig(
             model=self.model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
             seed=self.seed, attention_backend=self.attention_backend, lora_backend=self.lora_backend,
+            tensor_parallel_size=self.tensor_parallel_size,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               memory_budget_bytes=self.kv_cache_memory),
             lora=LoraConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
