@@ -35,7 +35,7 @@ def make_llm(args, kv_bytes, max_batched=8192, max_seqs=256):
     return LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
                max_loras=4, max_lora_rank=16, max_model_len=2048, kv_cache_memory=kv_bytes,
                max_num_batched_tokens=max_batched, max_num_seqs=max_seqs,
-               train_cuda_graphs=not args.no_train_graphs)
+               train_cuda_graphs=not args.no_train_graphs, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def add_adapters(llm, n=4):
@@ -56,7 +56,7 @@ def param_bytes(model) -> int:
 
 
 def adapter_bytes(engine, r=16) -> int:
-    a = engine.args
+    a = engine.model.args   # split over GPUs: one GPU's shapes (replicated A/B slightly undercounted)
     per_layer = sum(r * (i + o) for i, o in [(a.hidden_size, a.q_size), (a.hidden_size, a.kv_size),
                                              (a.hidden_size, a.kv_size), (a.q_size, a.hidden_size),
                                              (a.hidden_size, a.intermediate_size), (a.hidden_size, a.intermediate_size),
@@ -71,7 +71,7 @@ def bench_decode(args, llm, names, ceil, results):
     same steps with asynchronous scheduling off run in the same process for the A/B."""
     eng = llm.engine
     a = eng.args
-    kv_per_token = a.num_layers * 2 * a.kv_size * 2
+    kv_per_token = a.num_layers * 2 * eng.model.args.kv_size * 2   # one GPU's KV heads
     wbytes = param_bytes(eng.model)
     rng = np.random.default_rng(0)
     modes = [True, False] if not args.no_async_ab else [True]
@@ -192,7 +192,7 @@ def bench_train(args, results, ceil):
         dt = time.perf_counter() - t0
         # tokens actually trained: with a step budget below n_jobs micro-batches, jobs take turns
         tokens = trainer.scheduled_tokens - tokens0
-        a = eng.args
+        a = eng.model.args   # one GPU's shapes: MFU per GPU
         n_params = sum(p.numel() for n, p in eng.model.named_parameters() if "embed_tokens" not in n or a.tie_word_embeddings)
         attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token
         flops = tokens * (4 * n_params + attn)
@@ -205,6 +205,7 @@ def bench_train(args, results, ceil):
         print(row, flush=True)
         for j in list(trainer.jobs.values()):
             j.cancel()
+        llm.close()
         del llm, eng, trainer
         gc.collect()
         torch.cuda.empty_cache() if args.device == "cuda" else None
@@ -329,7 +330,8 @@ def main():
     ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
     ap.add_argument("--no-async-ab", action="store_true",
                     help="decode: measure with asynchronous scheduling only (no run with it off)")
-    ap.add_argument("--kv-gib", type=float, default=24)
+    ap.add_argument("--kv-gib", type=float, default=24, help="KV cache per GPU")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")
     args = ap.parse_args()
@@ -339,7 +341,8 @@ def main():
     sections = args.sections.split(",")
     results: list[dict] = []
     info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv}
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv,
+            "tensor_parallel_size": args.tensor_parallel_size}
     ceil = device_ceilings(args.device) if "ceilings" in sections else {"bandwidth_GBps": float("nan"), "bf16_TFLOPs": float("nan")}
     info.update(ceil)
     print(info, flush=True)
@@ -351,6 +354,7 @@ def main():
             bench_decode(args, llm, names, ceil, results)
         if "e2e" in sections:
             prompts, o_lens = bench_e2e(args, llm, names, results)
+        llm.close()
         del llm
         gc.collect()
         torch.cuda.empty_cache() if args.device == "cuda" else None

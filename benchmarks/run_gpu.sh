@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | peft | training | unified
+#   PART: check | inference | peft | training | unified          (one GPU)
+#         tp-check (2 GPUs) | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
 set -uo pipefail
@@ -30,5 +31,23 @@ case "$part" in
   unified)    # BurstGPT replay: SLO-aware vs fixed vs serving alone vs training alone, with a plot
     timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --requests 80 \
       --speedups 5,12 --max-output 256 --train-only-seconds 15 --out "$out/unified.json" --plot "$out/unified.png" 2>&1 | tail -12 ;;
+  tp-check)   # the tensor-parallel path against the plain engine: one-rank NCCL group, then split over 2 GPUs
+    timeout 280 python benchmarks/tp_check.py --size 1 2>&1 | grep -v -i warn | tail -3
+    timeout 280 python benchmarks/tp_check.py --size 2 2>&1 | grep -v -i warn | tail -3 ;;
+  tp2-decode) # Llama-3-8B shape: decode steps at size 1, then split over 2 GPUs (target: batch 64 step <= 0.6x)
+    for n in 1 2; do timeout 270 python benchmarks/bench_engine.py --sections ceilings,decode --batches 1,8,32,64,128 \
+      --no-async-ab --tensor-parallel-size $n --out "$out/tp${n}_8b_decode.json" 2>&1 | grep "^{'section'"; done
+    python benchmarks/compare_tp.py "$out/tp1_8b_decode.json" "$out/tp2_8b_decode.json" ;;
+  tp2-e2e)    # Llama-3-8B shape: 256 ShareGPT-like requests with 1 and 4 adapters, size 1 then 2
+    for n in 1 2; do timeout 270 python benchmarks/bench_engine.py --sections e2e --tensor-parallel-size $n \
+      --out "$out/tp${n}_8b_e2e.json" 2>&1 | grep "^{'section'"; done
+    python benchmarks/compare_tp.py "$out/tp1_8b_e2e.json" "$out/tp2_8b_e2e.json" ;;
+  tp4-serve)  # Llama-3-70B shape split over 4 GPUs: decode with 0/1/4 adapters (bw_util: share of each GPU's
+              # copy bandwidth, so of the aggregate; target >= 0.6) and 256 requests with 4 adapters
+    timeout 560 python benchmarks/bench_engine.py --model random:llama3-70b --tensor-parallel-size 4 \
+      --sections ceilings,decode,e2e --batches 1,8,32,64 --no-async-ab --out "$out/tp4_70b_serve.json" 2>&1 | tail -22 ;;
+  tp4-train)  # Llama-3-70B shape split over 4 GPUs: LoRA training tokens/s, 1 and 4 adapters (MFU per GPU)
+    timeout 560 python benchmarks/bench_engine.py --model random:llama3-70b --tensor-parallel-size 4 \
+      --sections ceilings,train --train-jobs 1,4 --train-budget 2048 --out "$out/tp4_70b_train.json" 2>&1 | grep "'section'" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -132,7 +132,8 @@ def preset_args(spec: str) -> ModelArgs:
 def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_positions: int,
                  lora_slots: int, lora_rank: int, lora_backend: str = "auto", seed: int = 0, tp=None) -> LlamaModel:
     """A model of `args`' shape with N(0, 0.02) weights made directly on `device` (for benchmarks;
-    with `tp` this rank's shard: split weights drawn with its own seed, the embedding with the shared one)."""
+    with `tp` this rank's shard: split weights drawn with its own seed, the embedding, drawn first,
+    as rank 0 draws it, so a one-rank split is the unsplit model)."""
     if tp is not None:
         args = tp.shard_args(args)
     with torch.device("meta"):
@@ -143,7 +144,7 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device: torch.device, max_
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
-            elif name == "embed_tokens.weight" and tp is not None:   # whole on every rank: the same values
+            elif name == "embed_tokens.weight" and tp is not None and tp.rank:   # whole on every rank: the same values
                 p.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
             else:
                 p.normal_(0.0, 0.02, generator=gen)

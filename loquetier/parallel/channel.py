@@ -1,4 +1,4 @@
-"""The control channel: rank 0 sends each step's plan to every worker over a local socket.
+"""The control channel: rank 0 sends each step's plan to every worker over a Unix socket.
 
 Plain bytes of int64 arrays (`plan.pack`), no pickling; sockets have no timeout, so an idle engine
 keeps its workers, and a worker whose rank 0 is gone sees the connection close and exits.
@@ -33,11 +33,13 @@ class LeaderChannel:
     """Rank 0's end: one connection per worker, accepted on a local listener."""
 
     def __init__(self, authkey: bytes):
-        self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        # a Unix socket: no Nagle delay between back-to-back small messages (TCP would hold each
+        # until the previous one's delayed ACK), and a path only this host can reach
+        self.listener = Listener(family="AF_UNIX", authkey=authkey)
         self.conns: list[Connection] = []
 
     @property
-    def address(self) -> tuple[str, int]:
+    def address(self) -> str:
         return self.listener.address
 
     def accept(self, n: int) -> None:
@@ -58,8 +60,8 @@ class LeaderChannel:
 class WorkerChannel:
     """A worker's end."""
 
-    def __init__(self, address: tuple[str, int], authkey: bytes):
-        self.conn = Client(address, authkey=authkey)
+    def __init__(self, address: str, authkey: bytes):
+        self.conn = Client(address, family="AF_UNIX", authkey=authkey)
 
     def recv(self) -> tuple[Op, list[np.ndarray]]:
         op, *parts = unpack(np.frombuffer(bytearray(self.conn.recv_bytes()), dtype=np.int64))

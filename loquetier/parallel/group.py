@@ -24,7 +24,8 @@ class TensorParallel:
     size: int
     group: dist.ProcessGroup
     channel: object                                  # LeaderChannel on rank 0, WorkerChannel elsewhere
-    processes: list = field(default_factory=list)   # rank 0: the workers' processes
+    processes: list = field(default_factory=list)   # rank 0: the workers' process ids
+    stop: object = None                              # rank 0: stops them (launcher.shutdown)
 
     @property
     def is_leader(self) -> bool:
@@ -100,5 +101,5 @@ class TensorParallel:
     # ------------------------------------------------------------------ lifetime
     def shutdown(self) -> None:
         """Rank 0: stop the workers and leave the process group (idempotent)."""
-        from .launcher import shutdown
-        shutdown(self)
+        if self.stop is not None:
+            self.stop()

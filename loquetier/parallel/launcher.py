@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -34,6 +35,10 @@ def config_from_dict(d: dict) -> EngineConfig:
                            "scheduler": SchedulerConfig(**d["scheduler"])})
 
 
+def cpu_threads(size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // size)
+
+
 def init_group(rank: int, size: int, store_port: int, device: torch.device, channel, store=None) -> TensorParallel:
     """Join the ranks' process group (NCCL on CUDA, gloo on the CPU)."""
     os.environ.update(NCCL_ENV)
@@ -55,6 +60,9 @@ def launch(config: EngineConfig) -> TensorParallel:
         raise RuntimeError("this process already belongs to a torch.distributed group; one tensor-parallel "
                            "engine per process (close the other one first)")
     os.environ.update(NCCL_ENV)
+    threads = torch.get_num_threads()
+    if device.type != "cuda":   # the processes share this host's cores (workers do the same)
+        torch.set_num_threads(cpu_threads(size))
     authkey = secrets.token_bytes(16)
     channel = LeaderChannel(authkey)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)
@@ -63,7 +71,7 @@ def launch(config: EngineConfig) -> TensorParallel:
     try:
         for rank in range(1, size):
             procs.append(spawner().start({"rank": rank, "size": size, "store_port": store.port,
-                                          "address": list(channel.address), "authkey": authkey.hex(), "config": cfg}))
+                                          "address": channel.address, "authkey": authkey.hex(), "config": cfg}))
         _accept(channel, procs)
         tp = init_group(0, size, store.port, device, channel, store)
     except BaseException:
@@ -71,7 +79,8 @@ def launch(config: EngineConfig) -> TensorParallel:
             _kill(pid)
         raise
     tp.processes = procs
-    atexit.register(shutdown, tp)
+    tp.stop = functools.partial(shutdown, tp, threads)
+    atexit.register(tp.stop)
     return tp
 
 
@@ -103,8 +112,9 @@ def _accept(channel: LeaderChannel, procs: list[int]) -> None:
         raise errors[0]
 
 
-def shutdown(tp: TensorParallel) -> None:
-    """Tell the workers to stop, wait for them, leave the process group."""
+def shutdown(tp: TensorParallel, threads: int | None = None) -> None:
+    """Tell the workers to stop, wait for them, leave the process group (and give this process its
+    CPU threads back)."""
     if not tp.processes:
         return
     procs, tp.processes = tp.processes, []
@@ -120,3 +130,5 @@ def shutdown(tp: TensorParallel) -> None:
     tp.channel.close()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -98,14 +98,14 @@ class Worker:
 def run(spec: dict) -> None:
     """Rank `spec["rank"]`: join the group, build this rank's engine, serve rank 0 until it stops us."""
     from ..engine.engine import Engine
-    from .launcher import config_from_dict, init_group
+    from .launcher import config_from_dict, cpu_threads, init_group
     rank, size = spec["rank"], spec["size"]
     config = config_from_dict(spec["config"])
-    channel = WorkerChannel(tuple(spec["address"]), bytes.fromhex(spec["authkey"]))
+    channel = WorkerChannel(spec["address"], bytes.fromhex(spec["authkey"]))
     if config.torch_device.type == "cuda":
         config.device = f"cuda:{rank}"
     else:   # processes of one host share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        torch.set_num_threads(cpu_threads(size))
     tp = init_group(rank, size, spec["store_port"], config.torch_device, channel)
     try:
         Worker(Engine(config, None, tp=tp)).serve()
