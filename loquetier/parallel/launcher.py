@@ -54,6 +54,7 @@ def launch(config: EngineConfig) -> TensorParallel:
     """Start ranks 1..N-1 and make this process rank 0; returns its `TensorParallel`."""
     size = config.tensor_parallel_size
     device = config.torch_device
+    _check_split(config)   # before any process starts: a model that does not divide fails here, cleanly
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
     if dist.is_initialized():
@@ -82,6 +83,14 @@ def launch(config: EngineConfig) -> TensorParallel:
     tp.stop = functools.partial(shutdown, tp, threads)
     atexit.register(tp.stop)
     return tp
+
+
+def _check_split(config: EngineConfig) -> None:
+    from ..models.config import ModelArgs
+    from ..models.loader import preset_args
+    from .sharding import shard_args
+    args = preset_args(config.model) if config.model.startswith("random:") else ModelArgs.from_dir(config.model)
+    shard_args(args, config.tensor_parallel_size)
 
 
 def _kill(pid: int) -> None:
