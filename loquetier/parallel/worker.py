@@ -3,7 +3,6 @@ engine, then runs what rank 0 sends until told to stop."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
