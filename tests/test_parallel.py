@@ -15,7 +15,7 @@ from loquetier.engine.sequence import Sequence
 from loquetier.errors import ModelLoadError
 from loquetier.lora.adapter import LoraSpec, load_peft_adapter
 from loquetier.models.config import ModelArgs
-from loquetier.parallel.plan import host_batch_from_parts, host_batch_parts, pack, unpack
+from loquetier.parallel.plan import decode_from_parts, decode_parts, host_batch_from_parts, host_batch_parts, pack, unpack
 from loquetier.parallel.sharding import shard_args
 from loquetier.training.spec import TrainSpec
 from loquetier.training.trainer import Trainer
@@ -198,6 +198,10 @@ def test_step_plan_round_trip():
     assert (a.ctx.attn.loss_cu, a.ctx.attn.prefill_cu, a.ctx.attn.decode_start) == \
         (b.ctx.attn.loss_cu, b.ctx.attn.prefill_cu, b.ctx.attn.decode_start)
     assert a.ctx.lora.seg_cu_host == b.ctx.lora.seg_cu_host and len(b.sample_seqs) == len(a.sample_seqs)
+    # a decode-graph step (CUDA only, so checked here as data)
+    rows = [np.arange(i, i + 3) for i in range(5)]
+    arrays, with_lora = decode_from_parts(unpack(pack(decode_parts((*rows, np.arange(12).reshape(3, 4)), True))))
+    assert with_lora and all(np.array_equal(x, y) for x, y in zip(arrays, (*rows, np.arange(12).reshape(3, 4))))
 
 
 def test_split_that_does_not_divide_the_model_is_refused():

@@ -40,11 +40,13 @@ class TPModelRunner(ModelRunner):
         self.tp.channel.send(Op.STEP, host_batch_parts(host))
         return super().prepare(host)
 
-    def decode_metadata(self, scheduled, slot_of, block_size):
-        """As on one device; rank 0 sends it, the workers replay their graph from it."""
-        seqs, arrays = super().decode_metadata(scheduled, slot_of, block_size)
-        self.tp.channel.send(Op.DECODE, decode_parts(arrays, bool((arrays[3] >= 0).any())))
-        return seqs, arrays
+    def execute_decode_graph(self, scheduled, slot_of, block_size):
+        """As on one device; the workers replay their graph from the same metadata."""
+        seqs, arrays = self.decode_metadata(scheduled, slot_of, block_size)
+        with_lora = bool((arrays[3] >= 0).any())
+        self.tp.channel.send(Op.DECODE, decode_parts(arrays, with_lora))
+        logits = self.graphs.run(*arrays, with_lora)
+        return seqs, StepResult(self.sampler.sample(logits, seqs), None, None, None)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
         result = super().execute(batch, keep_logits)
