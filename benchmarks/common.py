@@ -30,6 +30,22 @@ def timed(fn, device, repeats=1):
     return statistics.median(times)
 
 
+def steady_decode_step(eng, steps: int, device) -> float:
+    """Seconds per step over `steps` consecutive steps once every request has its first token and
+    steps are decode-only: a device sync before and after, none between (asynchronous scheduling
+    may overlap the host's work with the GPU)."""
+    while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
+        eng.step()
+    for _ in range(3):   # settle into decode-only steps
+        eng.step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def device_ceilings(device) -> dict:
     """Measured in this run: copy bandwidth (read + write bytes) and bf16 matmul rate."""
     if torch.device(device).type != "cuda":

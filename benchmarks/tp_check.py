@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_adapter, sync  # noqa: E402
+from common import random_adapter, steady_decode_step  # noqa: E402
 
 from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig  # noqa: E402
@@ -88,16 +87,7 @@ def run(eng: Engine, args) -> dict:
     for i in range(args.batch):
         eng.add_request(torch.randint(10, min(1000, eng.args.vocab_size), (args.context,), generator=g).tolist(),
                         SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), names[i % 4])
-    while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-        eng.step()
-    for _ in range(3):   # settle into decode-only steps
-        eng.step()
-    sync(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        eng.step()
-    sync(args.device)
-    out["step_ms"] = (time.perf_counter() - t0) / args.steps * 1e3
+    out["step_ms"] = steady_decode_step(eng, args.steps, args.device) * 1e3
     for rid in list(eng.requests):
         eng.abort(rid)
     while eng.has_unfinished():

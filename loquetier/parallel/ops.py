@@ -6,18 +6,17 @@ import torch
 import torch.distributed as dist
 
 
-class _CopyToParallel(torch.autograd.Function):
-    """f: identity forward (the input is the same on every rank); the backward sums the input's
-    gradient over ranks, since each rank's column shard contributes part of it."""
+class _OnBackward(torch.autograd.Function):
+    """Identity forward; the backward hands the gradient to `fn` and passes on what it returns."""
 
     @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.tp.all_reduce_(grad.clone(memory_format=torch.contiguous_format)), None
+        return ctx.fn(grad), None
 
 
 class _ReduceFromParallel(torch.autograd.Function):
@@ -36,8 +35,10 @@ class _ReduceFromParallel(torch.autograd.Function):
 
 
 def copy_to_parallel(x: torch.Tensor, tp) -> torch.Tensor:
+    """f: identity forward (the input is the same on every rank); the backward sums the input's
+    gradient over ranks, since each rank's column shard contributes part of it."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _CopyToParallel.apply(x, tp)
+        return _OnBackward.apply(x, lambda g: tp.all_reduce_(g.clone(memory_format=torch.contiguous_format)))
     return x
 
 
@@ -88,22 +89,12 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
     return _VocabParallelCrossEntropy.apply(local_logits, targets, tp)
 
 
-class _BackwardToWorkers(torch.autograd.Function):
-    """Rank 0's loss sums of a step every rank ran: when rank 0 backpropagates from them, the
-    workers get the same output gradient and backpropagate their copy of the step alongside (the
-    backward's collectives pair up)."""
-
-    @staticmethod
-    def forward(ctx, sums, send):
-        ctx.send = send
-        return sums.view_as(sums)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        ctx.send(grad)
-        return grad, None
-
-
 def backward_to_workers(sums: torch.Tensor, send) -> torch.Tensor:
-    return _BackwardToWorkers.apply(sums, send)
+    """Rank 0's loss sums of a step every rank ran: when rank 0 backpropagates from them, `send`
+    gives the workers the same output gradient, and they backpropagate their copy of the step
+    alongside (the backward's collectives pair up)."""
+    def hand_over(grad):
+        grad = grad.contiguous()
+        send(grad)
+        return grad
+    return _OnBackward.apply(sums, hand_over)
