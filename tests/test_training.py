@@ -269,16 +269,15 @@ def test_bf16_engine_steps_fp32_master_weights(model_dir, tmp_path):
         llm = LLM(str(root / "base"), max_loras=2, max_lora_rank=16, num_kv_blocks=64, dtype=dtype)
         trainer = Trainer(llm.engine)
         job = trainer.submit(spec_for(root, out, learning_rate=1e-6, max_grad_norm=0.0, weight_decay=0.0))
-        start = [p.detach().float().clone() for p in job.params]
+        start = job.state.master.detach().clone()
         trainer.run(max_steps=8)   # 4 optimizer steps; the job (and its slot) are still live
         assert job.step == 4
-        return [m.detach() - s for m, s in zip(job.masters, start)], job
+        return job.state.master.detach() - start, job
 
-    moved32, _ = run("float32", tmp_path / "f32")
-    moved16, job16 = run("bfloat16", tmp_path / "bf16")
-    assert all(m.dtype == torch.float32 for m in job16.masters)
-    assert job16.params[0].dtype == torch.bfloat16
-    flat32, flat16 = torch.cat([m.flatten() for m in moved32]), torch.cat([m.flatten() for m in moved16])
+    flat32, _ = run("float32", tmp_path / "f32")
+    flat16, job16 = run("bfloat16", tmp_path / "bf16")
+    assert job16.state.master.dtype == torch.float32
+    assert job16.state.stage.dtype == torch.bfloat16 and job16.state.master is not job16.state.stage
     assert flat32.abs().max() < 1e-4                 # far below bf16 steps for weights of this size
     assert flat16.abs().max() > 0
     assert ((flat16 - flat32).norm() / flat32.norm()).item() < 0.1
