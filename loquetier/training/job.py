@@ -186,8 +186,11 @@ class TrainingJob:
         if alone or int(lengths[micro].sum()) <= budget:
             take = list(micro)
         else:   # beside traffic: the examples of this micro-batch that fit, first fit
-            take = [micro[k] for k in first_fit(lengths, np.asarray(micro), budget)[0]] \
-                if min(lengths[micro]) <= budget else []
+            take, room = [], budget
+            for i in micro:
+                if lengths[i] <= room:
+                    take.append(i)
+                    room -= int(lengths[i])
             if not take:
                 return []
         taken = set(take)
