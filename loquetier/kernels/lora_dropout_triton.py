@@ -6,7 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_dropout import COL_MUL, MIX_A, MIX_B
+from . import lora_dropout as ref
+
+# compiled kernels read module globals only as constexprs
+MIX_A = tl.constexpr(ref.MIX_A)
+MIX_B = tl.constexpr(ref.MIX_B)
+COL_MUL = tl.constexpr(ref.COL_MUL)
 
 DROPOUT_BLOCK = 1024     # columns per program: 16-byte accesses for 16-bit values
 DROPOUT_NUM_WARPS = 4
