@@ -54,7 +54,8 @@ def write_adapter(base_model, path: Path, r: int, targets, alpha: float = 16, se
     """Make a PEFT LoRA adapter with random (non-zero) A and B, save it, and return the PeftModel."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
+                     lora_dropout=0.0,
                      use_rslora=use_rslora, task_type="CAUSAL_LM", **kw)
     import copy
     peft_model = get_peft_model(copy.deepcopy(base_model), cfg)

@@ -122,7 +122,7 @@ class JobService:
             max_seq_len=self.engine.max_model_len,
             lora=LoraSpec(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), use_rslora=lora.use_rslora))
-        spec.lora.resolved_targets()   # AdapterError (400) for modules the model does not have
+        spec.lora.modules(self.engine.args, strict=True)   # AdapterError (400) for modules the model does not have
         # tokenizing may take a while: do it here, not on the engine thread
         data = await asyncio.to_thread(self.trainer.load_data, spec)
         train, _ = data
