@@ -118,7 +118,8 @@ class CompletionService:
             max_tokens = self.context_len - len(ids)
             if max_tokens < 1:
                 raise RequestError(f"the conversation is {len(ids)} tokens, which leaves no room to reply within "
-                                   f"this model's context of {self.context_len} tokens; shorten the messages")
+                                   f"this model's context of {self.context_len} tokens; shorten the messages",
+                                   param="messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
         # end-of-turn tokens are EOS to a chat reply: ignore_eos ignores them too, as vLLM does
         stop_ids = [] if req.ignore_eos else self.chat_stop_ids
