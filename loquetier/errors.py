@@ -6,6 +6,12 @@ class LoquetierError(Exception):
 
     status: int = 400
     code: str = "invalid_request"
+    param: str | None = None   # the request field at fault, where there is one (OpenAI's error `param`)
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class ModelLoadError(LoquetierError):
