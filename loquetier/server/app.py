@@ -328,7 +328,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = getattr(exc, "status", 400)
         if status >= 500:
             log.error("request failed: %s", exc)
-        return error_response(status, str(exc), getattr(exc, "code", None))
+        return error_response(status, str(exc), getattr(exc, "code", None), getattr(exc, "param", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -11,6 +11,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..sampling_params import MAX_LOGIT_BIAS
+
 MAX_LOGPROBS = 20
 MAX_N = 16
 
@@ -59,6 +61,29 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """`response_format.json_schema`: the output must validate against `schema`. `name` and
+    `description` only label it; the schema is always enforced, whatever `strict` says."""
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema (with its 'schema') is required with type 'json_schema' and only there")
+        return self
+
+
 class SamplingRequest(RequestModel):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -78,6 +103,26 @@ class SamplingRequest(RequestModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    logit_bias: dict[str, float] | None = None   # token id (a string, as JSON keys are) -> bias
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to biases")
+        for token, bias in v.items():
+            if not (isinstance(token, str) and token.isascii() and token.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids (strings of non-negative integers), "
+                                 f"got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
+        return v
+
+    @property
+    def token_biases(self) -> dict[int, float] | None:
+        """`logit_bias` keyed by integer token id."""
+        return {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None
 
     @field_validator("top_k")
     @classmethod
