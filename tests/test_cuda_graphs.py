@@ -57,7 +57,7 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
 
 def _controlled_params():
     """Greedy requests with a forcing bias, a banning bias, a JSON schema, and none."""
-    from loquetier.sampling_params import StructuredOutputsParams
+    from loquetier import StructuredOutputsParams
     schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
               "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
     return [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logit_bias={77: 100.0}),

@@ -12,8 +12,7 @@ from helpers import write_adapter, write_model_with_tokenizer
 from pydantic import BaseModel, ConfigDict, Field
 from test_server_api import API_KEY, BASE, CHAT_STOP_IDS, Server, assert_error, chat_prompt, greedy, post
 
-from loquetier import LLM
-from loquetier.sampling_params import StructuredOutputsParams
+from loquetier import LLM, StructuredOutputsParams
 
 
 class Pet(BaseModel):

@@ -13,10 +13,9 @@ import torch
 from helpers import write_adapter, write_model_with_tokenizer
 from pydantic import BaseModel, ConfigDict, Field
 
-from loquetier import LLM, SamplingParams
+from loquetier import LLM, SamplingParams, StructuredOutputsParams
 from loquetier.engine.structured import JSON_OPTIONS, Grammar, TokenBitmask
 from loquetier.errors import RequestError
-from loquetier.sampling_params import StructuredOutputsParams
 
 EOS = 2
 

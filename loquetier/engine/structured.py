@@ -112,19 +112,19 @@ class TokenBitmask:
     """Masks the logits of a step's grammar rows with one packed bitmask built on the host."""
 
     def __init__(self):
-        self._executor: llguidance.LLExecutor | None = None
+        self.executor: llguidance.LLExecutor | None = None
         self._bit_positions: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def apply(self, logits: torch.Tensor, rows: list[int], grammars: list[Grammar]) -> torch.Tensor:
         """`logits` [B, V] with -inf where row `rows[i]`'s grammar forbids a token (a new tensor)."""
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
+        if self.executor is None:
+            self.executor = llguidance.LLExecutor()
         V, dev = logits.shape[1], logits.device
         words, n = (V + 31) // 32, len(rows)
         # one pinned buffer: n masks of `words` int32, then the n row indices
         host = torch.empty(n * words + n, dtype=torch.int32, pin_memory=dev.type == "cuda")
         host[n * words:] = torch.tensor(rows, dtype=torch.int32)
-        self._executor.unsafe_compute_mask_ptr([(g.matcher, i) for i, g in enumerate(grammars)],
+        self.executor.unsafe_compute_mask_ptr([(g.matcher, i) for i, g in enumerate(grammars)],
                                                host.data_ptr(), words * 4, n)
         flat = host.to(dev, non_blocking=True)
         masks, row_ids = flat[:n * words].view(n, words), flat[n * words:].long()
