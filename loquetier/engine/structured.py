@@ -3,8 +3,9 @@
 Each such request has its own matcher, advanced on the host over every token it samples. A step
 that samples grammar rows fills one packed int32 bitmask for them on the host (bit t of a row:
 token t is allowed), sends it to the device with one non-blocking copy, and the sampler sets the
-forbidden tokens' logits to -inf. A row's next mask needs its previous token on the host, so such
-steps run synchronously (`SamplingParams.needs_tokens_on_host`).
+forbidden tokens' logits to -inf. The mask is filled after the step's forward is launched, so it
+overlaps the GPU. A row's next mask needs its previous token on the host, so such steps run
+synchronously (`SamplingParams.needs_tokens_on_host`).
 
 The grammar library is llguidance: MIT-licensed, one abi3 wheel per platform (CPython 3.9+, so
 3.11 and 3.12 alike) with no Python dependencies, masks in tens of microseconds for a 128k
@@ -29,8 +30,8 @@ from ..sampling_params import StructuredOutputsParams
 if TYPE_CHECKING:   # imported where first used: an engine that never sees a grammar does not load it
     import llguidance
 
-# Fixed separators, no free whitespace: output a model cannot pad with whitespace forever (small
-# models do, with flexible whitespace), and the layout `json.dumps` writes.
+# Fixed separators and no other whitespace (the layout `json.dumps` writes): a model cannot pad the
+# output with whitespace until max_tokens, which vLLM's `disable-any-whitespace` exists to prevent.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_OBJECT_SCHEMA = {"type": "object"}
 MAX_CACHED_GRAMMARS = 64
