@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import sync, table, write_json  # noqa: E402
+from common import start_decoding, steady_step_seconds, table, write_json  # noqa: E402
 
 from loquetier import SamplingParams, StructuredOutputsParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
@@ -118,18 +118,10 @@ def run_mode(args, eng, batch: int, params: SamplingParams, asynchronous: bool) 
     rng = np.random.default_rng(0)
     for _ in range(batch):
         eng.add_request(rng.integers(10, eng.args.vocab_size - 10, args.context).tolist(), params)
-    while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-        eng.step()
+    start_decoding(eng)
     rows = []
     eng.step_observers.append(lambda info: rows.append(info["num_decode_tokens"]))
-    for _ in range(3):   # settle into decode-only steps
-        eng.step()
-    sync(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.decode_steps):
-        eng.step()
-    sync(args.device)
-    step = (time.perf_counter() - t0) / args.decode_steps
+    step = steady_step_seconds(eng, args.decode_steps, args.device)
     eng.step_observers.pop()
     assert all(r == batch for r in rows), f"a timed step had {min(rows)} rows, not {batch}"
     for rid in list(eng.requests):

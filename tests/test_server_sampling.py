@@ -4,28 +4,15 @@ name the field."""
 
 import asyncio
 import json
-from typing import Annotated, Literal
 
 import openai
 import pytest
 from helpers import write_adapter, write_model_with_tokenizer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from test_server_api import API_KEY, BASE, CHAT_STOP_IDS, Server, assert_error, chat_prompt, greedy, post
+from test_structured import Order, Pet
 
 from loquetier import LLM, StructuredOutputsParams
-
-
-class Pet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["cat", "dog", "fish"]
-    age: Annotated[int, Field(ge=0, le=20)]
-    indoor: bool
-
-
-class Order(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    size: Literal["S", "M", "L"]
-    count: Annotated[int, Field(ge=1, le=9)]
 
 
 def json_schema_format(model: type[BaseModel]) -> dict:

@@ -211,8 +211,8 @@ class Engine:
              ) -> list[RequestOutput]:
         """One scheduling round and one forward over the mixed batch.
 
-        Asynchronous scheduling (`EngineConfig.async_scheduling`; not for steps with penalties, grammars or
-        `keep_logits`): the step is
+        Asynchronous scheduling (`EngineConfig.async_scheduling`; not for steps with penalties,
+        grammars or `keep_logits`): the step is
         launched before the previous step's tokens are read on the host. Its inputs take those tokens
         on the device (placeholders, see `Sequence`), and the host's bookkeeping of the previous step
         (stop checks, outputs) overlaps this step's GPU work. So outputs come back one step later,
