@@ -82,7 +82,7 @@ class SamplingParams:
 
     def _check_logit_bias(self) -> None:
         for token, bias in self.logit_bias.items():
-            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**31:   # no vocab is larger
                 raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}",
                                    param="logit_bias")
             if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)

@@ -111,7 +111,7 @@ def test_logit_bias_per_row_forces_bans_and_keeps_raw_logprobs():
 
 
 def test_logit_bias_validation():
-    for bias in [{5: 101}, {5: -100.5}, {-1: 1.0}, {"5": 1.0}, {5: float("nan")}, {5: True}, {True: 1.0}]:
+    for bias in [{5: 101}, {5: -100.5}, {-1: 1.0}, {"5": 1.0}, {5: float("nan")}, {5: True}, {True: 1.0}, {2**64: 1.0}]:
         with pytest.raises(RequestError, match="logit_bias"):
             SamplingParams(logit_bias=bias)
     assert SamplingParams(logit_bias={}).logit_bias is None

@@ -44,8 +44,9 @@ def test_two_schemas_two_adapters_in_one_batch(env):
     messages = [{"role": "user", "content": "Describe a pet."}]
     prompt = chat_prompt(llm, messages)
     jobs = [("a1", Pet), ("a2", Order), (BASE, Pet)]
-    refs = llm.generate([prompt] * 3, [greedy(48, stop_token_ids=CHAT_STOP_IDS, structured_outputs=StructuredOutputsParams(
-        json=model.model_json_schema())) for _, model in jobs], [None if m == BASE else m for m, _ in jobs])
+    params = [greedy(48, stop_token_ids=CHAT_STOP_IDS,
+                     structured_outputs=StructuredOutputsParams(json=model.model_json_schema())) for _, model in jobs]
+    refs = llm.generate([prompt] * 3, params, [None if m == BASE else m for m, _ in jobs])
 
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
@@ -115,7 +116,8 @@ def test_bad_bias_and_formats_get_400_naming_the_field(env):
                         ({"5": "x"}, "numbers"), ({"5": True}, "numbers"), ([5], "object")]:
         assert assert_error(comp(logit_bias=bias), 400, "logit_bias", words)["param"] == "logit_bias"
         assert assert_error(chat(logit_bias=bias), 400, "logit_bias")["param"] == "logit_bias"
-    assert assert_error(comp(logit_bias={"384": 1}), 400, "outside the vocabulary")["param"] == "logit_bias"
+    for token in ("384", "9" * 30):
+        assert assert_error(comp(logit_bias={token: 1}), 400, "logit_bias")["param"] == "logit_bias"
     assert assert_error(chat(response_format={"type": "regex"}), 400)["param"] == "response_format.type"
     assert_error(chat(response_format={"type": "json_schema"}), 400, "response_format", "json_schema")
     assert assert_error(chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),

@@ -137,8 +137,9 @@ def test_unusable_schemas_are_request_errors(models, llama_dir):
     root, _ = models
     llm = LLM(str(root / "base"), num_kv_blocks=64)
     for schema, words in [({"type": "foo"}, "Invalid type"), ({"type": "string", "format": "weird"}, "format"),
-                          ({"type": "string", "pattern": "(("}, "regex"), ({"$ref": "http://example.com/s"}, "not present"),
-                          ("not json", "schema")]:
+                          ({"type": "string", "pattern": "(("}, "regex"),
+                          ({"$ref": "http://example.com/s"}, "not present"), ("not json", "schema"),
+                          ({"type": "object", "default": {1, 2}}, "not JSON")]:
         with pytest.raises(RequestError, match=words):
             llm.generate(["Hi"], json_params(schema))
     assert not llm.engine.has_unfinished() and not llm.engine.requests

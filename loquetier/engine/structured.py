@@ -86,7 +86,10 @@ class GrammarCompiler:
         """The llguidance grammar of `spec`, checked and cached; raises RequestError for a schema
         that is invalid or uses a feature the compiler does not support."""
         schema: Any = JSON_OBJECT_SCHEMA if spec.json_object else spec.json
-        key = schema if isinstance(schema, str) else json.dumps(schema)   # key order is output order: kept
+        try:
+            key = schema if isinstance(schema, str) else json.dumps(schema)   # key order is output order: kept
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"the JSON schema is not JSON: {e}") from None
         with self._lock:
             grammar = self._grammars.get(key)
             if grammar is not None:
