@@ -24,6 +24,8 @@ from common import (  # noqa: E402
     device_ceilings,
     lognormal_lengths,
     random_adapter,
+    start_decoding,
+    steady_step_seconds,
     sync,
     table,
     write_json,
@@ -85,16 +87,8 @@ def bench_decode(args, llm, names, ceil, results):
                     eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
                                     SamplingParams(max_tokens=2 * args.decode_steps + 8,
                                                    temperature=0, ignore_eos=True), ad)
-                while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-                    eng.step()
-                for _ in range(3):   # settle into decode-only steps
-                    eng.step()
-                sync(args.device)
-                t0 = time.perf_counter()
-                for _ in range(args.decode_steps):
-                    eng.step()
-                sync(args.device)
-                step = (time.perf_counter() - t0) / args.decode_steps
+                start_decoding(eng)
+                step = steady_step_seconds(eng, args.decode_steps, args.device)
                 synced = []          # the same steps, each one waited for (host work not overlapped)
                 for _ in range(args.decode_steps):
                     t1 = time.perf_counter()

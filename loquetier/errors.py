@@ -48,9 +48,14 @@ class JobNotFoundError(LoquetierError):
 
 
 class RequestError(LoquetierError):
-    """A generation request is invalid (prompt too long, bad sampling parameters...)."""
+    """A generation request is invalid (prompt too long, bad sampling parameters...). `param` names
+    the request field at fault, when there is one (the `param` of OpenAI's error body)."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class CapacityError(LoquetierError):

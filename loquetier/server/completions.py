@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine.engine import RequestOutput
 from ..engine.sequence import TokenLogprob
 from ..errors import LoquetierError, RequestError
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 from .engine_loop import (
     AsyncEngine,
     GenerationRequest,
@@ -41,6 +41,7 @@ from .protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    ResponseFormat,
     SamplingRequest,
     TopLogprob,
     UsageInfo,
@@ -56,6 +57,7 @@ R = TypeVar("R")
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)   # what torch.Generator.manual_seed accepts (int64)
 CHAT_END_TOKENS = ("</s>", "<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>",
                    "<|end_of_text|>", "<|eom_id|>")
+MIN_LOGPROB = -9999.0   # what vLLM reports for a token of probability 0 (JSON has no -Infinity)
 
 
 class GroupStreamingResponse(StreamingResponse):
@@ -80,6 +82,7 @@ class CompletionService:
         self.tokenizer = tokenizer
         self.model_name = model_name
         engine = aengine.engine
+        self.grammars = engine.grammars   # thread-safe: schemas compile off the engine thread
         self.context_len = min(engine.max_model_len, engine.kv.num_blocks * engine.kv.block_size)
         vocab = tokenizer.get_vocab() if tokenizer is not None else {}
         self.chat_stop_ids = sorted({vocab[t] for t in CHAT_END_TOKENS if t in vocab}
@@ -96,8 +99,9 @@ class CompletionService:
         batch = req.prompts()
         prompts = [self._encode(p, "prompt" if len(batch) == 1 else f"prompt.{i}") for i, p in enumerate(batch)]
         k = req.logprobs
-        requests = [GenerationRequest(ids, self._params(req, req.max_tokens, k, [], req.seed, j), self._adapter(req))
-                    for ids in prompts for j in range(req.n)]
+        structured = await self._structured_outputs(req.response_format)
+        requests = [GenerationRequest(ids, self._params(req, req.max_tokens, k, [], req.seed, j, structured),
+                                      self._adapter(req)) for ids in prompts for j in range(req.n)]
         group = await self.aengine.add(requests)
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -123,7 +127,8 @@ class CompletionService:
         k = (req.top_logprobs or 0) if req.logprobs else None
         # end-of-turn tokens are EOS to a chat reply: ignore_eos ignores them too, as vLLM does
         stop_ids = [] if req.ignore_eos else self.chat_stop_ids
-        requests = [GenerationRequest(ids, self._params(req, max_tokens, k, stop_ids, req.seed, j),
+        structured = await self._structured_outputs(req.response_format)
+        requests = [GenerationRequest(ids, self._params(req, max_tokens, k, stop_ids, req.seed, j, structured),
                                       self._adapter(req)) for j in range(req.n)]
         group = await self.aengine.add(requests)
         if req.stream:
@@ -189,8 +194,24 @@ class CompletionService:
     def _adapter(self, req: SamplingRequest) -> str | None:
         return None if req.model == self.model_name else req.model
 
+    async def _structured_outputs(self, fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
+        """The grammar `response_format` asks for, compiled now (off the engine thread) so that an
+        unusable schema gets a 400 naming the field and the engine finds it compiled."""
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            spec, field = StructuredOutputsParams(json_object=True), "response_format"
+        else:
+            spec = StructuredOutputsParams(json=fmt.json_schema.json_schema)
+            field = "response_format.json_schema.schema"
+        try:
+            await asyncio.to_thread(self.grammars.compile, spec)
+        except RequestError as e:
+            raise RequestError(f"{field}: {e}", param=field) from None
+        return spec
+
     def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, stop_ids: list[int],
-                seed: int | None, choice: int) -> SamplingParams:
+                seed: int | None, choice: int, structured: StructuredOutputsParams | None) -> SamplingParams:
         if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - req.n:
             raise RequestError(f"seed must be a 64-bit integer (at most {SEED_RANGE[1] - req.n} with n={req.n}), "
                                f"got {seed}", param="seed")
@@ -199,7 +220,7 @@ class CompletionService:
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=None if seed is None else seed + choice,
             stop=req.stop_list, stop_token_ids=sorted(set(req.stop_token_ids or []) | set(stop_ids)),
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=req.token_biases, structured_outputs=structured)
 
     def _tokenizer(self, param: str):
         if self.tokenizer is None:
@@ -236,20 +257,20 @@ class CompletionService:
         for lp in lps or []:
             token = self._text_of(lp.token_id)
             out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
+            out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
             out.text_offset.append(offset)
             offset += len(token)
-            out.top_logprobs.append({self._text_of(t): v for t, v in lp.top} if lp.top else None)
+            out.top_logprobs.append({self._text_of(t): max(v, MIN_LOGPROB) for t, v in lp.top} if lp.top else None)
         return out
 
     def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> ChatLogprobs:
         content = []
         for lp in lps or []:
             token = self._text_of(lp.token_id)
-            tops = [TopLogprob(token=self._text_of(t), logprob=v, bytes=list(self._text_of(t).encode()))
-                    for t, v in lp.top]
-            content.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
-                                            top_logprobs=tops))
+            tops = [TopLogprob(token=self._text_of(t), logprob=max(v, MIN_LOGPROB),
+                               bytes=list(self._text_of(t).encode())) for t, v in lp.top]
+            content.append(ChatTokenLogprob(token=token, logprob=max(lp.logprob, MIN_LOGPROB),
+                                            bytes=list(token.encode()), top_logprobs=tops))
         return ChatLogprobs(content=content)
 
 

@@ -46,6 +46,8 @@ from .requests import (
     ChatMessage,
     CompletionRequest,
     ContentPart,
+    JsonSchemaFormat,
+    ResponseFormat,
     SamplingRequest,
     StreamOptions,
 )

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ...sampling_params import MAX_LOGIT_BIAS
 from .base import FieldError, RequestModel, accepted_if, unsupported
 
 MAX_LOGPROBS = 20
@@ -37,6 +38,29 @@ class StreamOptions(RequestModel):
                                      "server's stream chunks carry no obfuscation padding") = None
 
 
+class JsonSchemaFormat(RequestModel):
+    """`response_format.json_schema`: the output must validate against `schema`. `name` and
+    `description` only label it; the schema is always enforced, whatever `strict` says."""
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema (with its 'schema') is required with type 'json_schema' and only there")
+        return self
+
+
 class SamplingRequest(RequestModel):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -55,10 +79,28 @@ class SamplingRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    # accepted as before and not applied yet: their own validation comes with their implementation
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = None   # token id (a string, as JSON keys are) -> bias
+    response_format: ResponseFormat | None = None
     # no effect on the output: OpenAI uses it for abuse monitoring
     user: str | None = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError("logit_bias must be an object mapping token ids to biases")
+        for token, bias in v.items():
+            if not (isinstance(token, str) and token.isascii() and token.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids (strings of non-negative integers), "
+                                 f"got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
+        return v
+
+    @property
+    def token_biases(self) -> dict[int, float] | None:
+        """`logit_bias` keyed by integer token id."""
+        return {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None
 
     @field_validator("top_k")
     @classmethod
@@ -206,7 +248,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: Any = None   # accepted as before, not applied yet (as logit_bias)
 
     tools: unsupported(NO_TOOLS) = None
     functions: unsupported(NO_TOOLS) = None
