@@ -30,18 +30,22 @@ def timed(fn, device, repeats=1):
     return statistics.median(times)
 
 
-def steady_decode_step(eng, steps: int, device) -> float:
-    """Seconds per step over `steps` consecutive steps once every request has its first token and
-    steps are decode-only: a device sync before and after, none between (asynchronous scheduling
-    may overlap the host's work with the GPU)."""
-    while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-        eng.step()
-    for _ in range(3):   # settle into decode-only steps
-        eng.step()
+def start_decoding(engine, settle: int = 3) -> None:
+    """Step until every queued request has its first token, then `settle` steps more, so the next
+    steps are decode-only."""
+    while any(not s.output_token_ids for s in list(engine.scheduler.running) + list(engine.scheduler.waiting)):
+        engine.step()
+    for _ in range(settle):
+        engine.step()
+
+
+def steady_step_seconds(engine, steps: int, device) -> float:
+    """Wall time of `steps` consecutive `Engine.step()` calls over their number: a device sync
+    before and after, none between, so asynchronous scheduling can overlap host and GPU."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        eng.step()
+        engine.step()
     sync(device)
     return (time.perf_counter() - t0) / steps
 

@@ -15,16 +15,16 @@ from .plan import pack, unpack
 
 
 class Op(enum.IntEnum):
-    STEP = 1              # run a HostBatch (forward, losses, logits)
+    STEP = 1              # run a HostBatch (forward, losses, logits; the backward of training rows)
     DECODE = 2            # replay a decode graph
-    TRAIN = 3             # a training-only step: gradients for the named trained slots
-    BACKWARD = 4          # backpropagate the last STEP's loss sums (the gradient follows by broadcast)
-    WRITE_SLOT = 5        # an adapter into a slot (its tensors follow by broadcast)
-    CLEAR_SLOT = 6
-    MAKE_TRAINABLE = 7
-    FREEZE = 8
-    COLLECT_GRADS = 9     # gather a trained slot's gradients to rank 0
-    PUBLISH = 10          # rank 0's updated weights of a trained slot into every rank's shard
+    TRAIN = 3             # a training-only step (maybe through a captured graph)
+    WRITE_SLOT = 4        # an adapter into a slot (its tensors follow by broadcast)
+    CLEAR_SLOT = 5
+    MAKE_TRAINABLE = 6
+    FREEZE = 7
+    GATHER_GRADS = 8      # a trained slot's gradients to rank 0 (SplitTrainState)
+    PUBLISH = 9           # rank 0's stepped weights of a trained slot into every rank's shard
+    ZERO_GRADS = 10
     DROP_TRAIN_GRAPHS = 11
     SHUTDOWN = 12
 

@@ -62,9 +62,9 @@ class TensorParallel:
         from .adapters import TPAdapterManager
         return TPAdapterManager(model, config, self) if self.is_leader else AdapterManager(model, config)
 
-    def runner(self, model, max_sampled_rows: int, adapters):
+    def runner(self, model, max_sampled_rows: int):
         from .runner import TPModelRunner
-        return TPModelRunner(model, max_sampled_rows, self, adapters)
+        return TPModelRunner(model, max_sampled_rows, self)
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

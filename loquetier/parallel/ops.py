@@ -6,17 +6,18 @@ import torch
 import torch.distributed as dist
 
 
-class _OnBackward(torch.autograd.Function):
-    """Identity forward; the backward hands the gradient to `fn` and passes on what it returns."""
+class _CopyToParallel(torch.autograd.Function):
+    """f: identity forward (the input is the same on every rank); the backward sums the input's
+    gradient over ranks, since each rank's column shard contributes part of it."""
 
     @staticmethod
-    def forward(ctx, x, fn):
-        ctx.fn = fn
+    def forward(ctx, x, tp):
+        ctx.tp = tp
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.fn(grad), None
+        return ctx.tp.all_reduce_(grad.clone(memory_format=torch.contiguous_format)), None
 
 
 class _ReduceFromParallel(torch.autograd.Function):
@@ -35,10 +36,8 @@ class _ReduceFromParallel(torch.autograd.Function):
 
 
 def copy_to_parallel(x: torch.Tensor, tp) -> torch.Tensor:
-    """f: identity forward (the input is the same on every rank); the backward sums the input's
-    gradient over ranks, since each rank's column shard contributes part of it."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _OnBackward.apply(x, lambda g: tp.all_reduce_(g.clone(memory_format=torch.contiguous_format)))
+        return _CopyToParallel.apply(x, tp)
     return x
 
 
@@ -87,14 +86,3 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, tp) -> torch.Tensor:
     """Per-token cross entropy (fp32 logits [N, V/size], targets [N] in [0, V)), as F.cross_entropy."""
     return _VocabParallelCrossEntropy.apply(local_logits, targets, tp)
-
-
-def backward_to_workers(sums: torch.Tensor, send) -> torch.Tensor:
-    """Rank 0's loss sums of a step every rank ran: when rank 0 backpropagates from them, `send`
-    gives the workers the same output gradient, and they backpropagate their copy of the step
-    alongside (the backward's collectives pair up)."""
-    def hand_over(grad):
-        grad = grad.contiguous()
-        send(grad)
-        return grad
-    return _OnBackward.apply(sums, hand_over)

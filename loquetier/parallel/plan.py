@@ -1,9 +1,9 @@
 """Step plans as one int64 array: what rank 0 sends the workers each step (no pickling).
 
 A message is `pack(parts)`: the number of parts, their lengths, then the parts. A `HostBatch`
-travels as its flat array (every integer array of the step) plus the layout the model reads on
-the host; the workers rebuild it with stand-ins for the loss segments and scheduled sequences,
-whose only use there is their count and flags.
+travels as its flat array (every integer array of the step, loss weights and dropout keys
+included) plus the layout the model reads on the host; the workers rebuild it with stand-ins for
+the loss segments and scheduled sequences, whose only use there is their count and flags.
 """
 
 from __future__ import annotations
@@ -37,15 +37,6 @@ def as_floats(part: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(part).view(np.float64)
 
 
-def _bytes_part(data: bytes) -> np.ndarray:
-    padded = data + b"\0" * (-len(data) % 8)
-    return np.concatenate([[len(data)], np.frombuffer(padded, dtype=np.int64)])
-
-
-def _part_bytes(part: np.ndarray) -> bytes:
-    return np.ascontiguousarray(part[1:]).tobytes()[:int(part[0])]
-
-
 @dataclass
 class PlannedRow:
     """A worker's stand-in for a `ScheduledSeq`: whether its next token is sampled."""
@@ -55,41 +46,27 @@ class PlannedRow:
 
 
 def host_batch_parts(host: HostBatch) -> list[np.ndarray]:
-    """A `HostBatch` as int64 parts (its dropout generators as their states)."""
-    slots = sorted(host.train_dropout)
-    gens = [host.dropout_generators[s].get_state() if s in host.dropout_generators else None for s in slots]
-    scalars = [host.num_train_segments, host.num_prefills, host.num_decodes, host.num_sampled,
-               int(host.has_placeholders)]
+    """A `HostBatch` as int64 parts (its device dropout table stays: each rank has its own)."""
+    scalars = [host.num_train_segments, host.num_loss_segments, host.num_prefills, host.num_decodes,
+               host.num_sampled, int(host.any_dropout), int(host.bucketed), int(host.has_placeholders)]
     return [np.asarray(scalars), np.asarray(host.sizes), host.flat, host.seg_cu, host.seg_slot, host.lora_seg_cu,
             host.lora_seg_slot, host.context_lens, np.asarray([s.train for s in host.loss_segments]),
-            np.asarray([s.completes for s in host.scheduled]), np.asarray(slots),
-            floats([host.train_dropout[s] for s in slots]), np.asarray([g is not None for g in gens]),
-            *[_bytes_part(bytes(g.numpy().tobytes())) for g in gens if g is not None]]
+            np.asarray([s.completes for s in host.scheduled]), np.asarray(host.train_slots)]
 
 
-NUM_HOST_PARTS = 13   # parts before the generator states
-
-
-def host_batch_from_parts(parts: list[np.ndarray], generators: dict, device: torch.device) -> HostBatch:
-    """Rebuild the `HostBatch`; `generators` (slot -> Generator, kept by the caller) take the sent states."""
-    (scalars, sizes, flat, seg_cu, seg_slot, lora_cu, lora_slot, context_lens, train, completes, slots,
-     dropout, has_state) = parts[:NUM_HOST_PARTS]
-    n_train, n_pre, n_dec, n_sampled, placeholders = scalars.tolist()
-    states = iter(parts[NUM_HOST_PARTS:])
-    gens = {}
-    for slot, has in zip(slots.tolist(), has_state.tolist()):
-        if has:
-            gen = generators.setdefault(slot, torch.Generator(device=device))
-            gen.set_state(torch.frombuffer(bytearray(_part_bytes(next(states))), dtype=torch.uint8))
-            gens[slot] = gen
+def host_batch_from_parts(parts: list[np.ndarray], slot_dropout: torch.Tensor) -> HostBatch:
+    """Rebuild the `HostBatch` on a worker (`slot_dropout`: its adapter manager's table)."""
+    (scalars, sizes, flat, seg_cu, seg_slot, lora_cu, lora_slot, context_lens, train, completes,
+     train_slots) = parts
+    n_train, n_loss, n_pre, n_dec, n_sampled, any_dropout, bucketed, placeholders = scalars.tolist()
     return HostBatch(
-        flat=np.ascontiguousarray(flat), sizes=sizes.tolist(),
-        loss_segments=[LossSegment([], [], "", bool(t)) for t in train.tolist()],
+        flat=flat, sizes=sizes.tolist(), loss_segments=[LossSegment([], [], None, bool(t)) for t in train.tolist()],
         scheduled=[PlannedRow(bool(c)) for c in completes.tolist()],
         seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_cu, lora_seg_slot=lora_slot,
-        num_train_segments=n_train, num_prefills=n_pre, num_decodes=n_dec, context_lens=context_lens,
-        num_sampled=n_sampled, train_dropout=dict(zip(slots.tolist(), as_floats(dropout).tolist())),
-        dropout_generators=gens, has_placeholders=bool(placeholders))
+        num_train_segments=n_train, num_loss_segments=n_loss, num_prefills=n_pre, num_decodes=n_dec,
+        context_lens=context_lens, num_sampled=n_sampled, train_slots=tuple(train_slots.tolist()),
+        any_dropout=bool(any_dropout), slot_dropout=slot_dropout, bucketed=bool(bucketed),
+        has_placeholders=bool(placeholders))
 
 
 def decode_parts(arrays, with_lora: bool) -> list[np.ndarray]:

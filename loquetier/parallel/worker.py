@@ -8,19 +8,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .adapters import (
-    SlotParams,
-    freeze_slot,
-    full_numel,
-    gather_full,
-    module_ranks,
-    take_grads,
-    whole_numel,
-    write_shards,
-    write_slot,
-)
+from .adapters import full_numel, module_ranks, split_train_state, write_slot
 from .channel import Op, WorkerChannel
 from .plan import as_floats, decode_from_parts, host_batch_from_parts
+from .train_state import SplitTrainState
 
 
 class Worker:
@@ -32,9 +23,7 @@ class Worker:
         self.runner = engine.runner
         self.adapters = engine.adapters
         self.device = engine.device
-        self.trained: dict[int, SlotParams] = {}
-        self.generators: dict[int, torch.Generator] = {}   # LoRA dropout: rank 0's states, per slot
-        self.pending: torch.Tensor | None = None           # the last step's loss sums, for BACKWARD
+        self.trained: dict[int, SplitTrainState] = {}
 
     def serve(self) -> None:
         while True:
@@ -44,50 +33,38 @@ class Worker:
             self.handle(op, parts)
 
     def handle(self, op: Op, parts: list[np.ndarray]) -> None:
-        if op == Op.STEP:
-            host = host_batch_from_parts(parts, self.generators, self.device)
-            result = self.runner.execute(host.to_device(self.device))
-            train = result.loss_sums is not None and result.loss_sums.requires_grad
-            self.pending = result.loss_sums if train else None
-            if host.num_sampled:
-                self.runner.receive_tokens(host.num_sampled)
+        if op in (Op.STEP, Op.TRAIN):
+            host = host_batch_from_parts(parts, self.adapters.dropout.table)
+            if op == Op.TRAIN:
+                self.runner.execute_train(host)
+            else:
+                self.runner.execute(host.to_device(self.device))
+                if host.num_sampled:
+                    self.runner.receive_tokens(host.num_sampled)
         elif op == Op.DECODE:
             arrays, with_lora = decode_from_parts(parts)
-            with torch.no_grad():
-                self.runner.graphs.run(*arrays, with_lora)
+            self.runner.graphs.run(*arrays, with_lora)
             self.runner.receive_tokens(len(arrays[0]))
-        elif op == Op.TRAIN:
-            weights, slots, *host_parts = parts
-            host = host_batch_from_parts(host_parts, self.generators, self.device)
-            slot_params = [self.trained[s] for s in slots.tolist()]
-            self.runner.train_shards(host, as_floats(weights).tolist(), [t for p in slot_params for t in p.shards],
-                                     [k for p in slot_params for k in p.kinds], self.device)
-        elif op == Op.BACKWARD:
-            grad = self.tp.broadcast_(torch.empty(int(parts[0][0]), dtype=torch.float32, device=self.device))
-            pending, self.pending = self.pending, None
-            torch.autograd.backward(pending, grad)
         elif op == Op.WRITE_SLOT:
             slot, ranks = module_ranks(parts)
-            flat = torch.empty(full_numel(self.engine.args, ranks), dtype=self.adapters.layers[0]["q_proj"].lora_a.dtype,
-                               device=self.device)
+            flat = torch.empty(full_numel(self.engine.args, ranks), dtype=self.engine.dtype, device=self.device)
             write_slot(self.adapters, self.engine.args, slot, ranks, as_floats(parts[4]), self.tp.broadcast_(flat))
         elif op == Op.CLEAR_SLOT:
             self.adapters._clear(int(parts[0][0]))
         elif op == Op.MAKE_TRAINABLE:
             slot, ranks = module_ranks(parts)
-            self.trained[slot] = SlotParams.of(slot, self.adapters.trainable_views(slot, ranks))
+            self.trained[slot] = split_train_state(self.adapters, self.tp, slot, ranks)
+            self.adapters.dropout.set(slot, float(as_floats(parts[4])[0]))
         elif op == Op.FREEZE:
             slot = int(parts[0][0])
-            freeze_slot(self.adapters, slot)
-            self.trained.pop(slot, None)
-        elif op == Op.COLLECT_GRADS:
-            params = self.trained[int(parts[0][0])]
-            gather_full(self.tp, take_grads(params.shards), params.kinds)
+            self.trained.pop(slot).release()
+            self.adapters.dropout.set(slot, 0.0)
+        elif op == Op.GATHER_GRADS:
+            self.trained[int(parts[0][0])].gather_grads()
         elif op == Op.PUBLISH:
-            params = self.trained[int(parts[0][0])]
-            n = whole_numel(params.shards, params.kinds, self.tp.size)
-            flat = self.tp.broadcast_(torch.empty(n, dtype=params.shards[0].dtype, device=self.device))
-            write_shards(self.tp, params.shards, flat, params.kinds)
+            self.trained[int(parts[0][0])].publish()
+        elif op == Op.ZERO_GRADS:
+            self.trained[int(parts[0][0])].zero_grad()
         elif op == Op.DROP_TRAIN_GRAPHS:
             self.runner.drop_train_graphs()
         else:
