@@ -40,14 +40,13 @@ def read_gguf_config(path: Path):
 def iter_gguf_tensors(path: Path, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
     """`(transformers name, float32 tensor)` for every weight in the file, dequantized one at a time."""
     _require_gguf()
-    from gguf import MODEL_ARCH_NAMES, GGUFReader, dequantize, get_tensor_name_map
-    from transformers import AutoModelForCausalLM
+    from gguf import GGUFReader, dequantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
     config = hf_config.to_dict()
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
-    names = _gguf_to_hf_names(architecture, hf_config, AutoModelForCausalLM, MODEL_ARCH_NAMES, get_tensor_name_map)
+    names = _gguf_to_hf_names(architecture, hf_config)
     parsed = {"config": config, "tensors": {}}
     for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", dynamic_ncols=True):
         # llama.cpp permutes q/k rows for its rotary layout; the processor undoes that
@@ -57,15 +56,17 @@ def iter_gguf_tensors(path: Path, hf_config) -> Iterator[tuple[str, torch.Tensor
             yield names[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
 
 
-def _gguf_to_hf_names(architecture: str, hf_config, auto_model, arch_names: dict, name_map_for) -> dict[str, str]:
+def _gguf_to_hf_names(architecture: str, hf_config) -> dict[str, str]:
     """`{gguf tensor name: transformers parameter name}` from gguf's table for the architecture.
     (transformers' own `get_gguf_hf_weights_map` rebuilds that table once per submodule: seconds.)"""
-    arch = next((key for key, value in arch_names.items() if value == architecture), None)
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers import AutoModelForCausalLM
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
     if arch is None:
         raise ModelLoadError(f"the gguf package does not know the GGUF architecture {architecture!r}")
-    name_map = name_map_for(arch, hf_config.num_hidden_layers)
+    name_map = get_tensor_name_map(arch, hf_config.num_hidden_layers)
     with torch.device("meta"):   # only its parameter names are needed
-        hf_names = list(auto_model.from_config(hf_config).state_dict())
+        hf_names = list(AutoModelForCausalLM.from_config(hf_config).state_dict())
     names = {}
     for hf_name in hf_names:
         stem, _, suffix = hf_name.rpartition(".")

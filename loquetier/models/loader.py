@@ -68,19 +68,19 @@ def load_model(source: ModelSource | str | Path, dtype: torch.dtype, device: tor
         from .gguf import iter_gguf_tensors
         tensors = iter_gguf_tensors(source.path, source.hf_config)
     else:
-        tensors = _iter_safetensors(source.path)
+        tensors = _iter_safetensors(source.path, source.spec)
     _copy_weights(model, args, tensors, source.spec)
     model.init_runtime(max_positions)
     return model
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(path: Path, label: str) -> Iterator[tuple[str, torch.Tensor]]:
     files = checkpoint_files(path)
     keys = []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             keys.append(list(f.keys()))
-    with tqdm(total=sum(map(len, keys)), desc=f"Loading {path.name or path}", unit="tensor",
+    with tqdm(total=sum(map(len, keys)), desc=f"Loading {label}", unit="tensor",
               dynamic_ncols=True) as bar:
         for file, names in zip(files, keys):
             with safe_open(str(file), framework="pt", device="cpu") as f:

@@ -29,17 +29,24 @@ class ModelSource:
     args: ModelArgs | None = None
     checkpoint_dtype: torch.dtype | None = None   # what the weights are stored as (None: float32/quantized)
     hf_config: object = field(default=None, repr=False)   # transformers' config (GGUF only)
+    _tokenizer: object = field(default=None, repr=False)   # None: not read yet; False: the checkpoint has none
 
     def load_tokenizer(self):
-        """The model's tokenizer (with its chat template), or None when the checkpoint ships none."""
+        """The model's tokenizer (with its chat template), or None when the checkpoint ships none.
+        Read once per source (a GGUF file's takes seconds)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._read_tokenizer()
+        return None if self._tokenizer is False else self._tokenizer
+
+    def _read_tokenizer(self):
         if self.format == "random":
-            return None
+            return False
         from transformers import AutoTokenizer
         try:
             if self.format == "gguf":
                 return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             if not any((self.path / f).exists() for f in TOKENIZER_FILES):
-                return None
+                return False
             return AutoTokenizer.from_pretrained(str(self.path))
         except Exception as e:   # a broken tokenizer file: say which, not a transformers traceback
             raise ModelLoadError(f"cannot read the tokenizer of {self.spec}: {type(e).__name__}: {e}") from e
