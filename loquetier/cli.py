@@ -90,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.config import ServerConfig
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        model=args.model, revision=args.revision, served_model_name=args.served_model_name, adapters=_parse_adapters(args.adapter),
+        model=args.model, revision=args.revision, served_model_name=args.served_model_name,
+        adapters=_parse_adapters(args.adapter),
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir, lora_roots=args.lora_root,
         enable_lora_loading=args.enable_lora_loading, max_upload_bytes=args.max_upload_bytes,
         base_learning_rate=args.base_learning_rate, default_epochs=args.default_epochs,

@@ -44,7 +44,8 @@ def model_dir(tmp_path_factory):
 def test_finetune_saves_a_peft_adapter_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     args = ["finetune", str(model_dir / "model"), str(model_dir / "data.jsonl"), "--output", str(out),
-            "--plot", str(tmp_path / "curve.png"), "--epochs", "2", "--batch-size", "4", "--r", "4", "--alpha", "8", "--lr", "5e-3",
+            "--plot", str(tmp_path / "curve.png"), "--epochs", "2", "--batch-size", "4", "--r", "4", "--alpha", "8",
+            "--lr", "5e-3",
             "--targets", "q_proj,v_proj", "--checkpoint-interval", "2", "--max-lora-rank", "8"]
     assert main(args) == 0
     captured = capsys.readouterr()

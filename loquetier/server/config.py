@@ -55,11 +55,13 @@ class ServerConfig:
     @property
     def short_model_name(self) -> str:
         """The base model's name inside fine-tuned model ids (`ft:{short}:{suffix}:{id}`)."""
-        return Path(self.model_name.rstrip("/")).name or self.model_name
+        name = Path(self.model_name.rstrip("/")).name or self.model_name
+        return name.removesuffix(".gguf")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.model, revision=self.revision, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+            model=self.model, revision=self.revision, dtype=self.dtype, device=self.device,
+            max_model_len=self.max_model_len,
             seed=self.seed, attention_backend=self.attention_backend, lora_backend=self.lora_backend,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               memory_budget_bytes=self.kv_cache_memory),
