@@ -11,12 +11,12 @@ from typing import Protocol
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, resolve_dtype
 from ..errors import AdapterError, AdapterInUseError, CapacityError, RequestError
 from ..lora.adapter import AdapterWeights, load_peft_adapter
 from ..lora.manager import AdapterManager
-from ..models.config import ModelArgs
-from ..models.loader import load_model, preset_args, random_model
+from ..models.loader import load_model
+from ..models.sources import ModelSource, resolve_model_source
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
@@ -71,17 +71,17 @@ class StepParticipant(Protocol):
 class Engine:
     """Owns the model, KV cache, adapters, scheduler and runner; `step()` is the hot loop."""
 
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, source: ModelSource | None = None):
         self.config = config
-        device, dtype = config.torch_device, config.torch_dtype
+        source = source or resolve_model_source(config.model, config.revision)
+        device = config.torch_device
+        dtype = resolve_dtype(config.dtype, source.checkpoint_dtype, device)
         self.device, self.dtype = device, dtype
         torch.manual_seed(config.seed)
-        random = config.model.startswith("random:")
-        self.args = preset_args(config.model) if random else ModelArgs.from_dir(config.model)
+        self.args = source.args
         self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
-        build = random_model if random else load_model
-        self.model = build(self.args if random else config.model, dtype, device, self.max_model_len,
-                           config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend)
+        self.model = load_model(source, dtype, device, self.max_model_len, config.lora.max_loras,
+                                config.lora.max_lora_rank, config.lora_backend)
         self.model.set_attention_backend(config.attention_backend)
         self.model.set_lora_fold_shrink(config.lora.fold_shrink)
         self.kv = KVCache(self.args, config.cache, dtype, device)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine.engine import Engine
 from ..errors import LoquetierError, RequestError
-from ..llm import load_tokenizer
+from ..models.sources import resolve_model_source
 from ..lora.adapter import load_peft_adapter
 from ..training.data import InvalidDatasetError, validate_jsonl
 from ..training.trainer import Trainer
@@ -136,8 +136,9 @@ class Guard:
 def create_app(config: ServerConfig) -> FastAPI:
     """Load the model, tokenizer and adapters, open the store, and return the FastAPI app.
     The engine thread starts (and interrupted jobs resume) when the app starts serving."""
-    tokenizer = load_tokenizer(config.model)
-    engine = Engine(config.engine_config(), tokenizer)
+    source = resolve_model_source(config.model, config.revision)
+    tokenizer = source.load_tokenizer()
+    engine = Engine(config.engine_config(), tokenizer, source)
     trainer = Trainer(engine)
     base = config.model_name
     for name, path in config.adapters.items():

@@ -12,7 +12,8 @@ from ..config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 class ServerConfig:
     """The model to serve, engine knobs, the HTTP surface and where durable state lives."""
 
-    model: str
+    model: str                                 # checkpoint directory, Hub id or .gguf file
+    revision: str | None = None                # Hub branch, tag or commit of a Hub id
     served_model_name: str | None = None      # default: `model` as given
     adapters: dict[str, str] = field(default_factory=dict)   # name -> PEFT dir, loaded at start-up
     host: str = "127.0.0.1"
@@ -28,7 +29,7 @@ class ServerConfig:
     max_micro_batch_size: int = 8              # a larger batch_size is split into accumulation steps
     checkpoint_interval: int | None = None     # optimizer steps; None: at the end of every epoch
     # engine
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str | None = None
     max_model_len: int | None = None
     seed: int = 0
@@ -54,11 +55,13 @@ class ServerConfig:
     @property
     def short_model_name(self) -> str:
         """The base model's name inside fine-tuned model ids (`ft:{short}:{suffix}:{id}`)."""
-        return Path(self.model_name.rstrip("/")).name or self.model_name
+        name = Path(self.model_name.rstrip("/")).name or self.model_name
+        return name.removesuffix(".gguf")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            model=self.model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+            model=self.model, revision=self.revision, dtype=self.dtype, device=self.device,
+            max_model_len=self.max_model_len,
             seed=self.seed, attention_backend=self.attention_backend, lora_backend=self.lora_backend,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               memory_budget_bytes=self.kv_cache_memory),
