@@ -202,6 +202,7 @@ class TrainingJob:
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.masters, spec.max_grad_norm)
         self.optimizer.step()
+        self.engine.adapters.weights_changed(self.adapter)   # K/V cached with the old weights go stale
         self.scheduler.step()
         if mixed:
             with torch.no_grad():
