@@ -16,11 +16,16 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, enable_caching: bool = True):
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.reset(enable_caching)
+
+    def reset(self, enable_caching: bool) -> None:
+        """Every block free and nothing cached (no block may be in use), caching on or off."""
+        assert not any(self.ref_count), "blocks are still in use"
+        self.enable_caching = enable_caching
+        self.block_hash: list[bytes | None] = [None] * self.num_blocks
         self.cached: dict[bytes, int] = {}                 # hash -> block holding that content
-        self.free: deque[int] = deque(range(num_blocks))   # no content worth keeping
+        self.free: deque[int] = deque(range(self.num_blocks))   # no content worth keeping
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused; oldest first
 
     @property

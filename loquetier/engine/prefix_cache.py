@@ -49,8 +49,11 @@ class PrefixCache:
         self.pool = pool
         self.block_size = block_size
         self.weights_version = weights_version   # adapter name (None = base) -> version, None if unknown
-        self.enabled = pool.enable_caching
         self.stats = PrefixCacheStats()
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool.enable_caching
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """`seq.block_hashes` extended to its first `num_blocks` full blocks, stopping at a block

@@ -51,6 +51,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on or off between workloads (A/B runs); forgets every cached block."""
+        if self.has_work():
+            raise LoquetierError("prefix caching can only be switched with no request running or waiting")
+        self.kv.allocator.reset(enabled)
+
     def free(self, seq: Sequence) -> None:
         """Return a finished or aborted sequence's blocks (its full ones stay cached) and adapter pin."""
         self.prefix_cache.release(seq)
