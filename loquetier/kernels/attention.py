@@ -67,7 +67,8 @@ def _packed_flash():
 
 def _packed_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left: int = -1):
     """One varlen flash call; with fewer queries than keys in a sequence, its queries are the last
-    positions (flash-attention's causal mask is aligned to the bottom-right corner)."""
+    positions: flash-attention aligns its causal mask to the bottom-right corner (PyTorch's
+    `CausalBias` sends its lower-right variant to flash as is_causal=True for this reason)."""
     fn, params = _packed_flash()
     kwargs = {"scale": scale} if "scale" in params else {}
     if "is_causal" in params:
