@@ -92,8 +92,10 @@ class PrefixCache:
 
     def commit(self, seq: Sequence) -> None:
         """Make the sequence's fully computed blocks findable (cheap when there is nothing new)."""
+        if seq.num_computed_tokens < (seq.num_cached_blocks + 1) * self.block_size or not self.enabled:
+            return   # no block completed since the last call (most steps of a decoding sequence)
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        if not self.enabled or num_full <= seq.num_cached_blocks:
+        if num_full <= seq.num_cached_blocks:
             return
         if seq.weights_version is None or self.weights_version(seq.adapter) != seq.weights_version:
             return   # the weights changed while it ran: its K/V mix versions and match no future prompt
