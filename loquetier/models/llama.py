@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
 from ..kernels import fused as fused_ops
+from ..kernels.lora_dropout import layer_salt
 from ..kernels.smlm import LoraDelta
 from ..lora.layer import VirtualLoraLinear
-from .config import ModelArgs
+from .config import LORA_TARGETS, ModelArgs
 from .rotary import RotaryEmbedding
 
 # PEFT target module name -> (fused layer attribute path, slice name)
-TARGET_MODULES = {
+FUSED_SLICES = {
     "q_proj": ("self_attn.qkv_proj", "q_proj"),
     "k_proj": ("self_attn.qkv_proj", "k_proj"),
     "v_proj": ("self_attn.qkv_proj", "v_proj"),
@@ -34,6 +35,7 @@ TARGET_MODULES = {
     "up_proj": ("mlp.gate_up_proj", "up_proj"),
     "down_proj": ("mlp.down_proj", "down_proj"),
 }
+assert FUSED_SLICES.keys() == LORA_TARGETS.keys()
 
 
 class RMSNorm(nn.Module):
@@ -190,9 +192,10 @@ class LlamaModel(nn.Module):
         w = self.embed_tokens.weight
         a = self.args
         self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, w.dtype, w.device)
-        for table in self.virtual_layers():
-            for layer in set(table.values()):
+        for i, table in enumerate(self.virtual_layers()):
+            for k, layer in enumerate(dict.fromkeys(table.values())):
                 layer.allocate()
+                layer.dropout_salt = layer_salt(i * len(table) + k)   # independent masks per layer
 
     def set_lora_fold_shrink(self, policy: str) -> None:
         for table in self.virtual_layers():
@@ -208,7 +211,7 @@ class LlamaModel(nn.Module):
         out = []
         for layer in self.layers:
             table = {}
-            for name, (path, _slice) in TARGET_MODULES.items():
+            for name, (path, _slice) in FUSED_SLICES.items():
                 mod = layer
                 for part in path.split("."):
                     mod = getattr(mod, part)

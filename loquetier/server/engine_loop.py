@@ -286,7 +286,7 @@ class AsyncEngine:
         running = list(self.engine.scheduler.running)
         in_flight = [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []
         for job in in_flight:
-            job.in_flight = False
+            job.requeue_in_flight()
         victims = running or ([] if in_flight else list(self.engine.scheduler.waiting))
         message = f"generation failed: {type(error).__name__}: {error}"
         failed = []
