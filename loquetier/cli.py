@@ -54,6 +54,8 @@ def _serve_parser(sub) -> None:
     g = p.add_argument_group("scheduling")
     g.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompt prefixes computed before")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     g.add_argument("--max-waiting", type=int, default=4096, help="queued requests before 429")
@@ -97,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         base_learning_rate=args.base_learning_rate, default_epochs=args.default_epochs,
         checkpoint_interval=args.checkpoint_interval, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, slo_ttft=args.slo_ttft,
         slo_tpot=args.slo_tpot, train_policy=args.train_policy)

@@ -45,6 +45,9 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None          # explicit pool size; wins over the memory budget
     memory_budget_bytes: int | None = None  # default: 256 MiB on CPU, 90% of free memory on GPU
+    # full blocks stay findable by a hash of their tokens, the tokens before them and the adapter
+    # weights, so a later prompt with that prefix reuses them (engine/prefix_cache.py)
+    enable_prefix_caching: bool = True
 
 
 @dataclass

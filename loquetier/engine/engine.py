@@ -115,6 +115,7 @@ class Engine:
         self.cost_model = StepCostModel()
         self.train_policy = make_policy(config.scheduler, self.cost_model)
         self.stats = EngineStats(config.scheduler.slo_ttft, config.scheduler.slo_tpot)
+        self.stats.prefix_cache = self.scheduler.prefix_cache.stats
         self.step_observers: list = [self.cost_model.observe, self.stats.on_step]  # callables(step info)
 
     # ------------------------------------------------------------------ adapters
@@ -376,7 +377,7 @@ class Engine:
         finished = seq.is_finished
         metrics = {"arrival_time": seq.arrival_time, "first_scheduled_time": seq.first_scheduled_time,
                    "first_token_time": seq.first_token_time, "finish_time": seq.finish_time,
-                   "num_preemptions": seq.num_preemptions}
+                   "num_preemptions": seq.num_preemptions, "num_cached_tokens": seq.num_cached_tokens}
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:num_output],
                              self.detokenize(seq) if finished else "", finished, seq.finish_reason,
                              list(seq.output_logprobs) if seq.params.logprobs is not None else None,

@@ -179,7 +179,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "kv_cache_usage": kv.usage, "adapters_gpu": resident,
                 "adapters_cpu": len(engine.adapters.names()) - resident,
                 "training_jobs_active": sum(j.active for j in trainer.jobs.values()),
-                "steps": engine.stats.steps}
+                "steps": engine.stats.steps,
+                "prefix_cache_queries": engine.stats.prefix_cache.queries,
+                "prefix_cache_hits": engine.stats.prefix_cache.hits}
 
     @app.get("/health")
     async def health():
@@ -192,6 +194,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         snap = await aengine.call(engine_snapshot)
         metrics.set_engine_gauges(snap["num_requests_running"], snap["num_requests_waiting"],
                                   snap["kv_cache_usage"], snap["adapters_gpu"], snap["adapters_cpu"])
+        metrics.set_prefix_cache(snap["prefix_cache_queries"], snap["prefix_cache_hits"])
         attained = engine.stats.slo_attainment()
         if attained is not None:
             metrics.set_slo_attainment(attained)

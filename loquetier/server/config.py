@@ -36,6 +36,7 @@ class ServerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_waiting: int = 4096
@@ -64,7 +65,8 @@ class ServerConfig:
             max_model_len=self.max_model_len,
             seed=self.seed, attention_backend=self.attention_backend, lora_backend=self.lora_backend,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
-                              memory_budget_bytes=self.kv_cache_memory),
+                              memory_budget_bytes=self.kv_cache_memory,
+                              enable_prefix_caching=self.enable_prefix_caching),
             lora=LoraConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                             max_cpu_loras=self.max_cpu_loras),
             scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens,

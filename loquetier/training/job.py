@@ -246,6 +246,7 @@ class TrainingJob:
             self.optimizer.step()
             self.scheduler.step()
             st.publish()
+            self.engine.adapters.weights_changed(self.adapter)   # K/V cached with the old weights go stale
             st.zero_grad()
         self.step += 1
         data = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "epoch": self.epoch}
