@@ -20,6 +20,7 @@ from ..models.loader import load_model, preset_args, random_model
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
+from .faults import is_device_failure, training_failure_message
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .sampler import SampledTokens
@@ -253,7 +254,9 @@ class Engine:
                 try:
                     result = self.runner.execute_train(host, *plan, self.device)
                 except RuntimeError as e:   # e.g. out of memory: these jobs fail, the engine serves on
-                    self.participant.on_step_failed(segments, f"training step failed: {e}")
+                    if is_device_failure(e):   # the device is lost: no step can recover, the caller stops
+                        raise
+                    self.participant.on_step_failed(segments, training_failure_message(e))
                     return failed + outputs
             else:
                 if train_dropout and scheduled:   # eager activations beside a graph pool: drop the graphs

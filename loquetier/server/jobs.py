@@ -257,6 +257,20 @@ class JobService:
             self._status[record.id] = "paused"
             self._start(record.id, TrainSpec.from_dict(json.loads(record.spec_json)))
 
+    def checkpoint_for_shutdown(self) -> list[str]:
+        """(engine thread) Save every running or paused job at its last finished optimizer step, so a
+        restarted server resumes it there; the ids of the jobs saved."""
+        saved = []
+        for job in self.trainer.jobs.values():
+            if job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+                continue
+            try:
+                job.save_resume_point()
+                saved.append(job.id)
+            except Exception:  # noqa: BLE001 - one job's disk trouble must not stop the others' saves
+                log.exception("checkpointing job %s at shutdown failed", job.id)
+        return saved
+
     # ------------------------------------------------------------------ start-up
     def restore(self) -> None:
         """(engine thread) Serve every stored fine-tuned model and checkpoint again; resume in-flight jobs."""

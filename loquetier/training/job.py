@@ -260,6 +260,18 @@ class TrainingJob:
             self.finish()
         return path
 
+    def save_resume_point(self) -> Path | None:
+        """Checkpoint the last finished optimizer step, so that a restart resumes there; a window
+        still accumulating is dropped and its examples run again. None when nothing new to save."""
+        if self.window:   # rewind the data position to the window's start; its gradients go
+            self.pos -= sum(len(micro) for micro in self.window)
+            self.window, self.micro_done, self.window_loss = [], 0, 0.0
+            for p in self.params:
+                p.grad = None
+        if self.step == 0 or (self.checkpoints and self.checkpoints[-1][0] == self.step):
+            return None
+        return self.checkpoint()
+
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `checkpoint` (weights were passed as `initial`)."""
         state, tensors = load_checkpoint_state(path)

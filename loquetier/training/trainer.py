@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.faults import is_device_failure, training_failure_message
 from ..errors import JobNotFoundError, LoquetierError, RequestError
 from ..lora.adapter import load_peft_adapter
 from .checkpoint import latest_checkpoint
@@ -154,8 +155,10 @@ class Trainer:
         try:
             total.backward()
         except RuntimeError as e:  # keep serving: this job fails, the engine does not
+            if is_device_failure(e):   # the device is lost: the engine's caller stops it
+                raise
             for job in losses:
-                job.fail(f"backward failed: {e}")
+                job.fail(training_failure_message(e))
             return
         for job, loss in losses.items():
             try:
