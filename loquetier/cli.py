@@ -234,15 +234,20 @@ def _benchmarks() -> list[str]:
 
 def _bench_parser(sub) -> None:
     names = _benchmarks()
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
-                       description="Run benchmarks/NAME.py with the remaining arguments. Available: "
-                                   + (", ".join(names) if names else "none (benchmarks/ ships with the source tree)"))
-    p.add_argument("name", help="benchmark name (file stem, with or without the 'bench_' prefix)")
+    p = sub.add_parser("bench", help="load-test a server (bench serve), or run a benchmark script from benchmarks/",
+                       description="`loquetier bench serve --help`: open-loop load against any OpenAI-compatible "
+                                   "server. Any other NAME runs benchmarks/NAME.py with the remaining arguments. "
+                                   "Available: " + (", ".join(names) if names else
+                                                    "none (benchmarks/ ships with the source tree)"))
+    p.add_argument("name", help="serve, or a benchmark name (file stem, with or without the 'bench_' prefix)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "serve":
+        from .bench.serve import main as bench_serve
+        return bench_serve(args.args)
     names = _benchmarks()
     name = args.name if args.name in names else f"bench_{args.name}"
     if name not in names:

@@ -191,6 +191,11 @@ class AsyncEngine:
         return result
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop outputs are delivered on (set by `start`)."""
+        return self._loop
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.fatal is None
 
