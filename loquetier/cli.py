@@ -103,7 +103,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5), app.state.lifecycle, config.shutdown_timeout)
     server.run()
-    return 1 if app.state.aengine.fatal is not None else 0
+    code = 1 if app.state.aengine.fatal is not None else 0
+    # everything durable is written (the store is closed, checkpoints are synced): skip the seconds
+    # the interpreter spends tearing down torch, triton and transformers, which a supervisor waits out
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------- finetune
