@@ -127,6 +127,8 @@ def _finetune_parser(sub) -> None:
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (wins over --epochs)")
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="pack examples first-fit into micro-batches of this many tokens (no padding) instead")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--lr-schedule", choices=("linear", "cosine", "constant"), default="linear")
@@ -160,7 +162,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = TrainSpec(name="finetuned", train_file=args.data, output_dir=str(out / "checkpoints"),
                      lora=LoraSpec(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets),
                      eval_file=args.eval_file, eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
-                     micro_batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+                     micro_batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
+                     grad_accum=args.grad_accum, learning_rate=args.lr,
                      warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
                      seed=args.seed, max_seq_len=args.max_seq_len, checkpoint_interval=args.checkpoint_interval,
                      eval_interval=args.eval_interval)
@@ -172,7 +175,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             llm.engine.step()
             if job.step != bar.n:
                 tok_s = (job.trained_tokens - start_tokens) / max(1e-9, time.perf_counter() - t0)
-                postfix = {"loss": f"{job.losses[-1][1]:.4f}", "tok/s": f"{tok_s:.0f}"}
+                postfix = {"tok/s": f"{tok_s:.0f}"}
+                if job.losses:   # a step's loss is logged once it reaches the host
+                    postfix["loss"] = f"{job.losses[-1][1]:.4f}"
                 if job.eval_losses:
                     postfix["eval"] = f"{job.eval_losses[-1][1]:.4f}"
                 bar.set_postfix(postfix, refresh=False)

@@ -78,7 +78,7 @@ def forward_all(engine, prompts, adapters):
     names = {a for a in adapters if a}
     slot_of = {None: -1, **engine.adapters.activate(names)}
     batch = build_mixed_batch([], [ScheduledSeq(s, 0, len(s.prompt_token_ids)) for s in seqs], slot_of,
-                              engine.kv.block_size, {}, engine.device)
+                              engine.kv.block_size, engine.device)
     with torch.no_grad():
         hidden = engine.model(batch.input_ids, batch.ctx)
         logits = engine.model.compute_logits(hidden)

@@ -4,7 +4,7 @@ slot; SMLM segments keep every loss example apart and merge runs of inference ro
 import numpy as np
 import torch
 
-from loquetier.engine.batch import LossSegment, ScheduledSeq, plan_mixed_batch
+from loquetier.engine.batch import IGNORE_INDEX, LossSegment, ScheduledSeq, plan_mixed_batch, token_bucket
 from loquetier.engine.sequence import Sequence
 from loquetier.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ def test_lora_segments_merge_inference_runs_and_keep_loss_examples():
     prefill = ScheduledSeq(_seq(5, "b", "s0"), 0, 5)
     decode_adapters = ["b", "a", None, "b", "a", "b"]
     decodes = [ScheduledSeq(_seq(3, a, f"s{i + 1}"), 2, 1) for i, a in enumerate(decode_adapters)]
-    host = plan_mixed_batch(loss, [decodes[0], prefill] + decodes[1:], slot_of, block_size=16, train_dropout={0: 0.0})
+    host = plan_mixed_batch(loss, [decodes[0], prefill] + decodes[1:], slot_of, block_size=16)
 
     # per-sequence layout: 2 loss examples, the prefill, then decodes ordered by slot (base first)
     assert host.seg_cu.tolist() == [0, 3, 5, 10, 11, 12, 13, 14, 15, 16]
@@ -50,14 +50,41 @@ def test_whole_prompts_get_packed_prefill_boundaries():
     slot_of = {None: -1, "a": 0}
     whole = [ScheduledSeq(_seq(5, "a", "s0"), 0, 5), ScheduledSeq(_seq(3, None, "s1"), 0, 3)]
     decode = ScheduledSeq(_seq(4, None, "s2"), 3, 1)
-    attn = plan_mixed_batch([], whole + [decode], slot_of, 16, {}).to_device(torch.device("cpu")).ctx.attn
+    attn = plan_mixed_batch([], whole + [decode], slot_of, 16).to_device(torch.device("cpu")).ctx.attn
     assert attn.num_whole_prefills == 2 and attn.prefill_cu_t.tolist() == [0, 5, 8] and attn.max_prefill_len == 5
     assert attn.prefill_cu_t.dtype == torch.int32
     chunked = ScheduledSeq(_seq(9, None, "s3"), 4, 5)   # positions 4..8: its first 4 are cached already
-    host = plan_mixed_batch([], [chunked] + whole, slot_of, 16, {})
+    host = plan_mixed_batch([], [chunked] + whole, slot_of, 16)
     assert host.scheduled == whole + [chunked]
     attn = host.to_device(torch.device("cpu")).ctx.attn
     assert attn.num_whole_prefills == 2 and attn.prefill_cu_t.tolist() == [0, 5, 8, 13]
     assert attn.prefill_context_lens == [5, 3, 9]
-    attn = plan_mixed_batch([], [decode], slot_of, 16, {}).to_device(torch.device("cpu")).ctx.attn
+    attn = plan_mixed_batch([], [decode], slot_of, 16).to_device(torch.device("cpu")).ctx.attn
     assert attn.num_whole_prefills == 0 and attn.prefill_cu_t is None
+
+
+def test_bucketed_training_batch_pads_to_bucket_sizes_and_shares_its_key():
+    """A bucketed training-only step: the examples, one padding segment (no adapter, no loss, no
+    weight) and empty segments up to the segment bucket; batches of other lengths in the same
+    buckets have the same graph key, and their flat arrays the same sizes."""
+    slot_of = {None: -1, "a": 0, "b": 1}
+
+    def segs(lengths):
+        return [LossSegment(list(range(3, 3 + n)), [IGNORE_INDEX] + list(range(4, 3 + n)), "ab"[i % 2], True,
+                            weight=0.5, dropout_seed=i) for i, n in enumerate(lengths)]
+
+    host = plan_mixed_batch(segs([30, 50, 47]), [], slot_of, 16, bucketed=True)
+    n = token_bucket(127)
+    assert n == 128 and host.seg_cu[-1] == n
+    # 3 examples + 1 padding segment of 1 token, then empty segments up to 8
+    assert np.diff(host.seg_cu).tolist() == [30, 50, 47, 1, 0, 0, 0, 0]
+    assert host.seg_slot.tolist() == [0, 1, 0, -1, -1, -1, -1, -1]
+    batch = host.to_device(torch.device("cpu"))
+    assert batch.num_loss_segments == 8 and batch.loss_weights.tolist() == [0.5] * 3 + [0.0] * 5
+    assert (batch.loss_targets[127:] == IGNORE_INDEX).all() and batch.ctx.lora.train_slots == (0, 1)
+    assert batch.ctx.attn.max_loss_len == 64 and batch.ctx.lora.num_train_tokens == 128
+    other = plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16, bucketed=True)
+    assert other.graph_key == host.graph_key and other.sizes == host.sizes
+    assert plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16).graph_key != host.graph_key
+    longer = plan_mixed_batch(segs([100, 27]), [], slot_of, 16, bucketed=True)   # longest segment 128
+    assert longer.graph_key != host.graph_key

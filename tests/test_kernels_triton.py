@@ -140,51 +140,66 @@ def test_expand_matches_reference_and_touches_only_its_columns(name, path):
     assert big[:, :5].isnan().all() and big[:, 5 + d_out:].isnan().all()
 
 
-def test_smlm_training_backward_matches_per_token_autograd():
-    """The SMLM autograd node (the engine's training path): dx and the trainable A/B views' grads,
-    slot 1 in two separate runs (summed), a base-only segment, slot 2 of a smaller rank."""
-    from loquetier.kernels.smlm import LoraBatchMeta, TrainParamRef, smlm
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_smlm_training_backward_matches_per_token_autograd(dropout):
+    """The SMLM autograd node (the engine's training path) against plain per-token autograd: dx of
+    the training rows (zero for the inference rows after them), and the A/B gradients accumulated
+    into each trained slot's buffers (on top of what they held) in the training layout. Slot 1 in
+    two separate runs, a base-only segment, slot 2 of a smaller rank and its own dropout."""
+    import numpy as np
+
+    from loquetier.kernels.lora_dropout import dropout_keys, lora_dropout_ref
+    from loquetier.kernels.smlm import LoraBatchMeta, TrainSlot, smlm
     torch.manual_seed(0)
     num_slices, rank, d_in, offsets = 3, 8, 40, (0, 24, 32, 40)
-    lengths, slots = [7, 5, 1, 9], [1, -1, 2, 1]
+    lengths, slots = [7, 5, 1, 9, 4], [1, -1, 2, 1, 1]   # the last segment: inference rows
+    n_train = sum(lengths[:4])
     ranks = {1: 8, 2: 5}
     seg_cu, seg_slot, token_slot, max_len = make_segments(lengths, slots, device="cpu")
     x = torch.randn(sum(lengths), d_in)
     dy = torch.randn(sum(lengths), offsets[-1])
     a, b, scaling = make_lora(3, num_slices, rank, d_in, offsets, device="cpu", ranks=[8, 8, 5])
+    slot_p = torch.tensor([0.0, dropout, dropout / 2])
+    keys = torch.from_numpy(dropout_keys(np.arange(4, dtype=np.int64) * 977, np.asarray(lengths[:4])))
+    salt = 12345
 
-    # reference: every token through its slot's full (zero-padded) tables, plain autograd
+    # reference: every token through its slot's full (zero-padded) tables, plain autograd; the
+    # training rows' LoRA input dropped out by the reference mask
     ag, bg, xg = a.clone().requires_grad_(), b.clone().requires_grad_(), x.clone().requires_grad_()
+    x_lora = lora_dropout_ref(xg, n_train, keys, token_slot, slot_p, salt) if dropout else xg
     y = torch.zeros(x.shape[0], offsets[-1])
     for t, slot in enumerate(token_slot.tolist()):
         if slot < 0:
             continue
-        v = ag[slot] @ xg[t]
+        v = ag[slot] @ (x_lora[t] if t < n_train else x_lora[t].detach())
         for sl in range(num_slices):
             lo, hi = offsets[sl], offsets[sl + 1]
             y[t, lo:hi] += scaling[slot, sl] * (bg[slot, lo:hi] @ v[sl * rank:(sl + 1) * rank])
-    (y * dy).sum().backward()
+    (y[:n_train] * dy[:n_train]).sum().backward()
 
-    # ours: trainable parameters are views of the slot tables, as `VirtualLoraLinear.make_trainable` makes them
-    refs, params = [], []
+    # ours: each trained slot's weights in the training layout, gradient buffers holding a prior sum
+    train, prior = [], {}
     for slot, r in ranks.items():
-        for sl in range(num_slices):
-            lo, hi = offsets[sl], offsets[sl + 1]
-            refs += [TrainParamRef(slot, sl, "A", r), TrainParamRef(slot, sl, "B", r)]
-            params += [torch.nn.Parameter(a[slot, sl * rank:sl * rank + r]), torch.nn.Parameter(b[slot, lo:hi, :r])]
+        wa = a[slot].view(num_slices, rank, d_in)[:, :r].reshape(num_slices * r, d_in).clone()
+        wb = b[slot, :, :r].clone()
+        ga, gb = torch.randn_like(wa), torch.randn_like(wb)
+        prior[slot] = (ga.clone(), gb.clone())
+        train.append((slot, TrainSlot(r, wa, wb, ga, gb)))
     meta = LoraBatchMeta(seg_cu=seg_cu, seg_slot=seg_slot, token_slot=token_slot, seg_cu_host=seg_cu.tolist(),
-                         seg_slot_host=slots, max_seg_len=max_len, num_train_tokens=sum(lengths),
-                         num_train_segments=len(lengths), train_dropout={1: 0.0, 2: 0.0})
+                         seg_slot_host=slots, max_seg_len=max_len, num_train_tokens=n_train, num_train_segments=4,
+                         train_slots=(1, 2), any_dropout=dropout > 0, dropout_keys=keys, slot_dropout=slot_p,
+                         grad_anchor=torch.zeros((), requires_grad=True))
     xo = x.clone().requires_grad_()
-    out = smlm(xo, torch.zeros(x.shape[0], offsets[-1]), a, b, scaling, offsets, meta, tuple(refs), tuple(params))
+    out = smlm(xo, torch.zeros(x.shape[0], offsets[-1]), a, b, scaling, offsets, meta, tuple(train), salt)
     torch.testing.assert_close(out, y.detach(), rtol=1e-5, atol=1e-5)
     (out * dy).sum().backward()
-    torch.testing.assert_close(xo.grad, xg.grad, rtol=1e-5, atol=1e-5)
-    for ref, param in zip(refs, params):
-        lo, hi = offsets[ref.slice], offsets[ref.slice + 1]
-        want = (ag.grad[ref.slot, ref.slice * rank:ref.slice * rank + ref.rank] if ref.kind == "A"
-                else bg.grad[ref.slot, lo:hi, :ref.rank])
-        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xo.grad[:n_train], xg.grad[:n_train], rtol=1e-5, atol=1e-5)
+    assert (xo.grad[n_train:] == 0).all()
+    for slot, ts in train:
+        r = ts.rank
+        want_a = ag.grad[slot].view(num_slices, rank, d_in)[:, :r].reshape(num_slices * r, d_in)
+        torch.testing.assert_close(ts.grad_a, prior[slot][0] + want_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ts.grad_b, prior[slot][1] + bg.grad[slot, :, :r], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- attention (interpreter-sized)

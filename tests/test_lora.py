@@ -76,7 +76,7 @@ def test_training_segment_grads_match_peft(setup, tmp_path):
     root, hf, peft_models = setup
     llm = make_llm(root)
     eng = llm.engine
-    params = eng.adapters.make_trainable("b")
+    state = eng.adapters.make_trainable("b")
     tokens = list(range(20, 52))
     targets = tokens[1:] + [IGNORE_INDEX]
     targets[:5] = [IGNORE_INDEX] * 5   # prompt part without loss
@@ -85,12 +85,14 @@ def test_training_segment_grads_match_peft(setup, tmp_path):
     infer_names = ["a", "c", None]
     for p, n in zip(infer_prompts, infer_names):
         eng.add_request(p, SamplingParams(max_tokens=1, temperature=0), n)
-    seg = LossSegment(tokens, targets, "b", train=True)
+    # the step's backward runs inside it: the segment's weight makes its loss the mean token CE
+    n_targets = sum(t != IGNORE_INDEX for t in targets)
+    seg = LossSegment(tokens, targets, "b", train=True, weight=1.0 / n_targets)
     ev = LossSegment(tokens[:10], tokens[1:10] + [IGNORE_INDEX], "a", train=False)
     outs = eng.step([seg, ev], keep_logits=True)
     res = eng.last_result
     loss = res.loss_sums[0] / res.loss_counts[0]
-    loss.backward()
+    grads = state.module_views(state.grad)
 
     # reference: PEFT with the same adapter, trainable, on the same tokens and labels
     ref_model = peft_models["b"]
@@ -106,9 +108,8 @@ def test_training_segment_grads_match_peft(setup, tmp_path):
             continue
         layer = int(name.split("layers.")[1].split(".")[0])
         module = name.split(".lora_")[0].rsplit(".", 1)[1]
-        ours = params[(layer, module)][0 if "lora_A" in name else 1]
-        assert ours.grad is not None, name
-        torch.testing.assert_close(ours.grad, p.grad, rtol=1e-4, atol=1e-6)
+        ours = grads[(layer, module)][0 if "lora_A" in name else 1]
+        torch.testing.assert_close(ours, p.grad, rtol=1e-4, atol=1e-6)
         checked += 1
     assert checked == 2 * 7 * 2
     # eval segment loss equals PEFT "a" without touching grads of "a" (not trainable)
@@ -121,10 +122,10 @@ def test_training_segment_grads_match_peft(setup, tmp_path):
     for i, (p, n) in enumerate(zip(infer_prompts, infer_names)):
         ref_l = ref_logits(hf if n is None else peft_models[n], p)[-1]
         assert (res.logits[i] - ref_l).abs().max().item() <= 1e-4
-    # only the trained adapter's slot has parameters with grads
+    # only the trained adapter's slot has training state
     for vl_table in eng.adapters.layers:
         for vl in set(vl_table.values()):
-            assert set(vl.train_params) <= {eng.adapters.get("b").slot}
+            assert set(vl.train_slots) == {eng.adapters.get("b").slot}
 
 
 def test_save_roundtrip_with_peft(setup, tmp_path):
@@ -133,11 +134,12 @@ def test_save_roundtrip_with_peft(setup, tmp_path):
 
     from loquetier.lora.adapter import save_peft_adapter
     llm = make_llm(root)
-    params = llm.engine.adapters.make_trainable("c")
+    state = llm.engine.adapters.make_trainable("c")
     with torch.no_grad():  # change the weights so the round trip is not trivially the input file
-        for a, b in params.values():
+        for a, b in state.module_views(state.master).values():
             a.mul_(1.5)
             b.add_(0.01)
+    state.publish()
     save_peft_adapter(llm.engine.adapters.snapshot("c"), tmp_path / "saved", str(root / "base"))
     import copy
     loaded = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "saved").eval()

@@ -48,8 +48,9 @@ def spec_for(root, out, name="ft", data="data.jsonl", **kw):
     return TrainSpec(**base)
 
 
-def reference_training(hf, spec: TrainSpec, examples, max_rank=16):
-    """The same run with PEFT + torch.optim.AdamW, written the way a PEFT user would."""
+def reference_training(hf, spec: TrainSpec, examples, max_rank=16, windows=None):
+    """The same run with PEFT + torch.optim.AdamW, written the way a PEFT user would. `windows`
+    (per epoch, each optimizer step's example indices) replaces the shuffled micro-batch windows."""
     from peft import LoraConfig, get_peft_model
 
     from loquetier.models.config import ModelArgs
@@ -68,15 +69,16 @@ def reference_training(hf, spec: TrainSpec, examples, max_rank=16):
         params += [pa, pb]
     opt = torch.optim.AdamW(params, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
                             weight_decay=spec.weight_decay)
-    n_micro = math.ceil(len(examples) / spec.micro_batch_size)
-    total = math.ceil(n_micro / spec.grad_accum) * spec.epochs
+    if windows is None:
+        window = spec.micro_batch_size * spec.grad_accum
+        orders = [torch.randperm(len(examples), generator=torch.Generator().manual_seed(spec.seed + e)).tolist()
+                  for e in range(spec.epochs)]
+        windows = [[order[w:w + window] for w in range(0, len(order), window)] for order in orders]
+    total = sum(len(w) for w in windows)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec, total))
     losses = []
-    for epoch in range(spec.epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(spec.seed + epoch)).tolist()
-        window = spec.micro_batch_size * spec.grad_accum
-        for w in range(0, len(order), window):
-            chosen = order[w:w + window]
+    for epoch_windows in windows:
+        for chosen in epoch_windows:
             n_tokens = sum(sum(l != IGNORE_INDEX for l in examples[i].labels[1:]) for i in chosen)
             step_loss = 0.0
             for i in chosen:  # micro-batches only regroup the same per-token sum
@@ -144,6 +146,60 @@ def test_job_matches_peft_while_serving(model_dir, tmp_path):
     ours = forward_all(llm.engine, [prompt], ["ft"])[0]
     ref = ref_model(input_ids=torch.tensor([prompt])).logits[0]
     assert (ours - ref).abs().max().item() < 1e-3
+
+
+def test_packed_job_matches_unpacked_peft(model_dir, tmp_path):
+    """Token-budget micro-batches: the examples of each window are packed first-fit (no padding,
+    no attention across examples) and, beside traffic, split over several steps; the losses and
+    the adapter equal an unpacked PEFT + AdamW loop over the same windows, one example at a time."""
+    root, hf = model_dir
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=256, block_size=4,
+              max_num_batched_tokens=32)
+    llm.load_adapter("other", root / "other")
+    trainer = Trainer(llm.engine)
+    spec = spec_for(root, tmp_path / "out", data="data2.jsonl", micro_batch_tokens=40, grad_accum=2, epochs=3)
+    job = trainer.submit(spec)
+    lengths = job.train_data.lengths
+    for epoch in range(spec.epochs):
+        plan = job.epoch_plan(epoch)
+        assert sorted(i for mb in plan for i in mb.tolist()) == list(range(len(lengths)))
+        assert all(lengths[mb].sum() <= 40 or len(mb) == 1 for mb in plan)
+    windows = [[[i for mb in w for i in mb.tolist()] for w in job.windows(e)] for e in range(spec.epochs)]
+    assert job.total_steps == sum(len(w) for w in windows)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    for i in range(6):   # traffic throughout: training rides beside it in what the budget leaves
+        llm.engine.add_request(list(range(5 + i, 25 + i)), params, "other" if i % 2 else None)
+    trainer.run()
+    assert job.status.value == "succeeded"
+    ref_model, ref_losses = reference_training(hf, spec, trainer.load_data(spec)[0], windows=windows)
+    assert [l for _, l in job.losses] == pytest.approx(ref_losses, rel=2e-4, abs=2e-4)
+    peft_state_matches(ref_model, tmp_path / "out" / f"checkpoint-{job.total_steps}", tol=2e-4)
+
+
+def test_bucketed_training_step_equals_unpadded(model_dir):
+    """A training step padded to bucket sizes (what CUDA graphs replay) gives the same losses and
+    gradients as the same examples unpadded: padding tokens carry no adapter, loss or weight."""
+    from loquetier.engine.batch import LossSegment, plan_mixed_batch
+    root, _ = model_dir
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=64)
+    eng = llm.engine
+    eng.add_adapter("t", new_adapter(LoraSpec(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear",
+                                              init_lora_weights="gaussian"), eng.args, 16, 0))
+    state = eng.adapters.make_trainable("t")
+    g = torch.Generator().manual_seed(0)
+    segs = [LossSegment(ids, ids[1:] + [IGNORE_INDEX], "t", True, weight=0.1 * (i + 1), dropout_seed=i)
+            for i, ids in enumerate(torch.randint(3, 250, (n,), generator=g).tolist() for n in (13, 40, 7))]
+    slot_of = {None: -1, "t": eng.adapters.get("t").slot}
+    results = []
+    for bucketed in (False, True):
+        host = plan_mixed_batch(segs, [], slot_of, eng.kv.block_size, eng.adapters.dropout, bucketed=bucketed)
+        state.zero_grad()
+        res = eng.runner.execute(host.to_device(eng.device))
+        results.append((res.loss_sums[:3].clone(), state.grad.clone()))
+    assert host.seg_cu[-1] == 64 and host.num_loss_segments == 8
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0
 
 
 def test_two_concurrent_jobs_match_solo_runs(model_dir, tmp_path):
@@ -269,16 +325,15 @@ def test_bf16_engine_steps_fp32_master_weights(model_dir, tmp_path):
         llm = LLM(str(root / "base"), max_loras=2, max_lora_rank=16, num_kv_blocks=64, dtype=dtype)
         trainer = Trainer(llm.engine)
         job = trainer.submit(spec_for(root, out, learning_rate=1e-6, max_grad_norm=0.0, weight_decay=0.0))
-        start = [p.detach().float().clone() for p in job.params]
+        start = job.state.master.detach().clone()
         trainer.run(max_steps=8)   # 4 optimizer steps; the job (and its slot) are still live
         assert job.step == 4
-        return [m.detach() - s for m, s in zip(job.masters, start)], job
+        return job.state.master.detach() - start, job
 
-    moved32, _ = run("float32", tmp_path / "f32")
-    moved16, job16 = run("bfloat16", tmp_path / "bf16")
-    assert all(m.dtype == torch.float32 for m in job16.masters)
-    assert job16.params[0].dtype == torch.bfloat16
-    flat32, flat16 = torch.cat([m.flatten() for m in moved32]), torch.cat([m.flatten() for m in moved16])
+    flat32, _ = run("float32", tmp_path / "f32")
+    flat16, job16 = run("bfloat16", tmp_path / "bf16")
+    assert job16.state.master.dtype == torch.float32
+    assert job16.state.stage.dtype == torch.bfloat16 and job16.state.master is not job16.state.stage
     assert flat32.abs().max() < 1e-4                 # far below bf16 steps for weights of this size
     assert flat16.abs().max() > 0
     assert ((flat16 - flat32).norm() / flat32.norm()).item() < 0.1
@@ -286,21 +341,23 @@ def test_bf16_engine_steps_fp32_master_weights(model_dir, tmp_path):
 
 def test_shutdown_checkpoint_mid_window_resumes_bit_identical(model_dir, tmp_path):
     """A graceful shutdown saves the last finished optimizer step while a window is half accumulated:
-    the resumed run re-runs that window and ends with the uninterrupted run's weights and losses."""
+    the resumed run re-runs that window and ends with the uninterrupted run's weights and losses
+    (with LoRA dropout, whose masks are keyed by step and example)."""
     root, _ = model_dir
     llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=64)
     trainer = Trainer(llm.engine)
-    full = trainer.submit(spec_for(root, tmp_path / "full", "full"))
+    lora = LoraSpec(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS)
+    full = trainer.submit(spec_for(root, tmp_path / "full", "full", lora=lora))
     trainer.run()
-    cut = trainer.submit(spec_for(root, tmp_path / "cut", "cut"))
-    for _ in range(10):   # windows of 4, 4 and 2 examples per epoch: stop inside step 2's window
-        if cut.step == 1 and cut.micro_done == 1:
+    cut = trainer.submit(spec_for(root, tmp_path / "cut", "cut", lora=lora))
+    for _ in range(10):   # windows of 2, 2 and 1 micro-batches per epoch: stop inside step 2's window
+        if cut.step == 1 and cut.pending:
             break
         llm.engine.step()
-    assert (cut.step, cut.micro_done) == (1, 1)
+    assert cut.step == 1 and len(cut.pending) == 1
     assert cut.save_resume_point().name == "checkpoint-1" and cut.save_resume_point() is None
     trainer.cancel(cut.id)                                # the process exits here
-    resumed = trainer.submit(spec_for(root, tmp_path / "cut", "cut"))
+    resumed = trainer.submit(spec_for(root, tmp_path / "cut", "cut", lora=lora))
     assert resumed.step == 1
     trainer.run()
     assert resumed.status.value == "succeeded" and resumed.losses == full.losses

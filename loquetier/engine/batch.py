@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..kernels import lora_dropout
+from ..kernels.lora_dropout import SlotDropout
 from ..kernels.smlm import LoraBatchMeta
 from .context import AttentionMeta, BatchContext
 from .sequence import Sequence
@@ -21,17 +23,35 @@ IGNORE_INDEX = -100
 class LossSegment:
     """A training or evaluation example riding in this step. `targets[t]` is the token after t."""
 
-    token_ids: list[int]
-    targets: list[int]
-    adapter: str
+    token_ids: np.ndarray          # int64 [n] (lists are converted)
+    targets: np.ndarray            # int64 [n], IGNORE_INDEX where no loss
+    adapter: str | None
     train: bool
-    owner: object = None   # whoever asked for it (a training job); gets the loss back
-    generator: torch.Generator | None = None  # the owner's RNG for LoRA dropout
+    owner: object = None           # whoever asked for it (a training job); gets the loss back
+    weight: float = 0.0            # its weight in the step's loss sum (training; 1 / the window's tokens)
+    dropout_seed: int = 0          # 32-bit: with each token's position, keys its LoRA dropout masks
+    num_targets: int = -1          # tokens that carry loss (known on the host: no device read needed)
 
-    @property
-    def num_targets(self) -> int:
-        """Tokens that carry loss (known on the host: no device read needed)."""
-        return len(self.targets) - self.targets.count(IGNORE_INDEX)
+    def __post_init__(self):
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int64)
+        self.targets = np.asarray(self.targets, dtype=np.int64)
+        if self.num_targets < 0:
+            self.num_targets = int((self.targets != IGNORE_INDEX).sum())
+
+
+def token_bucket(n: int) -> int:
+    """Padded token count of a bucketed training step: powers of two up to 1,024, then steps of
+    512 up to 8,192, then of 2,048 (at most a third padding; packed micro-batches sit just under
+    their budget, so a budget on a bucket boundary pads little)."""
+    if n <= 1024:
+        return max(64, 1 << (n - 1).bit_length())
+    step = 512 if n <= 8192 else 2048
+    return -(-n // step) * step
+
+
+def count_bucket(n: int, least: int) -> int:
+    """The next power of two >= n (at least `least`): segment counts and longest-segment lengths."""
+    return max(least, 1 << max(0, n - 1).bit_length())
 
 
 @dataclass
@@ -54,11 +74,13 @@ class MixedBatch:
     ctx: BatchContext
     loss_segments: list[LossSegment]
     loss_targets: torch.Tensor | None  # int64 [num_loss_tokens]
-    loss_seg_ids: torch.Tensor | None  # int64 [num_loss_tokens]: index into loss_segments
+    loss_seg_ids: torch.Tensor | None  # int64 [num_loss_tokens]: index into the loss segments
+    loss_weights: torch.Tensor | None  # fp32 [num_loss_segments]: weight of each in the step's loss
     sample_rows: torch.Tensor | None   # int64 [num_sampled]: rows whose next-token logits are sampled
     sample_seqs: list[Sequence] = field(default_factory=list)
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     has_placeholders: bool = False     # input ids name tokens the previous step sampled (Sequence)
+    num_loss_segments: int = 0         # loss segments incl. bucket padding (the loss sums' length)
 
 
 @dataclass
@@ -66,30 +88,47 @@ class HostBatch:
     """A mixed batch laid out on the host: every integer array of the step in one flat int64 array
     (`flat`, cut by `sizes`) plus the host-side layout the model reads. `to_device` makes the
     `MixedBatch` from a device copy of `flat`; a training graph replays with another batch of the
-    same `layout_key` by copying only `flat`."""
+    same `graph_key` by copying only `flat`.
+
+    A bucketed batch (training-only steps, see `plan_mixed_batch`) is padded to bucket sizes: a
+    padding segment (no adapter, no loss) and empty segments, so that batches of many layouts
+    share one key, and a captured graph replays whatever the example lengths."""
 
     flat: np.ndarray
     sizes: list[int]
     loss_segments: list[LossSegment]
     scheduled: list[ScheduledSeq]
-    seg_cu: np.ndarray              # one segment per loss example and per scheduled sequence
+    seg_cu: np.ndarray              # one segment per loss example (+ padding) and per scheduled sequence
     seg_slot: np.ndarray
     lora_seg_cu: np.ndarray         # SMLM's segments: the same, adjacent inference rows of one slot merged
     lora_seg_slot: np.ndarray
-    num_train_segments: int
+    num_train_segments: int         # incl. padding segments
+    num_loss_segments: int          # incl. padding segments
     num_prefills: int
     num_decodes: int
     context_lens: np.ndarray
     num_sampled: int
-    train_dropout: dict[int, float]
-    dropout_generators: dict
+    train_slots: tuple[int, ...]
+    any_dropout: bool
+    slot_dropout: torch.Tensor | None   # the adapter manager's per-slot dropout table (device)
+    bucketed: bool = False
     has_placeholders: bool = False
 
     @property
-    def layout_key(self) -> tuple:
-        """Everything but the token data: equal keys give identical kernels, grids and host lists."""
-        return (tuple(self.seg_cu.tolist()), tuple(self.seg_slot.tolist()), self.num_train_segments,
-                len(self.loss_segments), tuple(sorted(self.train_dropout.items())))
+    def graph_key(self) -> tuple:
+        """Equal keys give identical kernels, grids and host lists. A bucketed batch's key holds only
+        its bucket sizes; otherwise the exact layout (attention may loop over segments on the host)."""
+        common = (self.train_slots, self.any_dropout, self.num_train_segments, self.num_loss_segments)
+        if self.bucketed:
+            return ("bucketed", int(self.seg_cu[-1]), self.max_loss_len, *common)
+        return ("exact", tuple(self.seg_cu.tolist()), tuple(self.seg_slot.tolist()), *common)
+
+    @property
+    def max_loss_len(self) -> int:
+        """The longest loss segment, as the attention kernels are told: its bucket when bucketed."""
+        n = self.num_loss_segments
+        longest = int(np.diff(self.seg_cu[:n + 1]).max()) if n else 0
+        return min(int(self.seg_cu[n]), count_bucket(longest, 64)) if self.bucketed else longest
 
     def to_device(self, device: torch.device, flat: torch.Tensor | None = None) -> MixedBatch:
         """The step's `MixedBatch` over `flat` (the device copy of `self.flat`; copied here if None).
@@ -98,22 +137,26 @@ class HostBatch:
             flat = torch.from_numpy(self.flat)
             flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
         (input_ids_t, positions_t, lora_cu_t, lora_slot_t, token_slot_t, slot_mapping_t, tables_t,
-         context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t, prefill_cu_t) = torch.split(flat, self.sizes)
-        scheduled, n_loss_segs = self.scheduled, len(self.loss_segments)
+         context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t, prefill_cu_t, dropout_keys_t,
+         loss_weight_bits_t) = torch.split(flat, self.sizes)
+        scheduled, n_loss_segs = self.scheduled, self.num_loss_segments
         seg_cu, seg_lens = self.seg_cu, np.diff(self.seg_cu)
         lora_cu = self.lora_seg_cu
         num_loss = int(seg_cu[n_loss_segs])
         num_train = int(seg_cu[self.num_train_segments])
         n_pre = self.num_prefills
         tables_t = tables_t.view(len(scheduled), -1).to(torch.int32) if scheduled else None
+        max_loss_len = self.max_loss_len
         lora = None
         if (self.seg_slot >= 0).any():
             lora = LoraBatchMeta(seg_cu=lora_cu_t.to(torch.int32), seg_slot=lora_slot_t.to(torch.int32),
                                  token_slot=token_slot_t.to(torch.int32), seg_cu_host=lora_cu.tolist(),
-                                 seg_slot_host=self.lora_seg_slot.tolist(), max_seg_len=int(np.diff(lora_cu).max()),
+                                 seg_slot_host=self.lora_seg_slot.tolist(),
+                                 max_seg_len=max(max_loss_len, int(np.diff(lora_cu).max())),
                                  num_train_tokens=num_train, num_train_segments=self.num_train_segments,
-                                 train_dropout=self.train_dropout if num_train else {},
-                                 dropout_generators=self.dropout_generators)
+                                 train_slots=self.train_slots if num_train else (),
+                                 any_dropout=self.any_dropout and num_train > 0,
+                                 dropout_keys=dropout_keys_t, slot_dropout=self.slot_dropout)
         attn = AttentionMeta(
             num_loss_tokens=num_loss,
             loss_cu=seg_cu[:n_loss_segs + 1].tolist(),
@@ -126,39 +169,61 @@ class HostBatch:
             decode_context_lens=context_lens_t[n_pre:].to(torch.int32) if self.num_decodes else None,
             # loss segments are never merged: their boundaries are the prefix of the SMLM ones
             loss_cu_t=lora_cu_t[:n_loss_segs + 1].to(torch.int32) if n_loss_segs else None,
-            max_loss_len=int(seg_lens[:n_loss_segs].max()) if n_loss_segs else 0,
+            max_loss_len=max_loss_len,
             # a chunk is a whole prompt when its context is the chunk itself (nothing cached before)
             num_whole_prefills=int((self.context_lens[:n_pre] == seg_lens[n_loss_segs:n_loss_segs + n_pre]).sum()),
             prefill_cu_t=prefill_cu_t.to(torch.int32) if n_pre else None,
             max_prefill_len=int(seg_lens[n_loss_segs:n_loss_segs + n_pre].max()) if n_pre else 0,
         )
         ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=int(seg_cu[-1]))
+        # the loss weights travel as float32 bit patterns in the int64 array (one copy per step)
+        loss_weights = loss_weight_bits_t.to(torch.int32).view(torch.float32) if n_loss_segs else None
         return MixedBatch(
             input_ids=input_ids_t, ctx=ctx, loss_segments=self.loss_segments,
             loss_targets=loss_targets_t if n_loss_segs else None,
-            loss_seg_ids=loss_seg_ids_t if n_loss_segs else None,
+            loss_seg_ids=loss_seg_ids_t if n_loss_segs else None, loss_weights=loss_weights,
             sample_rows=sample_rows_t if self.num_sampled else None,
             sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled,
-            has_placeholders=self.has_placeholders)
+            has_placeholders=self.has_placeholders, num_loss_segments=n_loss_segs)
 
 
 def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
-                      slot_of: dict[str | None, int], block_size: int, train_dropout: dict[int, float],
-                      device: torch.device, dropout_generators: dict | None = None) -> MixedBatch:
+                      slot_of: dict[str | None, int], block_size: int, device: torch.device,
+                      dropout: SlotDropout | None = None) -> MixedBatch:
     """Lay out train, eval, prefill, decode (in that order) and build the step's `BatchContext`.
 
     `slot_of` maps adapter name (None = base) to its device slot (-1 = none).
     """
-    return plan_mixed_batch(loss_segments, scheduled, slot_of, block_size, train_dropout,
-                            dropout_generators).to_device(device)
+    return plan_mixed_batch(loss_segments, scheduled, slot_of, block_size, dropout).to_device(device)
+
+
+def _bucket_padding(lengths: np.ndarray) -> tuple[int, int]:
+    """(padding tokens, empty segments) that bring training segments of `lengths` to bucket sizes:
+    the padding tokens form one segment, the rest of the segment bucket is empty segments."""
+    n = int(lengths.sum())
+    pad = token_bucket(n) - n
+    num_segments = len(lengths) + (pad > 0)
+    return pad, count_bucket(num_segments, 8) - num_segments
 
 
 def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
-                     slot_of: dict[str | None, int], block_size: int, train_dropout: dict[int, float],
-                     dropout_generators: dict | None = None) -> HostBatch:
-    """The host half of `build_mixed_batch`: every array of the step, nothing on the device yet."""
+                     slot_of: dict[str | None, int], block_size: int, dropout: SlotDropout | None = None,
+                     bucketed: bool = False) -> HostBatch:
+    """The host half of `build_mixed_batch`: every array of the step, nothing on the device yet.
+
+    `bucketed` (a step of training segments only) pads the batch to bucket sizes (see HostBatch).
+    `dropout` is the adapter manager's per-slot LoRA dropout (None: no dropout)."""
     train = [s for s in loss_segments if s.train]
     evals = [s for s in loss_segments if not s.train]
+    assert not bucketed or not (evals or scheduled), "only training-only steps are bucketed"
+    train_lens = np.fromiter((len(s.token_ids) for s in train), dtype=np.int64, count=len(train))
+    train_slots = tuple(sorted({slot_of[s.adapter] for s in train}))
+    any_dropout = bool(train) and dropout is not None and bool((dropout.host[list(train_slots)] > 0).any())
+    pad, n_empty = _bucket_padding(train_lens) if bucketed and train else (0, 0)
+    if pad:
+        train_lens = np.append(train_lens, pad)
+    train_lens = np.concatenate([train_lens, np.zeros(n_empty, np.int64)])
+    n_train_segs = len(train_lens)
     loss_segments = train + evals
     # whole prompts (nothing cached yet) before chunks that continue a cached prompt: the whole ones
     # then form a prefix that one packed attention call covers
@@ -168,37 +233,48 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     decodes = sorted((s for s in scheduled if s.length == 1), key=lambda s: slot_of[s.seq.adapter])
     scheduled = prefills + decodes
 
-    ids_parts = [np.asarray(s.token_ids, dtype=np.int64) for s in loss_segments]
-    pos_parts = [np.arange(len(s.token_ids), dtype=np.int64) for s in loss_segments]
+    pad_ids = [np.zeros(pad, np.int64)] if pad else []
+    ids_parts = [s.token_ids for s in train] + pad_ids + [s.token_ids for s in evals]
+    # padding tokens sit at position 0: they attend only within their own segment
+    pos_parts = [np.arange(len(s.token_ids), dtype=np.int64) for s in train] + pad_ids + \
+                [np.arange(len(s.token_ids), dtype=np.int64) for s in evals]
     for s in scheduled:
         ids_parts.append(np.asarray(s.seq.token_ids(s.start, s.start + s.length), dtype=np.int64))
         pos_parts.append(np.arange(s.start, s.start + s.length, dtype=np.int64))
-    seg_lens = np.asarray([len(s.token_ids) for s in loss_segments] + [s.length for s in scheduled], dtype=np.int64)
-    seg_slot = np.asarray([slot_of[s.adapter] for s in loss_segments] + [slot_of[s.seq.adapter] for s in scheduled],
-                          dtype=np.int64)
+    eval_lens = [len(s.token_ids) for s in evals]
+    seg_lens = np.concatenate([train_lens, np.asarray(eval_lens + [s.length for s in scheduled], dtype=np.int64)])
+    fill = [-1] * (n_train_segs - len(train))
+    seg_slot = np.asarray([slot_of[s.adapter] for s in train] + fill + [slot_of[s.adapter] for s in evals]
+                          + [slot_of[s.seq.adapter] for s in scheduled], dtype=np.int64)
     seg_cu = np.zeros(len(seg_lens) + 1, dtype=np.int64)
     np.cumsum(seg_lens, out=seg_cu[1:])
-    num_loss = int(seg_cu[len(loss_segments)])
+    n_loss_segs = n_train_segs + len(evals)
+    num_loss = int(seg_cu[n_loss_segs])
+    num_train = int(seg_cu[n_train_segs])
 
     # inference tokens: their sequence (index into `scheduled`) and cache slot
-    inf_lens = seg_lens[len(loss_segments):]
+    inf_lens = seg_lens[n_loss_segs:]
     max_blocks = max((len(s.seq.block_table) for s in scheduled), default=1)
     tables = np.zeros((len(scheduled), max(max_blocks, 1)), dtype=np.int64)
     for i, s in enumerate(scheduled):
         tables[i, :len(s.seq.block_table)] = s.seq.block_table
-    inf_pos = np.concatenate(pos_parts[len(loss_segments):]) if scheduled else np.zeros(0, np.int64)
+    inf_pos = np.concatenate(pos_parts[-len(scheduled):]) if scheduled else np.zeros(0, np.int64)
     inf_seq = np.repeat(np.arange(len(scheduled)), inf_lens)
     slot_mapping = tables[inf_seq, inf_pos // block_size] * block_size + inf_pos % block_size
     context_lens = np.asarray([s.start + s.length for s in scheduled], dtype=np.int64)
     completes = np.asarray([s.completes for s in scheduled], dtype=bool)
     sample_rows = (num_loss + np.cumsum(inf_lens) - 1)[completes] if scheduled else np.zeros(0, np.int64)
-    loss_targets = np.concatenate([np.asarray(s.targets, dtype=np.int64) for s in loss_segments]) \
-        if loss_segments else np.zeros(0, np.int64)
-    loss_seg_ids = np.repeat(np.arange(len(loss_segments)), seg_lens[:len(loss_segments)])
+    pad_targets = [np.full(pad, IGNORE_INDEX, np.int64)] if pad else []
+    loss_targets = np.concatenate([s.targets for s in train] + pad_targets + [s.targets for s in evals]) \
+        if n_loss_segs else np.zeros(0, np.int64)
+    loss_seg_ids = np.repeat(np.arange(n_loss_segs), seg_lens[:n_loss_segs])
+    weights = np.zeros(n_loss_segs, np.float32)
+    weights[:len(train)] = [s.weight for s in train]
+    seeds = np.asarray([s.dropout_seed for s in train] + [0] * (n_train_segs - len(train)), dtype=np.int64)
+    dropout_keys = lora_dropout.dropout_keys(seeds, train_lens) if any_dropout else np.zeros(num_train, np.int64)
 
-    # SMLM segments: loss examples as they are (training runs and dropout masks follow them); runs of
-    # inference rows with one slot merged, since the attention metadata, not SMLM, tells sequences apart
-    n_loss_segs = len(loss_segments)
+    # SMLM segments: loss examples as they are; runs of inference rows with one slot merged, since
+    # the attention metadata, not SMLM, tells sequences apart
     inf_slot = seg_slot[n_loss_segs:]
     run_start = np.flatnonzero(np.diff(inf_slot, prepend=np.int64(-2))) if len(inf_slot) else np.zeros(0, np.int64)
     lora_seg_cu = np.concatenate([seg_cu[:n_loss_segs], seg_cu[n_loss_segs + run_start], seg_cu[-1:]])
@@ -211,12 +287,13 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     n_pre = len(prefills)
     prefill_cu = seg_cu[n_loss_segs:n_loss_segs + n_pre + 1] - seg_cu[n_loss_segs] if n_pre else np.zeros(0, np.int64)
     parts = [input_ids, positions, lora_seg_cu, lora_seg_slot, token_slot, slot_mapping, tables.reshape(-1),
-             context_lens, sample_rows, loss_targets, loss_seg_ids, prefill_cu]
-    num_train = int(seg_cu[len(train)])
+             context_lens, sample_rows, loss_targets, loss_seg_ids, prefill_cu, dropout_keys,
+             weights.view(np.int32).astype(np.int64)]
     return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
                      scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,
-                     lora_seg_slot=lora_seg_slot, num_train_segments=len(train),
+                     lora_seg_slot=lora_seg_slot, num_train_segments=n_train_segs, num_loss_segments=n_loss_segs,
                      num_prefills=len(prefills), num_decodes=len(decodes), context_lens=context_lens,
-                     num_sampled=len(sample_rows), train_dropout=train_dropout if num_train else {},
-                     dropout_generators=dropout_generators or {},
+                     num_sampled=len(sample_rows), train_slots=train_slots if num_train else (),
+                     any_dropout=any_dropout, slot_dropout=dropout.table if dropout is not None else None,
+                     bucketed=bucketed,
                      has_placeholders=bool(scheduled) and bool((input_ids[num_loss:] < 0).any()))

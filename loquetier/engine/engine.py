@@ -20,7 +20,6 @@ from ..models.loader import load_model, preset_args, random_model
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
-from .faults import is_device_failure, training_failure_message
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .sampler import SampledTokens
@@ -64,10 +63,7 @@ class StepParticipant(Protocol):
     """Something that rides training/eval segments along with inference (the trainer)."""
 
     def next_segments(self, budget: int, num_inference_tokens: int) -> list[LossSegment]: ...
-    def on_losses(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor) -> None: ...
-    def grad_plan(self, segments: list[LossSegment]) -> tuple[list[float], tuple[torch.Tensor, ...]] | None: ...
-    def on_grads(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor,
-                 grads: tuple[torch.Tensor, ...]) -> None: ...
+    def on_step(self, segments: list[LossSegment], sums: torch.Tensor, counts: torch.Tensor) -> None: ...
     def on_step_failed(self, segments: list[LossSegment], message: str) -> None: ...
 
 
@@ -208,7 +204,8 @@ class Engine:
              ) -> list[RequestOutput]:
         """One scheduling round and one forward over the mixed batch.
 
-        Asynchronous scheduling (inference-only steps, `EngineConfig.async_scheduling`): the step is
+        Asynchronous scheduling (`EngineConfig.async_scheduling`; not for steps with penalties or
+        `keep_logits`): the step is
         launched before the previous step's tokens are read on the host. Its inputs take those tokens
         on the device (placeholders, see `Sequence`), and the host's bookkeeping of the previous step
         (stop checks, outputs) overlaps this step's GPU work. So outputs come back one step later,
@@ -223,11 +220,13 @@ class Engine:
                 segments += self.participant.next_segments(allowed, sched.num_inference_tokens)
         if not sched.scheduled and not segments:
             return failed + self._drain()
-        asynchronous = (self.config.async_scheduling and not segments and not keep_logits
+        # training rows need no host read either: their backward runs inside the step and their
+        # losses stay on the device, so mixed steps are launched asynchronously too
+        asynchronous = (self.config.async_scheduling and not keep_logits
                         and not any(s.seq.params.has_penalties for s in sched.scheduled))
         outputs = []
         if not asynchronous and self._in_flight is not None:
-            # this step reads tokens on the host (penalties, training, logits): settle the last one first
+            # this step reads tokens on the host (penalties, logits): settle the last one first
             outputs = self._drain()
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
             if not sched.scheduled and not segments:
@@ -237,47 +236,38 @@ class Engine:
         for name in names:
             self.ensure_adapter(name)
         slot_of: dict[str | None, int] = {None: -1, **self.adapters.activate(names)}
-        train_dropout = {slot_of[s.adapter]: self.adapters.dropout_of(s.adapter) for s in segments if s.train}
         if not keep_logits and self.runner.can_replay(sched.scheduled, bool(segments)):
             sample_seqs, result = self.runner.execute_decode_graph(sched.scheduled, slot_of, self.kv.block_size)
             scheduled = sched.scheduled
         else:
-            gens = {slot_of[s.adapter]: s.generator for s in segments if s.train and s.generator is not None}
-            host = plan_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, train_dropout, gens)
-            scheduled, sample_seqs, segments = host.scheduled, [], host.loss_segments
-            # a training-only step of the participant's: the runner returns gradients (and may replay
-            # a captured graph); otherwise losses keep their autograd graph for the participant
-            plan = (self.participant.grad_plan(segments)
-                    if self.participant is not None and not scheduled and not loss_segments and not keep_logits
-                    else None)
-            if plan is not None:
-                try:
-                    result = self.runner.execute_train(host, *plan, self.device)
-                except RuntimeError as e:   # e.g. out of memory: these jobs fail, the engine serves on
-                    if is_device_failure(e):   # the device is lost: no step can recover, the caller stops
-                        raise
-                    self.participant.on_step_failed(segments, training_failure_message(e))
-                    return failed + outputs
-            else:
-                if train_dropout and scheduled:   # eager activations beside a graph pool: drop the graphs
-                    self.runner.drop_train_graphs()
-                batch = host.to_device(self.device)
-                result = self.runner.execute(batch, keep_logits)
-                sample_seqs = batch.sample_seqs
+            train_only = bool(segments) and not sched.scheduled and all(s.train for s in segments)
+            graphs = self.runner.train_graphs is not None and train_only and not keep_logits
+            host = plan_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, self.adapters.dropout,
+                                    bucketed=graphs and self.dtype != torch.float32)
+            scheduled, segments = host.scheduled, host.loss_segments
+            try:
+                if graphs:
+                    result, sample_seqs = self.runner.execute_train(host), []
+                else:
+                    batch = host.to_device(self.device)
+                    result, sample_seqs = self.runner.execute(batch, keep_logits), batch.sample_seqs
+            except torch.OutOfMemoryError as e:
+                if not (segments and self.participant is not None):
+                    raise
+                # the training jobs of this step fail; its inference rows run again next step
+                self.participant.on_step_failed(segments, f"training step ran out of device memory: {e}")
+                return failed + outputs
         self.last_result, self.last_sample_seqs = result, sample_seqs   # for tests and debugging
         for s in scheduled:
             s.seq.num_computed_tokens += s.length
         launched = self._launched(sample_seqs, result)
+        if segments and self.participant is not None:
+            self.participant.on_step(segments, result.loss_sums, result.loss_counts)
         outputs += self._drain()            # the previous step's tokens, while this one runs
         if asynchronous:
             self._in_flight = launched
         elif launched is not None:
             outputs += self._settle(launched)
-        if segments and self.participant is not None:
-            if result.grads is not None:
-                self.participant.on_grads(segments, result.loss_sums, result.loss_counts, result.grads)
-            else:
-                self.participant.on_losses(segments, result.loss_sums, result.loss_counts)
         info = {"time": time.perf_counter() - t0,
                 "num_decode_tokens": sum(1 for s in scheduled if s.length == 1),
                 "num_prefill_tokens": sum(s.length for s in scheduled if s.length > 1),

@@ -23,10 +23,9 @@ from .sequence import Sequence
 @dataclass
 class StepResult:
     sampled: SampledTokens | None            # one row per sampled sequence, still on the device
-    loss_sums: torch.Tensor | None           # [num_loss_segments] summed token CE (graph for train rows)
+    loss_sums: torch.Tensor | None           # [num_loss_segments] summed token CE, detached
     loss_counts: torch.Tensor | None         # [num_loss_segments] number of target tokens
     logits: torch.Tensor | None = None       # [num_sampled, V] when asked (tests)
-    grads: tuple[torch.Tensor, ...] | None = None  # training-only steps: d(weighted loss)/d(params)
 
 
 class ModelRunner:
@@ -39,6 +38,8 @@ class ModelRunner:
         self.last_tokens = torch.zeros(max_sampled_rows, dtype=torch.int64, device=self.device)
         self.graphs: DecodeGraphs | None = None
         self.train_graphs: TrainGraphs | None = None
+        # the leaf every SMLM training node hangs off (LoraBatchMeta.grad_anchor)
+        self.grad_anchor = torch.zeros((), device=self.device, requires_grad=True)
 
     @torch.no_grad()
     def warm_up_lora_kernels(self) -> None:
@@ -77,7 +78,7 @@ class ModelRunner:
                 seq.block_table = [scratch_block] * -(-seq.num_tokens // block_size)
             scheduled = [ScheduledSeq(seqs[0], 0, lengths[0]), ScheduledSeq(seqs[1], 0, lengths[1]),
                          ScheduledSeq(seqs[2], 3, 1)]
-            host = plan_mixed_batch([], scheduled, {None: -1, "warm-up": 0}, block_size, {})
+            host = plan_mixed_batch([], scheduled, {None: -1, "warm-up": 0}, block_size)
             self.execute(host.to_device(self.device))
 
     def enable_graphs(self, kv, max_model_len: int, max_batch: int, num_slots: int) -> None:
@@ -94,7 +95,7 @@ class ModelRunner:
         self.graphs = graphs
 
     def enable_train_graphs(self, device: torch.device) -> None:
-        self.train_graphs = TrainGraphs(self.train_grads, device)
+        self.train_graphs = TrainGraphs(self.train_step, device)
 
     def drop_train_graphs(self) -> None:
         if self.train_graphs is not None:
@@ -137,42 +138,42 @@ class ModelRunner:
         return seqs, StepResult(self.sampler.sample(logits, seqs), None, None, None)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
+        """Any step: forward; the loss of every loss segment; the next token of every sequence that
+        completes; and, with training rows, the backward of sum(loss_weights * loss sums), which
+        accumulates into the trained adapters' gradient buffers. The tokens are sampled before the
+        backward is launched, so their copy to the host does not wait for it. No host sync."""
         ctx = batch.ctx
-        has_train = any(s.train for s in batch.loss_segments)
+        has_train = ctx.lora is not None and ctx.lora.num_train_tokens > 0
         input_ids = self.resolve_ids(batch.input_ids) if batch.has_placeholders else batch.input_ids
+        if has_train:
+            ctx.lora.grad_anchor = self.grad_anchor
         with torch.set_grad_enabled(has_train):
             hidden = self.model(input_ids, ctx)
             loss_sums = loss_counts = None
-            if batch.loss_segments:
+            if batch.num_loss_segments:
                 loss_sums, loss_counts = self._segment_losses(hidden[:ctx.attn.num_loss_tokens], batch)
         sampled, logits = None, None
         if batch.sample_rows is not None:
             with torch.no_grad():
                 logits = self.model.compute_logits(hidden.detach().index_select(0, batch.sample_rows))
                 sampled = self.sampler.sample(logits, batch.sample_seqs)
+        if has_train:
+            (loss_sums * batch.loss_weights).sum().backward()
+            loss_sums = loss_sums.detach()
         return StepResult(sampled, loss_sums, loss_counts, logits if keep_logits else None)
 
-    def execute_train(self, host: HostBatch, weights: list[float], params: tuple[torch.Tensor, ...],
-                      device: torch.device) -> StepResult:
-        """A training-only step: loss sums and the gradients of sum(weights * sums) for `params`,
-        replayed from a captured graph when this layout repeats (see train_graphs.py)."""
-        out = None
-        if self.train_graphs is not None and not any(p > 0 for p in host.train_dropout.values()):
-            out = self.train_graphs.run(host, weights, params)
+    def execute_train(self, host: HostBatch) -> StepResult:
+        """A training-only step, replayed from a captured graph once its layout (its buckets, when
+        bucketed) repeats (see train_graphs.py); otherwise eager."""
+        out = self.train_graphs.run(host) if self.train_graphs is not None else None
         if out is None:
-            w = torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True)
-            out = self.train_grads(host.to_device(device), w, params)
-        sums, counts, grads = out
-        return StepResult(None, sums, counts, None, grads)
+            out = self.train_step(host.to_device(self.device))
+        return StepResult(None, *out)
 
-    def train_grads(self, batch: MixedBatch, weights: torch.Tensor, params: tuple[torch.Tensor, ...]):
-        """Forward, per-segment losses and d(sum(weights * sums))/d(params) of a training-only batch;
-        no host sync (a graph captures it as it is)."""
-        with torch.enable_grad():
-            hidden = self.model(batch.input_ids, batch.ctx)
-            sums, counts = self._segment_losses(hidden, batch)
-            grads = torch.autograd.grad((sums * weights).sum(), params, allow_unused=True, materialize_grads=True)
-        return sums.detach(), counts, grads
+    def train_step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums, token counts) of a training-only batch, after its backward; what a graph captures."""
+        result = self.execute(batch)
+        return result.loss_sums, result.loss_counts
 
     def _segment_losses(self, hidden: torch.Tensor, batch: MixedBatch):
         """Per-segment summed cross entropy over target tokens (HF causal-LM loss, unreduced)."""
@@ -180,7 +181,7 @@ class ModelRunner:
         keep = targets != IGNORE_INDEX
         logits = self.model.compute_logits(hidden).float()
         token_loss = F.cross_entropy(logits, targets.clamp_min(0), reduction="none") * keep
-        n = len(batch.loss_segments)
+        n = batch.num_loss_segments
         sums = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, batch.loss_seg_ids, token_loss)
         counts = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_add(0, batch.loss_seg_ids, keep.float())
         return sums, counts

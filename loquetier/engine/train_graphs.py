@@ -1,17 +1,18 @@
-"""CUDA graphs for training-only steps: forward, losses and LoRA gradients replayed as one graph.
+"""CUDA graphs for training-only steps: forward, losses and LoRA backward replayed as one graph.
 
-A LoRA training step launches about 3,000 kernels (every layer's forward and backward: GEMMs,
-SMLM, norms, rotary, attention); at 4 x 512 tokens on an 8B model the host takes longer to launch
-them than the GPU takes to run them, and the host's speed varies from machine to machine. So a
-step whose layout (`HostBatch.layout_key`: segment lengths and slots) and trained parameters
-were seen `CAPTURE_AFTER` times in a row is captured once, and every later step with that layout
-is one metadata copy and one replay. Training on fixed-length (or packed) examples repeats its
-layout every step; other steps run eagerly with the same math.
+A LoRA training step launches thousands of kernels (every layer's forward and backward: GEMMs,
+SMLM, norms, rotary, attention); on short examples the host takes longer to launch them than the
+GPU takes to run them. So a step whose `HostBatch.graph_key` was seen `CAPTURE_AFTER` times is
+captured once, and every later step with that key is one metadata copy and one replay.
 
-Only training-only steps without LoRA dropout qualify: inference rows change the layout every
-step, and dropout masks come from each job's own generator. A training step that rides with
-inference drops the graphs (`clear`), so their memory pool never sits beside an eager step's
-activations; the layout must then repeat again before a new capture.
+Bucketed batches (bf16/fp16 on CUDA, where one packed flash-attention call covers every segment
+from device metadata) are padded to bucket sizes, so their key holds only the buckets: a graph
+replays whatever the example lengths, and packed micro-batches of a token budget fall in one or
+two buckets. Other batches (fp32: attention loops over segments on the host) are keyed by their
+exact layout. The backward accumulates into the trained adapters' persistent gradient buffers
+(lora/trainable.py), which live outside the graph's memory pool; jobs that start or stop drop the
+graphs (`clear`), since the buffers a graph writes belong to the jobs it was captured with.
+LoRA dropout masks are hashed from per-token keys in the metadata, so dropout replays too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .batch import HostBatch
@@ -34,22 +34,19 @@ MAX_SEEN = 1024
 @dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
-    flat: torch.Tensor            # static input: the step's integer metadata
-    weights: torch.Tensor         # static input: each loss segment's weight in the total loss
+    flat: torch.Tensor            # static input: the step's integer metadata (loss weights included)
     sums: torch.Tensor            # static outputs
     counts: torch.Tensor
-    grads: tuple[torch.Tensor, ...]
-    params: tuple[torch.Tensor, ...]  # kept alive: the key holds their ids
 
 
-TrainFn = Callable[..., tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]]
+TrainFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainGraphs:
-    """Captured training steps keyed by (layout, trained parameters)."""
+    """Captured training steps keyed by `HostBatch.graph_key`."""
 
     def __init__(self, train_fn: TrainFn, device: torch.device):
-        # train_fn(batch, weights, params) -> (loss sums, token counts, grads): the runner's step
+        # train_fn(batch) -> (loss sums, token counts), the backward done: the runner's step
         self.train_fn, self.device = train_fn, device
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.seen: dict[tuple, int] = {}
@@ -64,40 +61,37 @@ class TrainGraphs:
             torch.cuda.empty_cache()
         self.seen.clear()
 
-    def run(self, host: HostBatch, weights: list[float], params: tuple[torch.Tensor, ...]):
-        """(sums, counts, grads) from a replay, or None: run this step eagerly (first sightings of a
+    def run(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sums, counts) from a replay, or None: run this step eagerly (first sightings of a
         layout, or a capture that failed). The outputs are overwritten by the next replay."""
-        key = (host.layout_key, tuple(map(id, params)))
+        key = host.graph_key
         entry = self.entries.get(key)
         if entry is None:
             if key in self.failed:
                 return None
-            if len(self.seen) > MAX_SEEN:   # layouts that never repeat (variable-length data)
+            if len(self.seen) > MAX_SEEN:   # layouts that never repeat (exact keys of varied data)
                 self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= CAPTURE_AFTER:
                 return None
-            entry = self._capture(key, host, len(weights), params)
+            entry = self._capture(key, host)
             if entry is None:
                 return None
         self.entries.move_to_end(key)
         entry.flat.copy_(torch.from_numpy(host.flat).pin_memory(), non_blocking=True)
-        entry.weights.copy_(torch.from_numpy(np.asarray(weights, dtype=np.float32)).pin_memory(), non_blocking=True)
         entry.graph.replay()
-        return entry.sums, entry.counts, entry.grads
+        return entry.sums, entry.counts
 
-    def _capture(self, key, host: HostBatch, num_segments: int, params) -> _Entry | None:
+    def _capture(self, key, host: HostBatch) -> _Entry | None:
         while len(self.entries) >= MAX_GRAPHS:
             self.entries.popitem(last=False)
         flat = torch.from_numpy(host.flat).to(self.device)
-        weights = torch.zeros(num_segments, dtype=torch.float32, device=self.device)
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()   # the eager steps' cached blocks go back; the graph pool takes their place
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 # the batch's views and int32 copies are made inside the graph: a replay refreshes them
-                sums, counts, grads = self.train_fn(host.to_device(self.device, flat), weights, params)
+                sums, counts = self.train_fn(host.to_device(self.device, flat))
         except Exception as e:   # a capture problem must not stop training: this layout stays eager
             logging.getLogger("loquetier").warning("training step capture failed (%s); running it eagerly", e)
             self.failed.add(key)
@@ -105,6 +99,6 @@ class TrainGraphs:
             return None
         if self.pool is None:
             self.pool = graph.pool()
-        entry = _Entry(graph, flat, weights, sums, counts, tuple(grads), tuple(params))
+        entry = _Entry(graph, flat, sums, counts)
         self.entries[key] = entry
         return entry

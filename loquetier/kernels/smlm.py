@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backend import use_triton
+from .lora_dropout import lora_dropout
 
 
 @dataclass
@@ -30,14 +31,28 @@ class LoraBatchMeta:
     max_seg_len: int
     num_train_tokens: int = 0   # training segments are the prefix [0, num_train_tokens)
     num_train_segments: int = 0
-    # LoRA dropout probability of each slot trained this step (applied to training segments only)
-    train_dropout: dict[int, float] = field(default_factory=dict)
-    # per trained slot, the job's own RNG for dropout masks (resumable, independent of serving)
-    dropout_generators: dict[int, torch.Generator] = field(default_factory=dict)
+    train_slots: tuple[int, ...] = ()   # adapter slots with training tokens this step
+    # LoRA dropout of training tokens (see lora_dropout.py): per-token keys [num_train_tokens] and
+    # each slot's probability [L] (a persistent table of the adapter manager)
+    any_dropout: bool = False
+    dropout_keys: torch.Tensor | None = None
+    slot_dropout: torch.Tensor | None = None
+    # a leaf that requires grad: SMLM nodes hang off it, so the backward reaches them even where
+    # the layer's input needs no gradient (the first layer); it never receives one itself
+    grad_anchor: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         # read by every virtual layer: computed once per step, not re-scanned in each layer
         self.any_adapter = any(s >= 0 for s in self.seg_slot_host)
+
+    def train_mask(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """[num_train_tokens, 1]: 1 for the training tokens of `slot`; made once per step."""
+        mask = self._masks.get((slot, dtype))
+        if mask is None:
+            mask = (self.token_slot[:self.num_train_tokens] == slot).to(dtype).unsqueeze(1)
+            self._masks[(slot, dtype)] = mask
+        return mask
 
 
 # ----------------------------------------------------------------------------- reference path
@@ -111,92 +126,77 @@ class LoraDelta:
 
 
 # ----------------------------------------------------------------------------- autograd
-@dataclass(frozen=True)
-class TrainParamRef:
-    """Where a trainable parameter lives in the slot table: slot, slice, 'A' or 'B', its rank."""
+@dataclass
+class TrainSlot:
+    """What the SMLM backward needs of one adapter slot that trains, in one virtual layer: its
+    weights in the training layout (slice s of A is rows s*r..(s+1)*r) and the gradient buffers
+    it accumulates into (views of the adapter's one flat buffer, see lora/trainable.py)."""
 
-    slot: int
-    slice: int
-    kind: str
-    rank: int
+    rank: int                  # r, at most the slot table's rank R
+    weight_a: torch.Tensor     # [S*r, d_in]
+    weight_b: torch.Tensor     # [d_out, r]
+    grad_a: torch.Tensor       # [S*r, d_in]
+    grad_b: torch.Tensor       # [d_out, r]
 
 
 class _SMLMFunction(torch.autograd.Function):
-    """out = y + SMLM(x). Backward: grads only from training segments, only for trainable slots."""
+    """out = y + SMLM(x). The backward adds the LoRA gradients of the training tokens into each
+    trained slot's buffers (no per-parameter autograd) and returns dx for the training rows."""
 
     @staticmethod
-    def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, refs, backend, *params):
+    def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, train, salt, backend, anchor):
         n_train = meta.num_train_tokens
         x_lora = x
-        masks: dict[int, torch.Tensor] = {}
-        if meta.train_dropout and any(p > 0 for p in meta.train_dropout.values()):
-            x_lora = x.clone()
-            cu = meta.seg_cu_host
-            for g in range(meta.num_train_segments):
-                p = meta.train_dropout.get(meta.seg_slot_host[g], 0.0)
-                if p > 0:
-                    gen = meta.dropout_generators.get(meta.seg_slot_host[g])
-                    keep = torch.empty_like(x[cu[g]:cu[g + 1]]).bernoulli_(1 - p, generator=gen) / (1 - p)
-                    x_lora[cu[g]:cu[g + 1]] *= keep
-                    masks[g] = keep
+        if meta.any_dropout:
+            x_lora = lora_dropout(x, n_train, meta.dropout_keys, meta.token_slot, meta.slot_dropout, salt, backend)
         v = shrink(x_lora, lora_a, meta, backend)
         # y is the base GEMM's fresh output (its own backward does not need it): add in place
         expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
         ctx.mark_dirty(y)
-        ctx.save_for_backward(x_lora[:n_train], v[:n_train], lora_a, lora_b, scaling)
-        ctx.meta, ctx.refs, ctx.slice_offsets, ctx.masks = meta, refs, slice_offsets, masks
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(x_lora[:n_train], v[:n_train], scaling)
+        ctx.meta, ctx.train, ctx.slice_offsets, ctx.salt, ctx.backend = meta, train, slice_offsets, salt, backend
+        ctx.num_rows = x.shape[0]
         return y
 
     @staticmethod
     def backward(ctx, dout):
-        x_train, v_train, lora_a, lora_b, scaling = ctx.saved_tensors
-        meta, refs, offs = ctx.meta, ctx.refs, ctx.slice_offsets
-        rank = lora_b.shape[2]
-        num_slices = len(offs) - 1
-        d_out = lora_b.shape[1]
-        mask = _slice_mask(offs, lora_b.device)
-        runs = _train_runs(meta)
-        single = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == ctx.x_shape[0]
+        x_train, v_train, scaling = ctx.saved_tensors
+        meta, offs = ctx.meta, ctx.slice_offsets
+        n = meta.num_train_tokens
+        dy = dout[:n]
+        num_slices, d_out = len(offs) - 1, offs[-1]
+        table_rank = v_train.shape[1] // num_slices
+        slice_mask = _slice_mask(offs, dy.device)
+        # One pass per trained slot over all training rows: a slot's rows are picked by a mask, not
+        # by host-side segment boundaries, so shapes depend only on the token count (graph-friendly).
+        # B is laid out block-diagonally with its scales folded in ([d_out, S*r]), so dv for every
+        # slice is one GEMM; cuBLAS accumulates the gradients in fp32 (addmm into the buffers).
         dx = None
-        if ctx.needs_input_grad[0] and not single:
-            dx = torch.zeros(ctx.x_shape, dtype=dout.dtype, device=dout.device)
-        dA: dict[int, torch.Tensor] = {}
-        dB: dict[int, torch.Tensor] = {}
-        # Consecutive training segments of one slot form one run. Each run costs a fixed handful
-        # of GEMMs whatever the number of slices: B is laid out block-diagonally with its scale
-        # folded in ([d_out, S*R], slice s's rows only in columns s*R..), so dv for every slice
-        # is one GEMM, and dB for every slice is one GEMM masked back to its block. The scales
-        # stay on the device (no host round trip); cuBLAS accumulates in fp32.
-        for slot, a, b, segs in runs:
-            dy, v, x = dout[a:b], v_train[a:b], x_train[a:b]
-            block_scale = mask * scaling[slot]                                   # [d_out, S] fp32
-            b_block = (lora_b[slot].unsqueeze(1) * block_scale.unsqueeze(2)).to(dy.dtype).reshape(d_out, -1)
-            dv = dy @ b_block                                                    # [n, S*R]
-            gB = ((dy.t() @ v).view(d_out, num_slices, rank) * block_scale.unsqueeze(2)).sum(1).to(lora_b.dtype)
-            gA = dv.t() @ x
-            dA[slot] = gA if slot not in dA else dA[slot] + gA
-            dB[slot] = gB if slot not in dB else dB[slot] + gB
+        for slot, ts in ctx.train:
+            r = ts.rank
+            mask = meta.train_mask(slot, dy.dtype) if len(ctx.train) > 1 else None
+            scale = scaling[slot]                                                 # [S] fp32
+            block_scale = slice_mask * scale                                      # [d_out, S]
+            b_block = (ts.weight_b.unsqueeze(1) * block_scale.unsqueeze(2)).to(dy.dtype).reshape(d_out, -1)
+            dv = dy @ b_block                                                     # [n, S*r]
+            if mask is not None:
+                dv = dv * mask
+            ts.grad_a.addmm_(dv.t(), x_train)
+            vs = v_train.view(n, num_slices, table_rank)[:, :, :r] * scale[:, None]
+            if mask is not None:
+                vs = vs * mask.unsqueeze(2)
+            vs = vs.to(dy.dtype).reshape(n, -1)                                   # [n, S*r], scaled
+            for s in range(num_slices):
+                lo, hi = offs[s], offs[s + 1]
+                ts.grad_b[lo:hi].addmm_(dy[:, lo:hi].t(), vs[:, s * r:(s + 1) * r])
             if ctx.needs_input_grad[0]:
-                dxr = dv @ lora_a[slot]
-                for g in segs:
-                    if g in ctx.masks:
-                        ga, gb = meta.seg_cu_host[g] - a, meta.seg_cu_host[g + 1] - a
-                        dxr[ga:gb] *= ctx.masks[g]
-                if single:
-                    dx = dxr
-                else:
-                    dx[a:b] = dxr
-        param_grads = []
-        for ref in refs:
-            if ref.kind == "A":
-                g = dA.get(ref.slot)
-                param_grads.append(None if g is None else g[ref.slice * rank:ref.slice * rank + ref.rank])
-            else:
-                g = dB.get(ref.slot)
-                lo, hi = offs[ref.slice], offs[ref.slice + 1]
-                param_grads.append(None if g is None else g[lo:hi, :ref.rank])
-        return (dx, dout, None, None, None, None, None, None, None, *param_grads)
+                dx = dv @ ts.weight_a if dx is None else dx.addmm_(dv, ts.weight_a)
+        if dx is not None:
+            if meta.any_dropout:   # the same mask again: the op is linear in x
+                dx = lora_dropout(dx, n, meta.dropout_keys, meta.token_slot, meta.slot_dropout, ctx.salt, ctx.backend)
+            if ctx.num_rows > n:   # inference / evaluation rows get no gradient
+                dx = torch.nn.functional.pad(dx, (0, 0, 0, ctx.num_rows - n))
+        return dx, dout, None, None, None, None, None, None, None, None, None
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,34 +208,19 @@ def _slice_mask(slice_offsets: tuple[int, ...], device: torch.device) -> torch.T
     return mask.to(device)
 
 
-def _train_runs(meta: LoraBatchMeta):
-    """(slot, start, end, segment ids) of maximal runs of adjacent training segments sharing a slot."""
-    cu, slots = meta.seg_cu_host, meta.seg_slot_host
-    runs = []
-    for g in range(meta.num_train_segments):
-        slot = slots[g]
-        if slot < 0 or cu[g + 1] == cu[g]:
-            continue
-        if runs and runs[-1][0] == slot and runs[-1][2] == cu[g]:
-            runs[-1][2] = cu[g + 1]
-            runs[-1][3].append(g)
-        else:
-            runs.append([slot, cu[g], cu[g + 1], [g]])
-    return runs
-
-
 def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
          scaling: torch.Tensor, slice_offsets: tuple[int, ...], meta: LoraBatchMeta,
-         train_refs: tuple[TrainParamRef, ...] = (), train_params: tuple[torch.Tensor, ...] = (),
-         backend: str = "auto") -> torch.Tensor:
+         train: tuple[tuple[int, TrainSlot], ...] = (), salt: int = 0, backend: str = "auto") -> torch.Tensor:
     """Return y + each segment's `scale * (x A^T) B^T`.
 
-    Without training tokens (or with grad disabled) the delta is added into `y` in place and no
-    graph is recorded. With training tokens, an autograd node gives grads for x (training rows)
-    and for `train_params` (views of the slot table described by `train_refs`).
+    Without trained slots (or with grad disabled) the delta is added into `y` in place and no
+    graph is recorded. With `train` ((slot, TrainSlot) pairs trained this step), an autograd node
+    gives dx for the training rows and accumulates every trained slot's A/B gradients into its
+    buffers; LoRA dropout (if any) applies to the training rows' LoRA input.
     """
-    if meta.num_train_tokens == 0 or not torch.is_grad_enabled():
+    if not train or not torch.is_grad_enabled():
         v = shrink(x, lora_a, meta, backend)
         return expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
-    return _SMLMFunction.apply(x, y, lora_a, lora_b, scaling, slice_offsets, meta, train_refs,
-                               backend, *train_params)
+    assert meta.grad_anchor is not None, "a training step needs LoraBatchMeta.grad_anchor"
+    return _SMLMFunction.apply(x, y, lora_a, lora_b, scaling, slice_offsets, meta, train, salt, backend,
+                               meta.grad_anchor)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.smlm import LoraBatchMeta, LoraDelta, TrainParamRef, smlm
+from ..kernels.smlm import LoraBatchMeta, LoraDelta, TrainSlot, smlm
 
 # "auto" folds the shrink into the base GEMM when the stacked A table adds at most this share of
 # the base weight's rows (L=4 slots of rank 16 on Llama-3-8B: 1.6-3%); beyond that the GEMM
@@ -68,9 +68,10 @@ class VirtualLoraLinear(nn.Module):
         self.weight_aug: torch.Tensor | None = None  # [d_out + L*S*R, d_in]: base weight, then lora_a
         self.bias_aug: torch.Tensor | None = None
         self.fold_shrink = False
-        # slot -> trainable views into lora_a / lora_b, and where each one lives
-        self.train_refs: dict[int, tuple[TrainParamRef, ...]] = {}
-        self.train_params: dict[int, tuple[nn.Parameter, ...]] = {}
+        # slot -> its training state (weights in the training layout, gradient buffers), written by
+        # the adapter's `AdapterTrainState`; `dropout_salt` keys this layer's dropout masks
+        self.train_slots: dict[int, TrainSlot] = {}
+        self.dropout_salt = 0
 
     def allocate(self) -> None:
         """Allocate the (empty) slot table in the base weight's dtype and device, the A table in
@@ -110,8 +111,7 @@ class VirtualLoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.scaling[slot].zero_()
-        self.train_refs.pop(slot, None)
-        self.train_params.pop(slot, None)
+        self.train_slots.pop(slot, None)
 
     def write_slice(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Copy one module's A [r, d_in] and B [d_out, r] into the slot, zero-padded to max_rank."""
@@ -131,24 +131,6 @@ class VirtualLoraLinear(nn.Module):
         lo, hi = self.slice_offsets[s], self.slice_offsets[s + 1]
         R = self.max_rank
         return self.lora_a[slot, s * R:s * R + rank], self.lora_b[slot, lo:hi, :rank]
-
-    def make_trainable(self, slot: int, ranks: dict[str, int]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
-        """Expose the slot's A/B of the given slices as Parameters that alias the table."""
-        refs, params, out = [], [], {}
-        for name, r in ranks.items():
-            a, b = self.read_slice(slot, name, r)
-            s = self.slice_index(name)
-            pa, pb = nn.Parameter(a, requires_grad=True), nn.Parameter(b, requires_grad=True)
-            refs += [TrainParamRef(slot, s, "A", r), TrainParamRef(slot, s, "B", r)]
-            params += [pa, pb]
-            out[name] = (pa, pb)
-        self.train_refs[slot] = tuple(refs)
-        self.train_params[slot] = tuple(params)
-        return out
-
-    def freeze(self, slot: int) -> None:
-        self.train_refs.pop(slot, None)
-        self.train_params.pop(slot, None)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
@@ -174,12 +156,8 @@ class VirtualLoraLinear(nn.Module):
             y = F.linear(x, self.base.weight, self.base.bias)
         if meta is None or not meta.any_adapter:
             return y
-        refs: tuple[TrainParamRef, ...] = ()
-        params: tuple[torch.Tensor, ...] = ()
-        if meta.num_train_tokens and self.train_refs:
-            for slot in meta.train_dropout:  # the slots trained this step
-                if slot in self.train_refs:
-                    refs += self.train_refs[slot]
-                    params += self.train_params[slot]
+        train = ()
+        if meta.num_train_tokens and self.train_slots:
+            train = tuple((s, self.train_slots[s]) for s in meta.train_slots if s in self.train_slots)
         return smlm(x, y, self.lora_a, self.lora_b, self.scaling, self.slice_offsets, meta,
-                    refs, params, self.backend)
+                    train, self.dropout_salt, self.backend)

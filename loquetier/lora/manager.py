@@ -10,8 +10,6 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.nn as nn
-
 from ..config import LoraConfig
 from ..errors import (
     AdapterError,
@@ -19,8 +17,10 @@ from ..errors import (
     AdapterNotFoundError,
     CapacityError,
 )
+from ..kernels.lora_dropout import SlotDropout
 from ..models.llama import LlamaModel
 from .adapter import AdapterWeights
+from .trainable import AdapterTrainState
 
 
 @dataclass
@@ -30,11 +30,15 @@ class AdapterRecord:
     name: str
     weights: AdapterWeights
     slot: int | None = None
-    trainable: bool = False
     pins: int = 0
     last_used: int = 0
     parent: str | None = None
     source: Path | None = None   # where it can be re-read from; such adapters may be dropped when full
+    train_state: AdapterTrainState | None = None   # while it trains
+
+    @property
+    def trainable(self) -> bool:
+        return self.train_state is not None
 
 
 class AdapterManager:
@@ -46,6 +50,8 @@ class AdapterManager:
         self.records: dict[str, AdapterRecord] = {}
         self.slot_owner: list[str | None] = [None] * config.max_loras
         self._clock = itertools.count(1)
+        # LoRA dropout of each slot's training tokens (0 unless it trains)
+        self.dropout = SlotDropout(config.max_loras, self.layers[0][next(iter(self.layers[0]))].lora_a.device)
 
     # ------------------------------------------------------------------ registry
     def __contains__(self, name: str) -> bool:
@@ -147,25 +153,17 @@ class AdapterManager:
             rec.pins -= 1
 
     # ------------------------------------------------------------------ training
-    def make_trainable(self, name: str) -> dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]]:
-        """Pin the adapter to a slot; return (layer, module) -> (A, B) Parameters aliasing the slot table."""
+    def make_trainable(self, name: str) -> AdapterTrainState:
+        """Pin the adapter to a slot and give it a training state (flat master weights and
+        gradient buffers that every virtual layer's SMLM backward writes into)."""
         rec = self.get(name)
+        if rec.trainable:
+            raise AdapterInUseError(f"adapter {name!r} is already being trained")
         self.activate({name})
-        params: dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]] = {}
-        by_layer: dict[int, dict[str, int]] = {}
-        for (layer, module), (a, _) in rec.weights.modules.items():
-            by_layer.setdefault(layer, {})[module] = a.shape[0]
-        for layer, ranks in sorted(by_layer.items()):
-            # group modules by the virtual layer that holds them (q/k/v share one)
-            groups: dict[int, tuple[object, dict[str, int]]] = {}
-            for module, r in ranks.items():
-                vl = self.layers[layer][module]
-                groups.setdefault(id(vl), (vl, {}))[1][module] = r
-            for vl, sub in groups.values():
-                for module, pair in vl.make_trainable(rec.slot, sub).items():
-                    params[(layer, module)] = pair
-        rec.trainable = True
-        return params
+        ranks = {key: a.shape[0] for key, (a, _) in rec.weights.modules.items()}
+        rec.train_state = AdapterTrainState(rec.slot, self.layers, ranks)
+        self.dropout.set(rec.slot, float(rec.weights.spec.lora_dropout))
+        return rec.train_state
 
     def snapshot(self, name: str) -> AdapterWeights:
         """The adapter's current weights as a CPU copy (reads the slot while it trains)."""
@@ -184,10 +182,12 @@ class AdapterManager:
         if not rec.trainable:
             return
         rec.weights = self.snapshot(name)
-        for table in self.layers:
-            for layer in set(table.values()):
-                layer.freeze(rec.slot)
-        rec.trainable = False
+        rec.train_state.release()
+        rec.train_state = None
+        self.dropout.set(rec.slot, 0.0)
 
     def dropout_of(self, name: str) -> float:
         return float(self.get(name).weights.spec.lora_dropout)
+
+    def train_state(self, name: str) -> AdapterTrainState | None:
+        return self.get(name).train_state

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
 from ..kernels import fused as fused_ops
+from ..kernels.lora_dropout import layer_salt
 from ..kernels.smlm import LoraDelta
 from ..lora.layer import VirtualLoraLinear
 from .config import ModelArgs
@@ -190,9 +191,10 @@ class LlamaModel(nn.Module):
         w = self.embed_tokens.weight
         a = self.args
         self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling, w.dtype, w.device)
-        for table in self.virtual_layers():
-            for layer in set(table.values()):
+        for i, table in enumerate(self.virtual_layers()):
+            for k, layer in enumerate(dict.fromkeys(table.values())):
                 layer.allocate()
+                layer.dropout_salt = layer_salt(i * len(table) + k)   # independent masks per layer
 
     def set_lora_fold_shrink(self, policy: str) -> None:
         for table in self.virtual_layers():

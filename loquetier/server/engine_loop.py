@@ -6,10 +6,10 @@ run on that thread between steps, its result coming back through a future. Each 
 to per-group asyncio queues with one `call_soon_threadsafe`. With no work, the thread sleeps on an
 event that the next command sets.
 
-A step that raises fails the requests and training jobs it held and the loop goes on; when it ran
-out of memory with training rows aboard, only the jobs fail. A device error (a CUDA fault), or a
-second failed step in a row (the error outlived the work it was blamed on), is fatal: every request
-fails, `fatal` is set, and the server exits so that its supervisor restarts it.
+A step that raises fails the requests and training jobs it held and the loop goes on (a step whose
+training rows ran out of memory is handled inside `Engine.step`: only its jobs fail). A device error
+(a CUDA fault), or a second failed step in a row (the error outlived the work it was blamed on), is
+fatal: every request fails, `fatal` is set, and the server exits so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -27,12 +27,25 @@ from typing import Any
 import torch
 
 from ..engine.engine import Engine, RequestOutput
-from ..engine.faults import is_device_failure, training_failure_message
 from ..errors import AdapterNotFoundError, LoquetierError
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("loquetier.server")
 TRAINING_SUFFIX = "@train"   # a job's adapter while it trains (TrainingJob.adapter); not servable
+# A CUDA fault is sticky: every later launch in the process fails too and device memory can no longer
+# be trusted. torch >= 2.8 raises torch.AcceleratorError; older versions a RuntimeError naming the API.
+_DEVICE_ERROR_TYPES = tuple(getattr(torch, name) for name in ("AcceleratorError",) if hasattr(torch, name))
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUDA driver error", "Triton Error [CUDA]")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """True when `error` means the device itself failed, so no later step can be trusted (running
+    out of memory is not: the allocation failed, nothing was corrupted)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if _DEVICE_ERROR_TYPES and isinstance(error, _DEVICE_ERROR_TYPES):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_ERROR_MARKERS)
 
 
 class EngineFailure(LoquetierError):
@@ -332,8 +345,9 @@ class AsyncEngine:
                 self._deliver(batch)
 
     def _recover(self, error: Exception) -> None:
-        """A step raised: fail the requests and training jobs it held (only the jobs when it ran out of
-        memory with training aboard), or stop for good when the error is fatal."""
+        """A step raised: fail the requests and training jobs it held, or stop for good when the error
+        is fatal. Failing the jobs too (rather than retrying them) keeps a job whose data trips a bug
+        from failing every step after, which would be fatal: a restart would resume it into a loop."""
         if is_device_failure(error) or self._last_step_failed:
             log.critical("unrecoverable engine error%s", "" if is_device_failure(error) else
                          " (the step failed again after the work it held was failed)", exc_info=error)
@@ -341,15 +355,11 @@ class AsyncEngine:
             return
         log.exception("engine step failed; failing the requests and jobs it held", exc_info=error)
         self._last_step_failed = True
-        jobs = [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []
-        for job in jobs:
-            job.in_flight = False
-            job.fail(training_failure_message(error))
+        for job in [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []:
+            job.fail(f"training step failed: {type(error).__name__}: {error}")
         message = f"generation failed: {type(error).__name__}: {error}"
-        # out of memory with training rows aboard: blame the training, the requests run again
-        requests = [] if isinstance(error, torch.OutOfMemoryError) and jobs else self._requests_in_failed_step()
         failed = []
-        for seq in requests:
+        for seq in self._requests_in_failed_step():
             target = self._streams.pop(seq.request_id, None)
             self.engine.abort(seq.request_id)
             if target is not None:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import AdapterNotFoundError, LoquetierError, RequestError
 from ..lora.adapter import LoraSpec
 from ..training.checkpoint import CKPT_PREFIX, latest_checkpoint
 from ..training.job import JobEvent, JobStatus, TrainingJob
+from ..training.packing import steps_in_epoch
 from ..training.spec import TrainSpec
 from ..training.trainer import Trainer
 from .config import ServerConfig
@@ -138,14 +140,19 @@ class JobService:
         batch = max(1, min(16, len(train) // 50)) if hp.batch_size == "auto" else hp.batch_size
         multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier
         spec.epochs, spec.learning_rate = epochs, self.config.base_learning_rate * multiplier
-        spec.micro_batch_size, spec.grad_accum = split_batch(batch, self.config.max_micro_batch_size)
-        steps_per_epoch = math.ceil(math.ceil(len(train) / spec.micro_batch_size) / spec.grad_accum)
+        if hp.micro_batch_tokens:
+            spec.micro_batch_tokens = hp.micro_batch_tokens
+            spec.grad_accum = 1 if hp.batch_size == "auto" else hp.batch_size
+        else:
+            spec.micro_batch_size, spec.grad_accum = split_batch(batch, self.config.max_micro_batch_size)
+        steps_per_epoch = steps_in_epoch(spec, np.asarray([len(ex.input_ids) for ex in train]), 0)
         spec.checkpoint_interval = self.config.checkpoint_interval or steps_per_epoch
         spec.eval_interval = spec.checkpoint_interval if data[1] else None
         spec.validate()
         record = self.store.create_job(
             req.model, req.training_file,
-            Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=multiplier),
+            Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=multiplier,
+                            micro_batch_tokens=hp.micro_batch_tokens),
             validation_file=req.validation_file, lora=req.lora, seed=spec.seed, suffix=req.suffix)
         spec.name = fine_tuned_model_name(self.config.short_model_name, record.id, req.suffix)
         spec.output_dir = str(self.jobs_dir / record.id)
@@ -296,11 +303,11 @@ class JobService:
             self._start_or_queue(record.id, TrainSpec.from_dict(json.loads(record.spec_json)))
 
     def checkpoint_for_shutdown(self) -> list[str]:
-        """(engine thread) Save every running or paused job at its last finished optimizer step, so a
-        restarted server resumes it there; the ids of the jobs saved."""
+        """(engine thread) Save every running job at its last finished optimizer step, so a restarted
+        server resumes it there (a paused one resumes from its last checkpoint); the ids saved."""
         saved = []
         for job in self.trainer.jobs.values():
-            if job.status not in (JobStatus.RUNNING, JobStatus.PAUSED):
+            if job.status != JobStatus.RUNNING:
                 continue
             try:
                 job.save_resume_point()

@@ -3,7 +3,7 @@
 Draining (as vLLM's `--shutdown-timeout`): new work (any /v1 request that is not a GET) gets 503,
 `/health` answers 503 so load balancers stop routing here, and the requests already in flight run to
 the end for up to `shutdown_timeout` seconds; whatever is still running then is aborted with an
-error. Then every running or paused job saves a checkpoint at its last finished optimizer step, the
+error. Then every running job saves a checkpoint at its last finished optimizer step, the
 engine thread stops, and uvicorn closes. A restarted server resumes those jobs from there. A second
 signal exits at once. When the engine stops on a fatal error the server exits with status 1, so a
 supervisor restarts it.

@@ -404,6 +404,9 @@ class Hyperparameters(RequestModel):
     n_epochs: Literal["auto"] | int = "auto"
     batch_size: Literal["auto"] | int = "auto"
     learning_rate_multiplier: Literal["auto"] | float = "auto"
+    # our extension: pack examples first-fit into micro-batches of this many tokens (no padding);
+    # batch_size then counts such micro-batches per optimizer step ("auto": 1)
+    micro_batch_tokens: int | None = Field(None, ge=1, le=1 << 20)
 
     @field_validator("n_epochs")
     @classmethod

@@ -1,7 +1,15 @@
 """TrainingJob: one adapter's fine-tuning — data order, accumulation, AdamW, LR schedule, checkpoints.
 
-A job never runs a forward itself: it hands micro-batches (as `LossSegment`s) to the trainer, which
-packs them into the engine's mixed batch, and gets their summed losses back.
+A job never runs a forward itself: it hands examples (as `LossSegment`s) to the trainer, which
+packs them into the engine's mixed batch; the engine's backward accumulates their gradients into
+the adapter's buffers (lora/trainable.py) and hands their summed losses back, on the device.
+
+An optimizer step covers one window: `grad_accum` micro-batches of the epoch's plan
+(training/packing.py). Its loss is the token cross entropy summed over the window's examples over
+the window's target tokens, so how the window's examples are spread over engine steps (whole
+micro-batches when training alone, a few examples at a time beside traffic) does not change the
+step. Nothing here reads the device on the hot path: losses come back to the host by a
+non-blocking copy and are logged once they have arrived.
 """
 
 from __future__ import annotations
@@ -14,10 +22,14 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from ..engine.batch import IGNORE_INDEX, LossSegment
+from ..kernels.lora_dropout import MASK32, mix32
 from ..lora.adapter import AdapterWeights, new_adapter
 from .checkpoint import load_checkpoint_state, optimizer_state_from, save_checkpoint
 from .data import TokenizedExample
+from .packing import epoch_plan, first_fit, total_steps
 from .spec import TrainSpec
 
 
@@ -52,9 +64,39 @@ def lr_lambda(spec: TrainSpec, total_steps: int):
     return factor
 
 
-def to_segment(ex: TokenizedExample, adapter: str, train: bool, owner, gen=None) -> LossSegment:
-    """Shift labels: targets[t] = labels[t+1] (the loss of predicting token t+1 at position t)."""
-    return LossSegment(list(ex.input_ids), list(ex.labels[1:]) + [IGNORE_INDEX], adapter, train, owner, gen)
+class _Examples:
+    """A dataset as arrays, converted once: token ids, shifted targets, lengths and loss tokens."""
+
+    def __init__(self, examples: list[TokenizedExample]):
+        self.ids = [np.asarray(ex.input_ids, dtype=np.int64) for ex in examples]
+        # targets[t] = labels[t+1]: the loss of predicting token t+1 at position t
+        self.targets = [np.append(np.asarray(ex.labels[1:], dtype=np.int64), IGNORE_INDEX) for ex in examples]
+        self.lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
+        self.num_targets = np.asarray([int((t != IGNORE_INDEX).sum()) for t in self.targets], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _PendingLoss:
+    """A device scalar on its way to the host (a pinned buffer and an event on CUDA)."""
+
+    def __init__(self, value: torch.Tensor):
+        if value.is_cuda:
+            self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = value.detach().clone(), None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def get(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
 
 
 class TrainingJob:
@@ -63,43 +105,34 @@ class TrainingJob:
     def __init__(self, job_id: str, spec: TrainSpec, train: list[TokenizedExample],
                  evals: list[TokenizedExample], engine, initial: AdapterWeights | None = None):
         self.id, self.spec, self.engine = job_id, spec, engine
-        self.train_examples, self.eval_examples = train, evals
+        self.train_data, self.eval_data = _Examples(train), _Examples(evals)
         self.adapter = f"{spec.name}@train"
-        n_micro = math.ceil(len(train) / spec.micro_batch_size)
-        self.steps_per_epoch = math.ceil(n_micro / spec.grad_accum)
-        self.total_steps = spec.max_steps or self.steps_per_epoch * spec.epochs
+        self.total_steps = total_steps(spec, self.train_data.lengths)
         weights = initial or new_adapter(spec.lora, engine.args, engine.config.lora.max_lora_rank, spec.seed)
         engine.add_adapter(self.adapter, weights)
-        params = engine.adapters.make_trainable(self.adapter)
-        # a fixed parameter order (by layer, module; A then B) keeps optimizer state files portable
-        self.param_keys = sorted(params)
-        self.params = [p for k in self.param_keys for p in params[k]]
-        # In a bf16/fp16 engine AdamW steps fp32 master copies (small updates would round away in
-        # a 16-bit weight; PEFT keeps adapter weights in fp32 for the same reason) and the slot
-        # table gets the rounded result after each step. In fp32 the slot table is stepped itself.
-        self.masters = self.params
-        if self.params and self.params[0].dtype != torch.float32:
-            self._init_masters()
-        # the fused kernel needs each grad laid out like its parameter; an fp32 engine steps the slot
-        # table's views, which are strided when the rank is below max_lora_rank (grads come contiguous)
-        fused = engine.device.type == "cuda" and all(m.is_contiguous() for m in self.masters)
-        self.optimizer = torch.optim.AdamW(self.masters, lr=spec.learning_rate, betas=spec.betas, eps=spec.eps,
-                                           weight_decay=spec.weight_decay, fused=fused)
+        engine.runner.drop_train_graphs()
+        self.state = engine.adapters.make_trainable(self.adapter)
+        # one flat fp32 master tensor: AdamW is one (fused, on CUDA) kernel, clipping three ops
+        self.optimizer = torch.optim.AdamW([self.state.master], lr=spec.learning_rate, betas=spec.betas,
+                                           eps=spec.eps, weight_decay=spec.weight_decay,
+                                           fused=engine.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, self.total_steps))
-        self.dropout_gen = torch.Generator(device=engine.device).manual_seed(spec.seed)
         self.status = JobStatus.RUNNING
         self.step = 0                 # optimizer steps done
-        self.epoch, self.pos = 0, 0   # data position: next example index in this epoch's order
-        self.window: list[list[int]] = []   # micro-batches (example indices) of the current step
-        self.window_tokens = 0
-        self.micro_done = 0
-        self.window_loss = 0.0
-        self.in_flight = False
+        self.epoch, self.pos = 0, 0   # data position: micro-batches of this epoch's plan taken so far
+        self._plan: tuple[int, list[np.ndarray]] | None = None   # (epoch, its micro-batches)
+        self.pending: list[list[int]] = []   # examples of the current window not handed out, by micro-batch
+        self.window_tokens = 0        # target tokens of the current window
+        self.window_loss: torch.Tensor | float = 0.0
+        self.in_flight: list[tuple[int, list[int]]] = []   # (micro-batch, examples) handed to a step not yet run
+        self._closes_window = False   # the last examples handed out end the window
         self.trained_tokens = 0
         self.losses: list[tuple[int, float]] = []       # (step, train loss)
         self.eval_losses: list[tuple[int, float]] = []
-        self.eval_queue: list[list[int]] = []
-        self.eval_sum, self.eval_count = 0.0, 0.0
+        self.eval_queue: list[np.ndarray] = []
+        self.eval_sum: torch.Tensor | float = 0.0
+        self.eval_count = 0
+        self._logs: list[tuple[int, dict, _PendingLoss]] = []   # optimizer steps whose loss is on its way
         self.events: list[JobEvent] = []
         self.checkpoints: list[tuple[int, str, Path]] = []   # (step, served name, path)
         self.error: str | None = None
@@ -107,147 +140,163 @@ class TrainingJob:
         self.listeners: list = []   # callables(job, event) e.g. the server's store
 
     # ------------------------------------------------------------------ data order
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.spec.seed + epoch)
-        return torch.randperm(len(self.train_examples), generator=g).tolist()
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's micro-batches (example indices); the current epoch's is kept."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, epoch_plan(self.spec, self.train_data.lengths, epoch))
+        return self._plan[1]
+
+    def windows(self, epoch: int) -> list[list[np.ndarray]]:
+        """The epoch's optimizer steps, each a list of `grad_accum` micro-batches."""
+        plan, k = self.epoch_plan(epoch), self.spec.grad_accum
+        return [plan[i:i + k] for i in range(0, len(plan), k)]
 
     def _fill_window(self) -> None:
-        spec = self.spec
-        want = spec.micro_batch_size * spec.grad_accum
-        order = self._order(self.epoch)
-        if self.pos >= len(order):
+        plan = self.epoch_plan(self.epoch)
+        if self.pos >= len(plan):
             self.epoch, self.pos = self.epoch + 1, 0
-            order = self._order(self.epoch)
-        chosen = order[self.pos:self.pos + want]   # a window never crosses an epoch boundary
+            plan = self.epoch_plan(self.epoch)
+        chosen = plan[self.pos:self.pos + self.spec.grad_accum]   # a window never crosses an epoch boundary
         self.pos += len(chosen)
-        self.window = [chosen[i:i + spec.micro_batch_size] for i in range(0, len(chosen), spec.micro_batch_size)]
-        self.window_tokens = sum(self.train_examples[i].num_loss_tokens - (self.train_examples[i].labels[0] != IGNORE_INDEX)
-                                 for i in chosen)
-        self.micro_done, self.window_loss = 0, 0.0
+        self.pending = [mb.tolist() for mb in chosen]
+        self.window_tokens = int(sum(self.train_data.num_targets[mb].sum() for mb in chosen))
+        self.window_loss = 0.0
 
     # ------------------------------------------------------------------ trainer interface
     @property
     def active(self) -> bool:
         return self.status == JobStatus.RUNNING
 
-    def peek_tokens(self) -> int:
-        """Tokens of the next micro-batch this job would hand out."""
+    def next_segments(self, budget: int, alone: bool) -> list[LossSegment]:
+        """Examples for one engine step: this window's next micro-batch if it fits `budget` tokens
+        (or the step has nothing else: `alone`), else as many of its examples as fit."""
+        self.flush_logs(wait=False)
         if self.eval_queue:
-            return sum(len(self.eval_examples[i].input_ids) for i in self.eval_queue[0])
-        if not self.window:
+            idx = self.eval_queue[0]
+            if int(self.eval_data.lengths[idx].sum()) > budget and not alone:
+                return []
+            self.eval_queue.pop(0)
+            self.in_flight = [(-1, idx.tolist())]
+            return [LossSegment(self.eval_data.ids[i], self.eval_data.targets[i], self.adapter, False, self,
+                                num_targets=int(self.eval_data.num_targets[i])) for i in idx]
+        if not self.pending:
             self._fill_window()
-        return sum(len(self.train_examples[i].input_ids) for i in self.window[self.micro_done])
+        micro = self.pending[0]
+        lengths = self.train_data.lengths
+        if alone or int(lengths[micro].sum()) <= budget:
+            take = list(micro)
+        else:   # beside traffic: the examples of this micro-batch that fit, first fit
+            take, room = [], budget
+            for i in micro:
+                if lengths[i] <= room:
+                    take.append(i)
+                    room -= int(lengths[i])
+            if not take:
+                return []
+        taken = set(take)
+        micro[:] = [i for i in micro if i not in taken]
+        if not micro:
+            self.pending.pop(0)
+        self.in_flight = [(0, take)]
+        self._closes_window = not self.pending
+        weight = 1.0 / max(1, self.window_tokens)
+        return [LossSegment(self.train_data.ids[i], self.train_data.targets[i], self.adapter, True, self, weight,
+                            self._dropout_seed(i), int(self.train_data.num_targets[i])) for i in take]
 
-    def next_segments(self) -> list[LossSegment]:
-        if self.eval_queue:
-            idx = self.eval_queue.pop(0)
-            return [to_segment(self.eval_examples[i], self.adapter, False, self) for i in idx]
-        if not self.window:
-            self._fill_window()
-        self.in_flight = True
-        return [to_segment(self.train_examples[i], self.adapter, True, self, self.dropout_gen)
-                for i in self.window[self.micro_done]]
+    def _dropout_seed(self, example: int) -> int:
+        """Keys the example's LoRA dropout masks: fresh at every optimizer step, the same on resume."""
+        return int(mix32((self.spec.seed * 0x9E3779B1 + self.step * 0x85EBCA6B + example) & MASK32))
 
-    def _init_masters(self) -> None:
-        """fp32 masters (and their grads) as views of flat buffers, plus a flat staging buffer in
-        the compute dtype: moving grads in and weights out is two multi-tensor copies and two
-        casting copies per optimizer step, not one op per parameter (hundreds per adapter)."""
-        sizes = [p.numel() for p in self.params]
-        self._master_flat = torch.cat([p.detach().float().flatten() for p in self.params])
-        self._master_grad_flat = torch.zeros_like(self._master_flat)
-        self._stage_flat = torch.empty_like(self._master_flat, dtype=self.params[0].dtype)
-        self.masters = [m.view_as(p) for m, p in zip(self._master_flat.split(sizes), self.params)]
-        for m, g in zip(self.masters, self._master_grad_flat.split(sizes)):
-            m.grad = g.view_as(m)
-        self._stage = [t.view_as(p) for t, p in zip(self._stage_flat.split(sizes), self.params)]
+    def requeue_in_flight(self) -> None:
+        """A step failed before it ran: hand its examples out again."""
+        for kind, idx in self.in_flight:
+            if kind < 0:
+                self.eval_queue.insert(0, np.asarray(idx, dtype=np.int64))
+            else:
+                self.pending.insert(0, list(idx))
+                self._closes_window = False
+        self.in_flight = []
 
-    def train_loss(self, loss_sum: torch.Tensor, tokens: int) -> torch.Tensor:
-        """This micro-batch's share of the step loss: token CE summed / tokens in the whole window."""
-        self.trained_tokens += tokens
-        return loss_sum / max(1, self.window_tokens)
-
-    def add_grads(self, grads) -> None:
-        """Accumulate gradients the engine computed for `self.params` (in that order), as a backward
-        would into `.grad`. The engine's tensors are overwritten by its next step: copied here."""
-        have = [p.grad is not None for p in self.params]
-        if all(have):
-            torch._foreach_add_([p.grad for p in self.params], list(grads))
-        elif not any(have):
-            for p, g in zip(self.params, torch._foreach_mul(list(grads), 1.0)):   # copies, one launch
-                p.grad = g
-        else:
-            for p, g in zip(self.params, grads):
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-
-    def after_backward(self, micro_loss: torch.Tensor) -> None:
-        """Accumulate; at the window's end clip, step the optimizer and log. The loss is read back
-        to the host once per optimizer step, not once per micro-batch."""
-        self.in_flight = False
-        self.window_loss = self.window_loss + micro_loss
-        self.micro_done += 1
-        if self.micro_done < len(self.window):
+    def on_step(self, sums: torch.Tensor, lo: int, hi: int, num_targets: int, train: bool) -> None:
+        """The engine ran this job's segments `lo:hi` of a step (their loss sums on the device)."""
+        self.in_flight = []
+        loss = sums[lo:hi].sum()
+        if not train:
+            self.eval_sum = self.eval_sum + loss
+            self.eval_count += num_targets
+            if not self.eval_queue:
+                self._eval_done()
             return
-        loss = float(self.window_loss)
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.fail(f"loss became {loss} at step {self.step + 1}")
-            return
-        self.window_loss = loss
-        spec = self.spec
-        mixed = self.masters is not self.params
-        if mixed:
-            # same-dtype multi-tensor copy into the staging buffer, then one casting copy
-            torch._foreach_copy_(self._stage, [p.grad for p in self.params])
-            self._master_grad_flat.copy_(self._stage_flat)
-        if spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.masters, spec.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if mixed:
-            with torch.no_grad():
-                self._stage_flat.copy_(self._master_flat)
-                torch._foreach_copy_(self.params, self._stage)
-            for p in self.params:
-                p.grad = None
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.trained_tokens += num_targets
+        self.window_loss = self.window_loss + loss / max(1, self.window_tokens)
+        if self._closes_window:
+            self._closes_window = False
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        """Clip, step AdamW and the LR schedule, publish the weights to the slot table: all launched
+        on the device, no host read. The loss is logged once its copy has arrived (`flush_logs`)."""
+        st, spec = self.state, self.spec
+        with torch.no_grad():
+            if st.master_grad is not st.grad:
+                st.master_grad.copy_(st.grad)
+            if spec.max_grad_norm:   # clip_grad_norm_ over the adapter: one flat tensor
+                norm = torch.linalg.vector_norm(st.master_grad)
+                st.master_grad.mul_((spec.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
+            self.optimizer.step()
+            self.scheduler.step()
+            st.publish()
+            st.zero_grad()
         self.step += 1
-        self.window = []
-        self.losses.append((self.step, self.window_loss))
-        self._event("metrics", f"step {self.step}/{self.total_steps}: loss {self.window_loss:.4f}",
-                    {"step": self.step, "train_loss": self.window_loss, "lr": self.scheduler.get_last_lr()[0],
-                     "epoch": self.epoch})
+        data = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "epoch": self.epoch}
+        self._logs.append((self.step, data, _PendingLoss(torch.as_tensor(self.window_loss))))
+        self.window_loss = 0.0
         done = self.step >= self.total_steps
-        if spec.eval_interval and self.eval_examples and (self.step % spec.eval_interval == 0 or done):
+        if spec.eval_interval and len(self.eval_data) and (self.step % spec.eval_interval == 0 or done):
             self._queue_eval()
         if done or (spec.checkpoint_interval and self.step % spec.checkpoint_interval == 0):
             if not self.eval_queue:
                 self.checkpoint()
 
-    def eval_loss(self, loss_sum: float, count: float) -> None:
-        self.eval_sum += loss_sum
-        self.eval_count += count
-        if not self.eval_queue:
-            value = self.eval_sum / max(1.0, self.eval_count)
-            self.eval_losses.append((self.step, value))
-            self._event("eval", f"step {self.step}: eval loss {value:.4f}", {"step": self.step, "eval_loss": value})
-            spec = self.spec
-            if self.step >= self.total_steps or (spec.checkpoint_interval and self.step % spec.checkpoint_interval == 0):
-                self.checkpoint()
+    def flush_logs(self, wait: bool) -> None:
+        """Log the optimizer steps whose loss has reached the host (all of them with `wait`)."""
+        while self._logs and (wait or self._logs[0][2].ready()):
+            step, data, pending = self._logs.pop(0)
+            loss = pending.get()
+            if not math.isfinite(loss):
+                self.fail(f"loss became {loss} at step {step}")
+                return
+            self.losses.append((step, loss))
+            self._event("metrics", f"step {step}/{self.total_steps}: loss {loss:.4f}", {**data, "train_loss": loss})
+
+    def _eval_done(self) -> None:
+        value = float(self.eval_sum) / max(1, self.eval_count)   # one host read per evaluation
+        self.eval_losses.append((self.step, value))
+        self._event("eval", f"step {self.step}: eval loss {value:.4f}", {"step": self.step, "eval_loss": value})
+        spec = self.spec
+        if self.step >= self.total_steps or (spec.checkpoint_interval and self.step % spec.checkpoint_interval == 0):
+            self.checkpoint()
 
     def _queue_eval(self) -> None:
-        n = len(self.eval_examples)
-        mbs = self.spec.micro_batch_size
-        self.eval_queue = [list(range(i, min(n, i + mbs))) for i in range(0, n, mbs)]
-        self.eval_sum, self.eval_count = 0.0, 0.0
+        n = len(self.eval_data)
+        order = np.arange(n)
+        if self.spec.micro_batch_tokens:
+            self.eval_queue = first_fit(self.eval_data.lengths, order, self.spec.micro_batch_tokens)
+        else:
+            mbs = self.spec.micro_batch_size
+            self.eval_queue = [order[i:i + mbs] for i in range(0, n, mbs)]
+        self.eval_sum, self.eval_count = 0.0, 0
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        self.flush_logs(wait=True)   # the state holds the loss curve up to this step
+        if not self.active:
+            return None
         weights = self.engine.adapters.snapshot(self.adapter)
         state = {"job_id": self.id, "step": self.step, "epoch": self.epoch, "pos": self.pos,
-                 "trained_tokens": self.trained_tokens, "losses": self.losses, "eval_losses": self.eval_losses,
-                 "scheduler": self.scheduler.state_dict(), "spec": self.spec.to_dict(),
-                 "tensors": {"rng.dropout": self.dropout_gen.get_state()}}
+                 "pos_unit": "micro_batches", "trained_tokens": self.trained_tokens, "losses": self.losses,
+                 "eval_losses": self.eval_losses, "scheduler": self.scheduler.state_dict(),
+                 "spec": self.spec.to_dict()}
         opt = self.optimizer.state_dict()
         path = save_checkpoint(Path(self.spec.output_dir), self.step, weights, opt, state, self.engine.config.model)
         served = f"{self.spec.name}:step-{self.step}"
@@ -262,12 +311,11 @@ class TrainingJob:
 
     def save_resume_point(self) -> Path | None:
         """Checkpoint the last finished optimizer step, so that a restart resumes there; a window
-        still accumulating is dropped and its examples run again. None when nothing new to save."""
-        if self.window:   # rewind the data position to the window's start; its gradients go
-            self.pos -= sum(len(micro) for micro in self.window)
-            self.window, self.micro_done, self.window_loss = [], 0, 0.0
-            for p in self.params:
-                p.grad = None
+        still accumulating is dropped (its gradients zeroed) and runs again. None: nothing new to save."""
+        if self.pending:   # mid-window: back to its first micro-batch (windows start at multiples of grad_accum)
+            self.pos = (self.pos - 1) // self.spec.grad_accum * self.spec.grad_accum
+            self.pending, self.in_flight, self._closes_window, self.window_loss = [], [], False, 0.0
+            self.state.zero_grad()
         if self.step == 0 or (self.checkpoints and self.checkpoints[-1][0] == self.step):
             return None
         return self.checkpoint()
@@ -275,15 +323,38 @@ class TrainingJob:
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `checkpoint` (weights were passed as `initial`)."""
         state, tensors = load_checkpoint_state(path)
-        self.optimizer.load_state_dict(optimizer_state_from(state, tensors))
+        self.optimizer.load_state_dict(self._flat_optimizer_state(optimizer_state_from(state, tensors)))
         self.scheduler.load_state_dict(state["scheduler"])
-        self.dropout_gen.set_state(tensors["rng.dropout"])
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        if state.get("pos_unit") != "micro_batches":   # older checkpoints counted examples
+            self.pos = math.ceil(self.pos / self.spec.micro_batch_size)
         self.trained_tokens = state["trained_tokens"]
         self.losses = [tuple(x) for x in state["losses"]]
         self.eval_losses = [tuple(x) for x in state["eval_losses"]]
-        self.window, self.eval_queue = [], []
+        self.pending, self.eval_queue = [], []
         self._event("status", f"resumed from {path.name}", {"step": self.step})
+
+    def _flat_optimizer_state(self, saved: dict) -> dict:
+        """Older checkpoints hold one AdamW state per module matrix (by layer and module, A then
+        B): lay them out in the flat master's order."""
+        if len(saved["state"]) <= 1:
+            return saved
+        master = self.state.master
+        flat: dict = {}
+        for idx, per_param in saved["state"].items():
+            for key, value in per_param.items():
+                if key == "step":
+                    flat[key] = value
+                    continue
+                if key not in flat:
+                    flat[key] = torch.zeros(master.shape, dtype=value.dtype)
+                    flat[key + ".views"] = [v for _, pair in sorted(self.state.module_views(flat[key]).items())
+                                            for v in pair]
+                view = flat[key + ".views"][idx]
+                view.copy_(value.view_as(view))
+        flat = {k: v for k, v in flat.items() if not k.endswith(".views")}
+        groups = [{**g, "params": [0]} for g in saved["param_groups"][:1]]
+        return {"state": {0: flat}, "param_groups": groups}
 
     # ------------------------------------------------------------------ lifecycle
     def finish(self) -> None:
@@ -306,8 +377,7 @@ class TrainingJob:
             mgr.freeze(self.adapter)
             mgr.remove(self.adapter)
         self.optimizer.state.clear()
-        self.params = self.masters = self._stage = []
-        self._master_flat = self._master_grad_flat = self._stage_flat = None
+        self.state = None
 
     def cancel(self) -> None:
         if self.status in (JobStatus.RUNNING, JobStatus.PAUSED):

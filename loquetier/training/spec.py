@@ -20,7 +20,10 @@ class TrainSpec:
     eval_split: float = 0.0                    # share of train_file held out for eval when no eval_file
     epochs: int = 1
     max_steps: int | None = None               # optimizer steps; wins over epochs
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1                  # examples per micro-batch (unless micro_batch_tokens)
+    # a token budget per micro-batch: examples are packed first-fit into it, no padding
+    # (training/packing.py); micro_batch_size is then not used
+    micro_batch_tokens: int | None = None
     grad_accum: int = 1
     learning_rate: float = 1e-4
     warmup_steps: int = 0
@@ -54,6 +57,8 @@ class TrainSpec:
         for key in ("epochs", "micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise RequestError(f"{key} must be at least 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise RequestError("micro_batch_tokens must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise RequestError("max_steps must be at least 1")
         if not self.learning_rate > 0:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..engine.faults import is_device_failure, training_failure_message
 from ..errors import JobNotFoundError, LoquetierError, RequestError
 from ..lora.adapter import load_peft_adapter
 from .checkpoint import latest_checkpoint
@@ -99,84 +98,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ step participant
     def next_segments(self, budget: int, num_inference_tokens: int):
-        active = [j for j in self.jobs.values() if j.active and not j.in_flight]
+        """Each running job's next examples that fit the step's training `budget`, jobs in turn."""
+        active = [j for j in self.jobs.values() if j.active]
         if not active:
             return []
         self._rr = (self._rr + 1) % len(active)
         segments, used = [], 0
         for job in active[self._rr:] + active[:self._rr]:
-            need = job.peek_tokens()
             # work-conserving: a micro-batch larger than the budget still runs when it rides alone
             alone = not segments and num_inference_tokens == 0
-            if used + need <= budget or alone:
-                segments += job.next_segments()
-                used += need
+            got = job.next_segments(budget - used, alone)
+            segments += got
+            used += sum(len(s.token_ids) for s in got)
         self.scheduled_tokens += used
         return segments
 
-    def grad_plan(self, segments):
-        """For a step of only this trainer's training segments: each segment's weight in the total
-        loss (1 / its job's window tokens, as `TrainingJob.train_loss`) and every trained parameter,
-        job by job; None for any other step (the losses then come back through `on_losses`)."""
-        jobs: dict[TrainingJob, None] = {}
-        for seg in segments:
-            if not (seg.train and isinstance(seg.owner, TrainingJob)):
-                return None
-            jobs[seg.owner] = None
-        weights = [1.0 / max(1, seg.owner.window_tokens) for seg in segments]
-        return weights, tuple(p for job in jobs for p in job.params)
-
-    def on_grads(self, segments, sums: torch.Tensor, counts: torch.Tensor, grads) -> None:
-        """A step planned by `grad_plan`: hand each job its loss and its parameters' gradients."""
-        per_job, _ = _by_job(segments)
-        offset = 0
-        for job, idx in per_job.items():
-            loss = _micro_loss(job, idx, segments, sums)
-            n = len(job.params)
-            try:
-                job.add_grads(grads[offset:offset + n])
-                job.after_backward(loss)
-            except LoquetierError as e:
-                job.fail(str(e))
-            offset += n
+    def on_step(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """The engine ran a step holding these segments: each job gets its share of the loss sums
+        (still on the device; a job's segments are adjacent in the step, training before eval)."""
+        start = 0
+        for i in range(1, len(segments) + 1):
+            if i < len(segments) and segments[i].owner is segments[start].owner \
+                    and segments[i].train == segments[start].train:
+                continue
+            job = segments[start].owner
+            if isinstance(job, TrainingJob) and job.state is not None:
+                try:
+                    job.on_step(sums, start, i, sum(s.num_targets for s in segments[start:i]), segments[start].train)
+                except LoquetierError as e:
+                    job.fail(str(e))
+            start = i
 
     def on_step_failed(self, segments, message: str) -> None:
         for job in {seg.owner for seg in segments if isinstance(seg.owner, TrainingJob)}:
-            job.fail(message)
-
-    def on_losses(self, segments, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        per_job, evals = _by_job(segments)
-        for job, idx in evals.items():
-            job.eval_loss(float(sum(sums[i] for i in idx)), sum(segments[i].num_targets for i in idx))
-        if not per_job:
-            return
-        losses = {job: _micro_loss(job, idx, segments, sums) for job, idx in per_job.items()}
-        total = sum(losses.values())
-        try:
-            total.backward()
-        except RuntimeError as e:  # keep serving: this job fails, the engine does not
-            if is_device_failure(e):   # the device is lost: the engine's caller stops it
-                raise
-            for job in losses:
-                job.fail(training_failure_message(e))
-            return
-        for job, loss in losses.items():
-            try:
-                job.after_backward(loss.detach())
-            except LoquetierError as e:
-                job.fail(str(e))
-
-
-def _by_job(segments) -> tuple[dict[TrainingJob, list[int]], dict[TrainingJob, list[int]]]:
-    """Indices of each job's training and evaluation segments (a caller's own segments are left out)."""
-    train: dict[TrainingJob, list[int]] = {}
-    evals: dict[TrainingJob, list[int]] = {}
-    for i, seg in enumerate(segments):
-        if isinstance(seg.owner, TrainingJob):
-            (train if seg.train else evals).setdefault(seg.owner, []).append(i)
-    return train, evals
-
-
-def _micro_loss(job: TrainingJob, idx: list[int], segments, sums: torch.Tensor) -> torch.Tensor:
-    # plain indexing and host-side token counts: no index tensors copied to the device here
-    return job.train_loss(sum(sums[i] for i in idx), sum(segments[i].num_targets for i in idx))
+            if job.active:
+                job.fail(message)
