@@ -60,16 +60,22 @@ def test_outputs_match_llm_generate_and_groups_are_atomic(llm):
     assert [o.token_ids for o in run(llm, body)] == expected
 
 
-def test_failing_step_fails_its_requests_and_the_loop_goes_on(llm):
-    runner = llm.engine.runner
-    real = runner.execute
+def failing_once(execute):
+    """`execute` that raises on its first call only."""
     calls = {"n": 0}
 
     def flaky(batch, keep_logits=False):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected")
-        return real(batch, keep_logits)
+        return execute(batch, keep_logits)
+    return flaky
+
+
+def test_failing_step_fails_its_requests_and_the_loop_goes_on(llm):
+    runner = llm.engine.runner
+    real = runner.execute
+    flaky = failing_once(real)
 
     async def body(aengine):
         runner.execute = flaky
@@ -195,13 +201,7 @@ def test_only_the_failed_steps_requests_fail(llm):
     expected = [o.token_ids for o in llm.generate(prompts, PARAMS)]
     runner, scheduler_config = llm.engine.runner, llm.engine.config.scheduler
     real, limit = runner.execute, scheduler_config.max_num_seqs
-    calls = {"n": 0}
-
-    def flaky(batch, keep_logits=False):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected")
-        return real(batch, keep_logits)
+    flaky = failing_once(real)
 
     async def body(aengine):
         # two requests run at a time; the step that fails holds the first two only

@@ -51,7 +51,8 @@ def summarize(results: list[RequestResult], duration: float, slos: SLOs) -> dict
     output_tokens = sum(r.output_tokens for r in done)
     input_tokens = sum(r.input_len for r in done)
     summary = {
-        "requests": {"total": len(results), **{k: outcomes.get(k, 0) for k in (COMPLETED, CANCELLED, REJECTED, FAILED)}},
+        "requests": {"total": len(results),
+                     **{k: outcomes.get(k, 0) for k in (COMPLETED, CANCELLED, REJECTED, FAILED)}},
         "rejected_by_status": dict(sorted(Counter(str(r.status) for r in results if r.outcome == REJECTED).items())),
         "failure_examples": sorted({f"{r.status}: {r.error}" for r in results if r.outcome == FAILED})[:5],
         "duration_s": duration,
@@ -82,11 +83,13 @@ def _fmt(value) -> str:
 def format_table(summary: dict, side_load: dict | None = None) -> str:
     """The human-readable report, in the manner of `vllm bench serve`."""
     req = summary["requests"]
-    rows = [("Requests sent", req["total"]), ("Completed", req["completed"]), ("Cancelled by the client", req["cancelled"]),
+    rows = [("Requests sent", req["total"]), ("Completed", req["completed"]),
+            ("Cancelled by the client", req["cancelled"]),
             ("Rejected (4xx)", req["rejected"] if not summary["rejected_by_status"] else
              f"{req['rejected']}  {summary['rejected_by_status']}"),
             ("Failed", req["failed"]), ("Duration (s)", summary["duration_s"]),
-            ("Input tokens (completed)", summary["input_tokens"]), ("Output tokens (completed)", summary["output_tokens"]),
+            ("Input tokens (completed)", summary["input_tokens"]),
+            ("Output tokens (completed)", summary["output_tokens"]),
             ("Request throughput (req/s)", summary["request_throughput"]),
             ("Output token throughput (tok/s)", summary["output_token_throughput"]),
             ("Total token throughput (tok/s)", summary["total_token_throughput"])]
@@ -95,7 +98,8 @@ def format_table(summary: dict, side_load: dict | None = None) -> str:
     for key, title in (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("itl_ms", "ITL (ms)"),
                        ("e2el_ms", "E2E latency (ms)")):
         stats = summary[key]
-        rows.append((title, "  ".join(f"{name} {_fmt(stats[name])}" for name in ("mean", *(f"p{q}" for q in PERCENTILES)))))
+        names = ("mean", *(f"p{q}" for q in PERCENTILES))
+        rows.append((title, "  ".join(f"{name} {_fmt(stats[name])}" for name in names)))
     for name, value in (side_load or {}).items():
         rows.append((name, value))
     width = max(len(title) for title, _ in rows)
