@@ -89,14 +89,13 @@ async def _check_server(http: httpx.AsyncClient, cfg: BenchConfig) -> None:
 
 async def run_bench(cfg: BenchConfig) -> BenchReport:
     """Send the workload, with the side work beside it, and summarize."""
-    if not cfg.workload.models:
-        cfg.workload.models = (cfg.model,)
+    workload = cfg.workload if cfg.workload.models else dataclasses.replace(cfg.workload, models=(cfg.model,))
     if cfg.endpoint not in ("completions", "chat"):
         raise BenchError(f"endpoint must be 'completions' or 'chat', got {cfg.endpoint!r}")
-    if cfg.endpoint == "chat" and cfg.workload.prompt_kind == "tokens":
+    if cfg.endpoint == "chat" and workload.prompt_kind == "tokens":
         raise BenchError("token-id prompts need /v1/completions; use word prompts with the chat endpoint")
     try:
-        specs = build_workload(cfg.workload)
+        specs = build_workload(workload)
     except (ValueError, OSError) as e:
         raise BenchError(str(e)) from None
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
