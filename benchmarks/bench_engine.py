@@ -1,7 +1,8 @@
 """GPU benchmark of the engine against HF transformers + PEFT, side by side in one run.
 
 Model: Llama-3-8B shape with random bf16 weights made on the GPU (no download). Adapters: rank 16,
-alpha 32, all seven projections. Sections: ceilings, decode, e2e, train, peft. Prints a table last
+alpha 32, all seven projections. Sections: ceilings, decode, e2e, peft (training: bench_train.py).
+Prints a table last
 and writes JSON (`--out`). CPU smoke test: `--model random:tiny --device cpu --quick`.
 """
 
@@ -23,6 +24,8 @@ from common import (  # noqa: E402
     device_ceilings,
     lognormal_lengths,
     random_adapter,
+    start_decoding,
+    steady_step_seconds,
     sync,
     table,
     write_json,
@@ -84,16 +87,8 @@ def bench_decode(args, llm, names, ceil, results):
                     eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
                                     SamplingParams(max_tokens=2 * args.decode_steps + 8,
                                                    temperature=0, ignore_eos=True), ad)
-                while any(not s.output_token_ids for s in list(eng.scheduler.running) + list(eng.scheduler.waiting)):
-                    eng.step()
-                for _ in range(3):   # settle into decode-only steps
-                    eng.step()
-                sync(args.device)
-                t0 = time.perf_counter()
-                for _ in range(args.decode_steps):
-                    eng.step()
-                sync(args.device)
-                step = (time.perf_counter() - t0) / args.decode_steps
+                start_decoding(eng)
+                step = steady_step_seconds(eng, args.decode_steps, args.device)
                 synced = []          # the same steps, each one waited for (host work not overlapped)
                 for _ in range(args.decode_steps):
                     t1 = time.perf_counter()
@@ -155,63 +150,8 @@ def bench_e2e(args, llm, names, results):
     return prompts, o_lens
 
 
-def bench_train(args, results, ceil):
-    from loquetier.lora.adapter import LoraSpec
-    from loquetier.training.data import TokenizedExample
-    from loquetier.training.job import TrainingJob
-    from loquetier.training.spec import TrainSpec
-    from loquetier.training.trainer import Trainer
-    from loquetier.engine.train_graphs import CAPTURE_AFTER
-    seq, mb = args.train_seq, 4
-    for n_jobs in args.train_jobs:
-        llm = make_llm(args, kv_bytes=256 << 20, max_batched=args.train_budget or n_jobs * mb * seq)
-        eng = llm.engine
-        trainer = Trainer(eng)
-        rng = np.random.default_rng(2)
-        for j in range(n_jobs):
-            exs = [TokenizedExample(t, t) for t in (rng.integers(10, eng.args.vocab_size - 10, seq).tolist()
-                                                    for _ in range(mb * 64))]
-            spec = TrainSpec(name=f"t{j}", train_file="", output_dir=f"/tmp/bench-train-{j}",
-                             lora=LoraSpec(r=16, lora_alpha=32, target_modules="all-linear"),
-                             micro_batch_size=mb, grad_accum=1, max_steps=10_000, learning_rate=1e-5)
-            trainer.jobs[f"j{j}"] = TrainingJob(f"j{j}", spec, exs, [], eng)
-        # warm-up: every job's layout is captured on its (CAPTURE_AFTER + 1)-th step (train_graphs.py).
-        # Peak memory counts from here: a replay allocates nothing (its activations live in the
-        # graph's pool, allocated during the capture), so the capture must be inside the window.
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range((CAPTURE_AFTER + 1) * n_jobs + 1):
-            eng.step()
-        sync(args.device)
-        steps = args.train_steps
-        tokens0 = trainer.scheduled_tokens
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        sync(args.device)
-        dt = time.perf_counter() - t0
-        # tokens actually trained: with a step budget below n_jobs micro-batches, jobs take turns
-        tokens = trainer.scheduled_tokens - tokens0
-        a = eng.args
-        n_params = sum(p.numel() for n, p in eng.model.named_parameters() if "embed_tokens" not in n or a.tie_word_embeddings)
-        attn = 3 * 2 * 2 * a.num_layers * seq * a.num_heads * a.head_dim / 2   # fwd+bwd causal attention per token
-        flops = tokens * (4 * n_params + attn)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-        reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
-        row = {"section": "train", "adapters": n_jobs, "graphs": not args.no_train_graphs, "tok_per_s": tokens / dt, "mfu": flops / dt / 1e12 / ceil["bf16_TFLOPs"],
-               "peak_GiB": peak, "peak_reserved_GiB": reserved,
-               "kv_pool_GiB": eng.kv.pool.numel() * eng.kv.pool.element_size() / 2**30}
-        results.append(row)
-        print(row, flush=True)
-        for j in list(trainer.jobs.values()):
-            j.cancel()
-        del llm, eng, trainer
-        gc.collect()
-        torch.cuda.empty_cache() if args.device == "cuda" else None
-
-
 def bench_peft(args, results, prompts, o_lens):
-    """HF transformers + PEFT on the same shapes: decode at batch, training 4x512, an e2e subset."""
+    """HF transformers + PEFT on the same shapes: decode at batch and an e2e subset (training: bench_train.py)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
@@ -270,50 +210,16 @@ def bench_peft(args, results, prompts, o_lens):
                "tok_per_s": useful / dt}
         results.append(row)
         print(row, flush=True)
-    if "train" not in args.peft_parts:
-        return
-    # training: micro-batch 4 x seq, one adapter
-    model.train()
-    model.set_adapter("a0")
-    params = [q for n, q in model.named_parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.tensor(rng.integers(10, vocab - 10, (4, args.train_seq)), device=args.device)
-
-    def train_step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        train_step()
-    sync(args.device)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.train_steps):
-        train_step()
-    sync(args.device)
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else float("nan")
-    row = {"section": "peft_train", "adapters": 1, "tok_per_s": args.train_steps * 4 * args.train_seq / dt, "peak_GiB": peak,
-           "peak_reserved_GiB": reserved}
-    results.append(row)
-    print(row, flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", default="ceilings,decode,e2e,train,peft")
+    ap.add_argument("--sections", default="ceilings,decode,e2e,peft")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64, 128])
     ap.add_argument("--peft-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
-    ap.add_argument("--peft-parts", default="decode,e2e,train")
-    ap.add_argument("--train-budget", type=int, default=None,
-                    help="tokens per step (default: every job's micro-batch in one step)")
-    ap.add_argument("--train-jobs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    ap.add_argument("--peft-parts", default="decode,e2e")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=20)
     ap.add_argument("--e2e-requests", type=int, default=256)
@@ -324,8 +230,6 @@ def main():
                     help="also run the first --peft-e2e-requests requests (PEFT's e2e set) through the engine")
     ap.add_argument("--e2e-profile-first", action="store_true",
                     help="run the first e2e run under cProfile and print its top functions")
-    ap.add_argument("--train-seq", type=int, default=512)
-    ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
     ap.add_argument("--no-async-ab", action="store_true",
                     help="decode: measure with asynchronous scheduling only (no run with it off)")
@@ -335,7 +239,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.batches, args.peft_batches, args.context, args.decode_steps = [1, 4], [2], 16, 3
-        args.e2e_requests, args.peft_e2e_requests, args.train_seq, args.train_steps = 6, 3, 16, 2
+        args.e2e_requests, args.peft_e2e_requests = 6, 3
     sections = args.sections.split(",")
     results: list[dict] = []
     info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
@@ -354,8 +258,6 @@ def main():
         del llm
         gc.collect()
         torch.cuda.empty_cache() if args.device == "cuda" else None
-    if "train" in sections:
-        bench_train(args, results, ceil)
     if "peft" in sections:
         if not prompts:
             rng = np.random.default_rng(1)

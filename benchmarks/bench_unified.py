@@ -1,10 +1,14 @@
 """Unified fine-tuning + serving under a BurstGPT arrival trace (the paper's dynamic-load run).
 
-Request i goes to inference adapter i mod 4; arrival times are the trace's, divided by `--speedup`
-(so a larger speedup is a higher load). Prompt/output lengths: ShareGPT-like lognormal (means 161 /
-338 tokens, capped at `--max-output`). Two fine-tuning jobs train throughout on synthetic
-Alpaca-like examples (mean 77 tokens). Policies: SLO-aware, fixed (N inference steps per training
-step), serving alone and training alone. Prints a table last, writes JSON and a PNG plot.
+The first `--requests` arrivals of the trace, time-compressed to each load of `--loads` (requests
+per second); request i goes to inference adapter i mod 4. Prompt/output lengths: ShareGPT-like
+lognormal (means 161 / 338 tokens, outputs capped at `--max-output`). Two fine-tuning jobs train
+throughout on Alpaca-like examples (lognormal, mean 80 tokens) packed into micro-batches of
+`--micro-batch-tokens`. Policies: SLO-aware, fixed (N inference steps per training step), serving
+alone and training alone. `--tpot-slos` also sweeps the TPOT SLO at `--sweep-load` (SLO-aware).
+One engine serves every configuration in turn, as a server would. Prints a table last, writes
+JSON and a PNG plot. Parts that fit one 10-minute GPU call each: `--policies slo,serve-only,train-only`
+over the three loads, then `--policies fixed --tpot-slos ...`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import alpaca_like  # noqa: E402
 from common import SHAREGPT, lognormal_lengths, random_adapter, table, write_json  # noqa: E402
 
 from loquetier import LLM, SamplingParams  # noqa: E402
 from loquetier.lora.adapter import LoraSpec  # noqa: E402
-from loquetier.training.data import TokenizedExample  # noqa: E402
 from loquetier.training.job import TrainingJob  # noqa: E402
 from loquetier.training.spec import TrainSpec  # noqa: E402
 from loquetier.training.trainer import Trainer  # noqa: E402
@@ -49,39 +53,44 @@ def make_engine(args):
     return eng
 
 
-def run_one(args, eng, policy: str, speedup: float | None, serve: bool, train: bool) -> dict:
+def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool, slo_tpot: float,
+            sweep: bool = False) -> dict:
     from loquetier.engine.train_budget import make_policy
     eng.config.scheduler.train_policy = policy if policy in ("slo", "fixed") else "slo"
+    eng.config.scheduler.slo_tpot = eng.stats.slo_tpot = slo_tpot
     eng.train_policy = make_policy(eng.config.scheduler, eng.cost_model)
     trainer = Trainer(eng)
     rng = np.random.default_rng(0)
     jobs = []
     if train:
         for j in range(2):
-            lens = lognormal_lengths(2000, 77, 1024, rng, sigma=0.6)
-            exs = [TokenizedExample(t, [-100] * (len(t) // 4) + t[len(t) // 4:])
-                   for t in (rng.integers(10, eng.args.vocab_size - 10, n).tolist() for n in lens)]
             spec = TrainSpec(name=f"ft{j}", train_file="", output_dir=f"/tmp/unified-{j}",
-                             lora=LoraSpec(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
+                             lora=LoraSpec(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                            init_lora_weights="gaussian"),
-                             micro_batch_size=4, grad_accum=4, learning_rate=2e-5, max_steps=100_000)
-            job = TrainingJob(f"job{j}", spec, exs, [], eng)
+                             micro_batch_tokens=args.micro_batch_tokens, learning_rate=2e-5, max_steps=100_000, seed=j)
+            job = TrainingJob(f"job{j}", spec, alpaca_like(4000, eng.args.vocab_size, seed=10 + j), [], eng)
             trainer.jobs[job.id] = job
             jobs.append(job)
     arrivals = []
     if serve:
         trace = [int(x) for x in Path(args.trace).read_text().split()][:args.requests]
+        span = max(1, trace[-1] - trace[0])
+        speedup = load * span / len(trace)      # compress the trace to `load` requests per second
         arrivals = [(t - trace[0]) / speedup for t in trace]
     n = len(arrivals)
     p_lens = lognormal_lengths(n, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
     o_lens = lognormal_lengths(n, SHAREGPT["output_mean"], args.max_output, rng)
     duration = (arrivals[-1] + args.drain) if serve else args.train_only_seconds
-    # warm-up before the clock: Triton compiles for mixed train + prefill + decode shapes
+    # warm-up before the clock: mixed train + prefill + decode shapes, and the training graphs
     for i in range(8):
-        eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), 64 + 40 * i).tolist(), SamplingParams(max_tokens=16, ignore_eos=True),
-                        f"infer{i % 4}")
+        eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), 64 + 40 * i).tolist(),
+                        SamplingParams(max_tokens=16, ignore_eos=True), f"infer{i % 4}")
     while eng.has_unfinished():
         eng.step()
+    for _ in range(args.train_warmup_steps if train else 0):
+        eng.step()
+    for job in jobs:
+        job.flush_logs(wait=True)
     eng.stats.finished.clear()
     tok0 = sum(j.trained_tokens for j in jobs)
     t0 = time.monotonic()
@@ -102,11 +111,13 @@ def run_one(args, eng, policy: str, speedup: float | None, serve: bool, train: b
             eng.step()
         elif nxt < n:
             time.sleep(max(0.0, min(0.01, arrivals[nxt] - now)))
+    for job in jobs:
+        job.flush_logs(wait=True)
     wall = time.monotonic() - t0
     done = [s for s in eng.stats.finished if s.finish_reason != "abort"]
     row = {"policy": policy if train and serve else ("serve-only" if serve else "train-only"),
-           "speedup": speedup, "req_per_s": n / arrivals[-1] if serve and arrivals[-1] > 0 else None,
-           "requests": len(done), "slo_attain": eng.stats.slo_attainment(),
+           "load": load, "req_per_s": n / arrivals[-1] if serve and arrivals[-1] > 0 else None,
+           "slo_tpot": slo_tpot, "sweep": sweep, "requests": len(done), "slo_attain": eng.stats.slo_attainment(),
            "admit_6s": eng.stats.admitted_attainment(),
            "ttft_p50": pct([s.ttft for s in done], 0.5), "ttft_p99": pct([s.ttft for s in done], 0.99),
            "tpot_p50": pct([s.tpot for s in done], 0.5), "tpot_p99": pct([s.tpot for s in done], 0.99),
@@ -121,19 +132,29 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+    solo = [r for r in rows if r["policy"] == "train-only"]
     for pol in ("slo", "fixed", "serve-only"):
-        pts = sorted((r["req_per_s"], r) for r in rows if r["policy"] == pol and r["req_per_s"])
+        pts = sorted((r["req_per_s"], r) for r in rows if r["policy"] == pol and r["req_per_s"] and not r["sweep"])
         if pts:
             a1.plot([p for p, _ in pts], [r["slo_attain"] for _, r in pts], "o-", label=pol)
             if pol != "serve-only":
                 a2.plot([p for p, _ in pts], [r["train_tok_s"] for _, r in pts], "o-", label=pol)
-    solo = [r for r in rows if r["policy"] == "train-only"]
-    if solo:
-        a2.axhline(solo[0]["train_tok_s"], ls="--", c="gray", label="train-only")
+    sweep = [r for r in rows if r["sweep"]]
+    if sweep:   # with the row of the default TPOT SLO at the same load, if it ran
+        sweep += [r for r in rows if r["policy"] == "slo" and not r["sweep"] and r["load"] == sweep[0]["load"]]
+        sweep.sort(key=lambda r: r["slo_tpot"])
+        a3.plot([r["slo_tpot"] * 1e3 for r in sweep], [r["train_tok_s"] for r in sweep], "o-", label="training tok/s")
+        a3b = a3.twinx()
+        a3b.plot([r["slo_tpot"] * 1e3 for r in sweep], [r["slo_attain"] for r in sweep], "s--", c="tab:red")
+        a3b.set(ylabel="SLO attainment (dashed)", ylim=(0, 1.05))
+        a3.set(title=f"SLO-aware at {sweep[0]['load']:g} req/s", xlabel="TPOT SLO (ms)", ylabel="training tokens/s")
+    for ax in (a2, a3):
+        if solo:
+            ax.axhline(solo[0]["train_tok_s"], ls="--", c="gray", label="train-only")
     a1.set(xlabel="load (requests/s)", ylabel="SLO attainment (TTFT and TPOT)", ylim=(0, 1.05))
     a2.set(xlabel="load (requests/s)", ylabel="training tokens/s")
-    a1.legend(); a2.legend()
+    a1.legend(); a2.legend(); a3.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -143,37 +164,51 @@ def main():
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
-    ap.add_argument("--requests", type=int, default=150)
-    ap.add_argument("--speedups", type=lambda s: [float(x) for x in s.split(",")], default=[4.0, 10.0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[3.4, 8.0, 15.0],
+                    help="requests per second the trace is compressed to")
     ap.add_argument("--policies", default="slo,fixed,serve-only,train-only")
+    ap.add_argument("--tpot-slos", type=lambda s: [float(x) for x in s.split(",")], default=[],
+                    help="also sweep the TPOT SLO (s) for the SLO-aware policy at --sweep-load")
+    ap.add_argument("--sweep-load", type=float, default=8.0)
     ap.add_argument("--max-output", type=int, default=384)
     ap.add_argument("--slo-ttft", type=float, default=1.5)
     ap.add_argument("--slo-tpot", type=float, default=0.08)
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--kv-gib", type=float, default=12)
     ap.add_argument("--drain", type=float, default=0.0)
     ap.add_argument("--train-only-seconds", type=float, default=20)
+    ap.add_argument("--train-warmup-steps", type=int, default=12)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
     rows = []
     eng = make_engine(args)
     pols = args.policies.split(",")
-    for sp in args.speedups:
+    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
+
+    def save(partial: bool):
+        write_json(args.out, {"args": vars(args), "info": info, "rows": rows, "partial": partial})
+
+    for load in args.loads:
         for pol in pols:
             if pol in ("slo", "fixed"):
-                rows.append(run_one(args, eng, pol, sp, serve=True, train=True))
+                rows.append(run_one(args, eng, pol, load, True, True, args.slo_tpot))
             elif pol == "serve-only":
-                rows.append(run_one(args, eng, "slo", sp, serve=True, train=False))
-            write_json(args.out, {"args": vars(args), "rows": rows, "partial": True})
+                rows.append(run_one(args, eng, "slo", load, True, False, args.slo_tpot))
+            save(True)
+    for tpot in args.tpot_slos:
+        rows.append(run_one(args, eng, "slo", args.sweep_load, True, True, tpot, sweep=True))
+        save(True)
     if "train-only" in pols:
-        rows.append(run_one(args, eng, "slo", None, serve=False, train=True))
-    write_json(args.out, {"args": vars(args), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                          "rows": rows})
+        rows.append(run_one(args, eng, "slo", None, False, True, args.slo_tpot))
+    save(False)
     if args.plot:
         plot(rows, args.plot)
-    print(table(rows, ["policy", "speedup", "req_per_s", "requests", "slo_attain", "admit_6s", "ttft_p50", "ttft_p99",
-                       "tpot_p50", "tpot_p99", "train_tok_s", "wall_s"]))
+    print(table(rows, ["policy", "load", "req_per_s", "slo_tpot", "requests", "slo_attain", "admit_6s", "ttft_p50",
+                       "ttft_p99", "tpot_p50", "tpot_p99", "train_tok_s", "wall_s"]))
 
 
 if __name__ == "__main__":

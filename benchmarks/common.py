@@ -30,6 +30,26 @@ def timed(fn, device, repeats=1):
     return statistics.median(times)
 
 
+def start_decoding(engine, settle: int = 3) -> None:
+    """Step until every queued request has its first token, then `settle` steps more, so the next
+    steps are decode-only."""
+    while any(not s.output_token_ids for s in list(engine.scheduler.running) + list(engine.scheduler.waiting)):
+        engine.step()
+    for _ in range(settle):
+        engine.step()
+
+
+def steady_step_seconds(engine, steps: int, device) -> float:
+    """Wall time of `steps` consecutive `Engine.step()` calls over their number: a device sync
+    before and after, none between, so asynchronous scheduling can overlap host and GPU."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def device_ceilings(device) -> dict:
     """Measured in this run: copy bandwidth (read + write bytes) and bf16 matmul rate."""
     if torch.device(device).type != "cuda":

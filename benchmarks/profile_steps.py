@@ -33,13 +33,19 @@ from loquetier.training.spec import TrainSpec  # noqa: E402
 from loquetier.training.trainer import Trainer  # noqa: E402
 
 
+TOP_KERNELS_OF: set[str] = set()
+
+
 def busy_fraction(prof, steps: int) -> dict:
     """Union of device intervals over [first step start, last device end]; per-step wall and host."""
     from torch.autograd import DeviceType
     events = prof.events()
     marks = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "engine.step")
+    # device intervals of kernels and copies; a user annotation (the step marker) also has a GPU
+    # range spanning its whole step, which is not work
     dev = sorted((e.time_range.start, e.time_range.end) for e in events
-                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+                 and e.name != "engine.step" and not getattr(e, "is_user_annotation", False))
     if not marks:
         return {}
     start = marks[0][0]
@@ -73,6 +79,8 @@ def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
                 eng.step()
         torch.cuda.synchronize()
     row = {"kind": kind, **busy_fraction(prof, steps)}
+    if kind in TOP_KERNELS_OF:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
     if trainer is not None:
         row["train_tokens_per_step"] = (trainer.scheduled_tokens - tok0) / steps
     rows.append(row)
@@ -88,9 +96,11 @@ def main():
     ap.add_argument("--mixed-train-tokens", type=int, default=1024)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--top", default="", help="print the top kernels of these kinds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     kinds = args.kinds.split(",")
+    TOP_KERNELS_OF.update(args.top.split(","))
     llm = LLM(args.model, dtype="bfloat16", max_loras=4, max_lora_rank=16, max_model_len=2048,
               kv_cache_memory=8 << 30, max_num_batched_tokens=8192)
     eng = llm.engine
@@ -115,7 +125,7 @@ def main():
         eng.add_adapter("serve", eng.adapters.snapshot("p@train"))
         for i in range(args.decode_batch):
             eng.add_request(rng.integers(10, 1000, 256).tolist(),
-                            SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), "serve" if i % 2 else None)
+                            SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True), "serve" if i % 2 else None)
         job.status = JobStatus.PAUSED
         while any(not s.output_token_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()

@@ -2,7 +2,7 @@
 
 from .engine.engine import Engine, RequestOutput
 from .llm import LLM
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "Engine", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "Engine", "RequestOutput"]
 __version__ = "0.1.0"

@@ -6,6 +6,12 @@ class LoquetierError(Exception):
 
     status: int = 400
     code: str = "invalid_request"
+    param: str | None = None   # the request field at fault, where there is one (OpenAI's error `param`)
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class ModelLoadError(LoquetierError):
@@ -42,9 +48,14 @@ class JobNotFoundError(LoquetierError):
 
 
 class RequestError(LoquetierError):
-    """A generation request is invalid (prompt too long, bad sampling parameters...)."""
+    """A generation request is invalid (prompt too long, bad sampling parameters...). `param` names
+    the request field at fault, when there is one (the `param` of OpenAI's error body)."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class CapacityError(LoquetierError):

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from .errors import RequestError
+
+MAX_LOGIT_BIAS = 100.0   # OpenAI's range: -100 bans a token, +100 all but forces it
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar, like vLLM's: `json` (a JSON schema, as a dict or a JSON
+    string) or `json_object=True` (any JSON object). Exactly one of them."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        if (self.json is not None) == bool(self.json_object):
+            raise RequestError("structured outputs take exactly one of `json` (a schema) and `json_object=True`")
 
 
 @dataclass
@@ -25,6 +44,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None       # number of top logprobs to return per token (0: only the chosen one)
     n: int = 1
+    logit_bias: dict[int, float] | None = None       # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None
+    # logit_bias as arrays (token ids int64, biases float32), made once so a step only concatenates them
+    bias_arrays: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -50,6 +73,22 @@ class SamplingParams:
             raise RequestError(f"n must be at least 1, got {self.n}")
         if self.top_k is None:
             self.top_k = -1
+        if self.logit_bias:
+            self._check_logit_bias()
+            self.bias_arrays = (np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=len(self.logit_bias)),
+                                np.fromiter(self.logit_bias.values(), dtype=np.float32, count=len(self.logit_bias)))
+        else:
+            self.logit_bias = None
+
+    def _check_logit_bias(self) -> None:
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**31:   # no vocab is larger
+                raise RequestError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}",
+                                   param="logit_bias")
+            if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)
+                    or abs(bias) > MAX_LOGIT_BIAS):
+                raise RequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token "
+                                   f"{token}", param="logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -58,3 +97,9 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_tokens_on_host(self) -> bool:
+        """Sampling the next token reads the previous ones on the host (penalties count them, a
+        grammar advances over them), so steps with this request run synchronously."""
+        return self.has_penalties or self.structured_outputs is not None

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 
@@ -54,7 +61,8 @@ def write_adapter(base_model, path: Path, r: int, targets, alpha: float = 16, se
     """Make a PEFT LoRA adapter with random (non-zero) A and B, save it, and return the PeftModel."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
+                     lora_dropout=0.0,
                      use_rslora=use_rslora, task_type="CAUSAL_LM", **kw)
     import copy
     peft_model = get_peft_model(copy.deepcopy(base_model), cfg)
@@ -110,3 +118,75 @@ def write_prompt_completion(path: Path, n: int, seed: int = 0) -> Path:
 ON_GPU = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA (and TRITON_INTERPRET unset)")
+
+
+# ------------------------------------------------------------------------ a real server for API tests
+API_KEY = "sk-test-key"
+BASE = "tiny"
+MAX_WAITING = 100
+UPLOAD_LIMIT = 100_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m loquetier.cli serve ...` in a subprocess, on a free loopback port."""
+
+    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str,
+                 launcher: tuple[str, ...] = ("-m", "loquetier.cli")):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, *launcher, "serve", str(model), "--served-model-name", BASE,
+               "--port", str(self.port), "--data-dir", str(data_dir), "--num-kv-blocks", "256",
+               "--max-lora-rank", "16", "--log-level", "warning", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.tail()}")
+            time.sleep(0.2)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def client(self, key: str | None = API_KEY, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60, **kw)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+    for word in words:
+        assert word in err["message"], err["message"]
+    return err
+
+
+def post(server, path, auth=API_KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+    return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kw)

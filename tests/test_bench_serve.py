@@ -13,8 +13,8 @@ import time
 
 import httpx
 import pytest
-from helpers import write_adapter, write_model_with_tokenizer
-from test_server_api import BASE, Server, wait_job
+from helpers import BASE, Server, write_adapter, write_model_with_tokenizer
+from test_server_api import wait_job
 
 from loquetier.bench.client import CANCELLED, COMPLETED, REJECTED, RequestResult
 from loquetier.bench.report import SLOs, percentile, summarize

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import write_adapter, write_checkpoint  # noqa: E402
+from helpers import needs_gpu, write_adapter, write_checkpoint  # noqa: E402
 
 from loquetier import LLM, SamplingParams  # noqa: E402
 from loquetier.engine.cuda_graphs import SEGMENT_MIN_BATCH, DecodeGraphs  # noqa: E402
@@ -53,3 +53,57 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
     ref = {id(s): row for s, row in zip(eng.last_sample_seqs, eng.last_result.logits)}
     for s, row in zip(seqs, got):
         torch.testing.assert_close(row, ref[id(s)], rtol=1e-4, atol=1e-4)
+
+
+def _controlled_params():
+    """Greedy requests with a forcing bias, a banning bias, a JSON schema, and none."""
+    from loquetier import StructuredOutputsParams
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    return [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logit_bias={77: 100.0}),
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logit_bias={b: -100.0 for b in range(40)}),
+            SamplingParams(max_tokens=40, temperature=0, structured_outputs=StructuredOutputsParams(json=schema)),
+            SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)]
+
+
+def _check_controlled(outs):
+    import json
+    assert outs[0].token_ids == [77] * 10
+    assert min(outs[1].token_ids) >= 40
+    assert outs[2].finish_reason == "stop" and set(json.loads(outs[2].text)) == {"ok", "n"}
+
+
+def test_bias_and_grammar_on_the_decode_graph_path(tmp_path):
+    """Decode graphs return logits and the sampler runs outside them: with the captured forward run
+    eagerly (the CPU stand-in for a replay), logit_bias and grammars give the eager engine's outputs,
+    with asynchronous scheduling on."""
+    from helpers import write_model_with_tokenizer
+    write_model_with_tokenizer(tmp_path, "llama")
+    prompts, params = ["Hello", "The answer", "A pet:", "Hi"], _controlled_params()
+    eager = LLM(str(tmp_path), block_size=4, num_kv_blocks=256).generate(prompts, params)
+    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=256)
+    eng = llm.engine
+    graphs = DecodeGraphs(eng.model, eng.kv.scratch_block, eng.kv.block_size, -(-eng.max_model_len // eng.kv.block_size),
+                          8, eng.device, max_segments=eng.config.lora.max_loras + 2, resolve_ids=eng.runner.resolve_ids)
+    replays = []
+    graphs.run = lambda *a, **kw: replays.append(len(a[0])) or graphs.run_eager(*a, **kw)
+    eng.runner.graphs = graphs
+    outs = llm.generate(prompts, params)
+    assert replays and max(replays) == 4
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+    _check_controlled(outs)
+
+
+@needs_gpu
+def test_bias_and_grammar_with_captured_graphs_on_gpu(tmp_path):
+    from helpers import write_model_with_tokenizer
+    write_model_with_tokenizer(tmp_path, "llama")
+    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=256, device="cuda")
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None
+    replays = []
+    real_run = graphs.run
+    graphs.run = lambda *a, **kw: replays.append(len(a[0])) or real_run(*a, **kw)
+    outs = llm.generate(["Hello", "The answer", "A pet:", "Hi"], _controlled_params())
+    assert replays and max(replays) == 4
+    _check_controlled(outs)

@@ -87,3 +87,57 @@ def test_engine_stops(llama_dir):
     a = llm.generate([[5, 6, 7], [9, 9]], [p, p])
     b = llm.generate([[9, 9], [5, 6, 7]], [p, p])
     assert a[0].token_ids == b[1].token_ids and a[1].token_ids == b[0].token_ids
+
+
+# ------------------------------------------------------------------------------------ logit_bias
+def test_logit_bias_per_row_forces_bans_and_keeps_raw_logprobs():
+    logits = torch.randn(4, 50)
+    top2 = logits.topk(2, -1).indices
+    forced = [17, 3, 0, 0]
+    biases = [{17: 100.0}, {3: 100, 11: -5.5}, {int(top2[2, 0]): -100}, None]
+    seqs = [seq(SamplingParams(temperature=0, logprobs=2, logit_bias=b)) for b in biases]
+    tokens, lps = Sampler()(logits, seqs)
+    # +100 forces its token, -100 bans the argmax (the runner-up wins), an unbiased row is untouched
+    assert tokens == [forced[0], forced[1], int(top2[2, 1]), int(logits[3].argmax())]
+    # logprobs are the model's (vLLM's raw_logprobs): the bias picks the token, not its logprob
+    ref = torch.log_softmax(logits, -1)
+    for i, lp in enumerate(lps):
+        assert lp.logprob == pytest.approx(ref[i, tokens[i]].item(), abs=1e-5)
+        assert [t for t, _ in lp.top] == ref[i].topk(2).indices.tolist()
+    # sampled rows: a +100 bias makes every draw that token, whatever the seed
+    toks, _ = Sampler()(logits[:1].expand(64, 50).contiguous(),
+                        [seq(SamplingParams(temperature=1.0, seed=i, logit_bias={42: 100})) for i in range(64)])
+    assert set(toks) == {42}
+
+
+def test_logit_bias_validation():
+    for bias in [{5: 101}, {5: -100.5}, {-1: 1.0}, {"5": 1.0}, {5: float("nan")}, {5: True}, {True: 1.0}, {2**64: 1.0}]:
+        with pytest.raises(RequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bias)
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert SamplingParams(logit_bias={5: 100, 6: -100}).bias_arrays[0].tolist() == [5, 6]
+
+
+def test_logit_bias_generations_equal_transformers_sequence_bias(tmp_path):
+    """One batch, each row its own bias (forcing, banning, mild, none), with asynchronous scheduling
+    on and off: each equals HF greedy `generate` with that bias as its `sequence_bias`."""
+    from helpers import write_checkpoint
+    from transformers import AutoModelForCausalLM
+    write_checkpoint(tmp_path, "llama")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [40, 41], [7, 7, 7, 7, 7]]
+    free = [hf.generate(torch.tensor([p]), max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1].item()
+            for p in prompts]
+    biases = [{77: 100.0}, {free[1]: -100.0}, {free[2]: -2.5, 33: 3.0, 34: 1.5}, None]
+    refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                        sequence_bias={(t,): v for t, v in (b or {}).items()} or None)[0, len(p):].tolist()
+            for p, b in zip(prompts, biases)]
+    assert refs[0] == [77] * 8 and refs[1][0] != free[1]
+    for mode in (True, False):
+        llm = LLM(str(tmp_path), num_kv_blocks=64, async_scheduling=mode)
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logit_bias=b)
+                                      for b in biases])
+        assert [o.token_ids for o in outs] == refs, mode
+    with pytest.raises(RequestError, match="logit_bias: token id 256 is outside the vocabulary"):
+        llm.generate([[5, 6]], SamplingParams(logit_bias={256: 1.0}))
+    assert not llm.engine.has_unfinished()

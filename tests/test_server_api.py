@@ -1,105 +1,26 @@
 """The HTTP API against a real `loquetier serve` subprocess, through the official OpenAI client.
 
-One server (with an API key, a KV pool of 256 blocks, a 100 kB upload limit and a waiting queue
-of 100) serves most tests; the restart test runs its own so it can SIGKILL it.
+One server (conftest.py's `api_server`: an API key, a KV pool of 256 blocks, a 100 kB upload limit
+and a waiting queue of 100) serves most tests; the restart test runs its own so it can SIGKILL it.
 """
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from helpers import write_adapter, write_model_with_tokenizer
+from helpers import API_KEY, BASE, UPLOAD_LIMIT, Server, assert_error, post
 
-from loquetier import LLM, SamplingParams
-from loquetier.tiny import arithmetic_examples, write_jsonl
+from loquetier import SamplingParams
 
-API_KEY = "sk-test-key"
-BASE = "tiny"
 CHAT_STOP_IDS = [2, 6]   # </s> and <|end|> of the tiny tokenizer
-MAX_WAITING = 100
-UPLOAD_LIMIT = 100_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m loquetier.cli serve ...` in a subprocess, on a free loopback port."""
-
-    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str,
-                 launcher: tuple[str, ...] = ("-m", "loquetier.cli")):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, *launcher, "serve", str(model), "--served-model-name", BASE,
-               "--port", str(self.port), "--data-dir", str(data_dir), "--num-kv-blocks", "256",
-               "--max-lora-rank", "16", "--log-level", "warning", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.tail()}")
-            time.sleep(0.2)
-
-    def tail(self) -> str:
-        return self.log.read_text()[-3000:]
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
-
-    def client(self, key: str | None = API_KEY, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60, **kw)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    hf = write_model_with_tokenizer(root / "model", "llama")
-    write_adapter(hf, root / "adapters" / "a1", 8, ["q_proj", "v_proj", "down_proj"], seed=1)
-    write_adapter(hf, root / "adapters" / "a2", 4, ["o_proj", "up_proj"], seed=2)
-    write_adapter(hf, root / "outside" / "a3", 4, ["q_proj"], seed=3)
-    examples = arithmetic_examples(20, seed=1, max_operand=30)
-    write_jsonl(examples[:16], root / "train.jsonl")
-    write_jsonl(examples[16:], root / "valid.jsonl")
-    server = Server(root / "model", root / "data", root / "server.log", "--adapter", f"a1={root / 'adapters' / 'a1'}",
-                    "--api-key", API_KEY, "--enable-lora-loading", "--lora-root", str(root / "adapters"),
-                    "--max-upload-bytes", str(UPLOAD_LIMIT), "--max-waiting", str(MAX_WAITING),
-                    "--checkpoint-interval", "2", "--base-learning-rate", "1e-3")
-    llm = LLM(str(root / "model"), max_lora_rank=16, num_kv_blocks=256)
-    llm.load_adapter("a1", root / "adapters" / "a1")
-    llm.load_adapter("a2", root / "adapters" / "a2")
-    try:
-        yield root, server, llm
-    finally:
-        server.stop()
+@pytest.fixture
+def env(api_server):
+    return api_server
 
 
 def greedy(max_tokens=16, **kw) -> SamplingParams:
@@ -109,20 +30,6 @@ def greedy(max_tokens=16, **kw) -> SamplingParams:
 def chat_prompt(llm, messages) -> list[int]:
     text = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return llm.tokenizer.encode(text, add_special_tokens=False)
-
-
-def assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
-    for word in words:
-        assert word in err["message"], err["message"]
-    return err
-
-
-def post(server, path, auth=API_KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {auth}"} if auth else {}
-    return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kw)
 
 
 # ------------------------------------------------------------------------------------ models, generation

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import write_model_with_tokenizer
-from test_server_api import assert_error
+from helpers import assert_error, write_model_with_tokenizer
 
 import loquetier
 from loquetier.server.app import create_app

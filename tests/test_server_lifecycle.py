@@ -8,8 +8,7 @@ import time
 
 import httpx
 import pytest
-from helpers import write_model_with_tokenizer
-from test_server_api import BASE, Server, assert_error
+from helpers import BASE, Server, assert_error, write_model_with_tokenizer
 
 from loquetier.tiny import arithmetic_examples, write_jsonl
 

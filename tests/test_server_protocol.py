@@ -42,6 +42,12 @@ from loquetier.server.protocol import (
 openai = pytest.importorskip("openai")
 
 
+def _error(model, body: dict) -> dict:
+    with pytest.raises(ValidationError) as exc:
+        model.model_validate(body)
+    return validation_error_body(exc.value.errors())["error"]
+
+
 def _message(model, body: dict) -> str:
     with pytest.raises(ValidationError) as exc:
         model.model_validate(body)
@@ -55,12 +61,15 @@ def test_completion_defaults():
     assert req.stop_list == [] and req.prompts() == ["hi"] and not req.include_usage
 
 
-def test_nulls_mean_defaults_and_unknown_fields_are_ignored():
+def test_nulls_mean_defaults_and_unknown_fields_are_refused():
     req = CompletionRequest.model_validate(
         {"model": "m", "prompt": "hi", "max_tokens": None, "temperature": None, "best_of": 1,
-         "logit_bias": {"50256": -100}, "suffix": None, "whatever": [1, 2]})
+         "suffix": None, "echo": False, "user": "u1"})
     assert req.max_tokens == 16 and req.temperature == 1.0
-    assert not hasattr(req, "whatever")
+    body = _error(CompletionRequest, {"model": "m", "prompt": "hi", "whatever": [1, 2]})
+    assert body["param"] == "whatever" and "unknown field" in body["message"]
+    body = _error(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x", "colour": 1}]})
+    assert body["param"] == "messages.0.colour"
 
 
 @pytest.mark.parametrize("prompt, expected", [

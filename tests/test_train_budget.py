@@ -28,18 +28,20 @@ def decoding_seq():
 
 def test_cost_model_recovers_linear_costs():
     cm = StepCostModel()
-    true = (0.004, 1e-4, 3e-5, 2e-4, 5e-5)
+    true = (0.004, 1e-4, 3e-5, 2e-4, 5e-5, 0.015)
     for i in range(64):
-        d, p, t, e = (i * 7) % 50, (i * 131) % 700, (i * 53) % 900, (i * 17) % 200
-        cm.observe({"time": true[0] + true[1] * d + true[2] * p + true[3] * t + true[4] * e,
+        d, p, t, e = (i * 7) % 50, (i * 131) % 700, (i * 53) % 900 * (i % 3 > 0), (i * 17) % 200
+        cm.observe({"time": true[0] + true[1] * d + true[2] * p + true[3] * t + true[4] * e + true[5] * (t > 0),
                     "num_decode_tokens": d, "num_prefill_tokens": p, "num_train_tokens": t, "num_eval_tokens": e})
     cm.fit()
-    assert cm.predict(32, 256, 512, 0) == pytest.approx(true[0] + 32e-4 + 256 * 3e-5 + 512 * 2e-4, rel=0.05)
+    assert cm.predict(32, 256, 512, 0) == pytest.approx(true[0] + 32e-4 + 256 * 3e-5 + 512 * 2e-4 + 0.015, rel=0.05)
+    assert cm.predict(32, 256) == pytest.approx(true[0] + 32e-4 + 256 * 3e-5, rel=0.05)
     assert cm.train_cost_per_token == pytest.approx(2e-4, rel=0.05)
+    assert cm.train_step_cost == pytest.approx(0.015, rel=0.1)
 
 
 def test_slo_policy_is_work_conserving_and_respects_tpot():
-    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4))
+    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4, 0.0))
     policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=2.0, max_num_batched_tokens=2048), cm, margin=1.0)
     # idle: everything left goes to training
     assert policy.allowed_tokens(SchedulerOutput([], 2048), FakeScheduler()) == 2048
@@ -48,6 +50,10 @@ def test_slo_policy_is_work_conserving_and_respects_tpot():
     out = SchedulerOutput([ScheduledSeq(s, 3, 1) for s in seqs], 1948)
     # (less the few ms since the requests got their first token: TPOT credit is measured from it)
     assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(300, abs=40)
+    # a fixed cost for steps that train comes off the room first: 0.01 s less is 100 tokens fewer
+    cm.coef[5] = 0.01
+    assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(200, abs=40)
+    cm.coef[5] = 0.0
     # a waiting request already past its TTFT SLO: no training at all
     late = Sequence([1] * 10, SamplingParams())
     late.arrival_time -= 5.0
@@ -55,7 +61,7 @@ def test_slo_policy_is_work_conserving_and_respects_tpot():
 
 
 def test_slo_policy_spends_tpot_credit_of_requests_that_decoded_quickly():
-    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4))
+    cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4, 0.0))
     policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=None, max_num_batched_tokens=4096), cm, margin=1.0)
     ahead = decoding_seq()
     ahead.output_token_ids = list(range(20))          # 20 tokens in 0.2 s: 0.8 s of credit left

@@ -1,4 +1,6 @@
-"""Step-time cost model fitted online: t = base + Σ per-token cost × tokens of each segment kind."""
+"""Step-time cost model fitted online: t = base + Σ per-token cost × tokens of each segment kind
++ a fixed cost for steps that train (their forward and backward run eagerly, or from a training
+graph, instead of the decode graph)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,14 @@ KINDS = ("num_decode_tokens", "num_prefill_tokens", "num_train_tokens", "num_eva
 class StepCostModel:
     """Least squares over the last `window` measured steps (ridge-regularised towards a prior)."""
 
-    def __init__(self, window: int = 256, prior: tuple[float, ...] = (2e-3, 2e-5, 1e-5, 6e-5, 2e-5)):
+    def __init__(self, window: int = 256, prior: tuple[float, ...] = (2e-3, 2e-5, 1e-5, 6e-5, 2e-5, 2e-2)):
         self.samples: deque[tuple[list[float], float]] = deque(maxlen=window)
         self.prior = torch.tensor(prior, dtype=torch.float64)
         self.coef = self.prior.clone()
         self._since_fit = 0
 
     def observe(self, info: dict) -> None:
-        self.samples.append(([1.0] + [float(info[k]) for k in KINDS], float(info["time"])))
+        self.samples.append((_features(*(info[k] for k in KINDS)), float(info["time"])))
         self._since_fit += 1
         if self._since_fit >= 8:
             self.fit()
@@ -39,9 +41,17 @@ class StepCostModel:
         self.coef = coef.clamp_min(0.0)
 
     def predict(self, decode: int = 0, prefill: int = 0, train: int = 0, evals: int = 0) -> float:
-        c = self.coef
-        return float(c[0] + c[1] * decode + c[2] * prefill + c[3] * train + c[4] * evals)
+        return float(torch.tensor(_features(decode, prefill, train, evals), dtype=torch.float64) @ self.coef)
 
     @property
     def train_cost_per_token(self) -> float:
         return float(self.coef[3]) or float(self.prior[3])
+
+    @property
+    def train_step_cost(self) -> float:
+        """The fixed cost a step pays for carrying any training tokens."""
+        return float(self.coef[5])
+
+
+def _features(decode, prefill, train, evals) -> list[float]:
+    return [1.0, float(decode), float(prefill), float(train), float(evals), float(train > 0)]

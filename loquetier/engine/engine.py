@@ -26,6 +26,7 @@ from .sampler import SampledTokens
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus, TokenLogprob
 from .stats import EngineStats
+from .structured import GrammarCompiler
 from .train_budget import make_policy
 
 
@@ -105,6 +106,7 @@ class Engine:
         self.eos_token_ids = set(self.args.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.grammars = GrammarCompiler(tokenizer, self.args.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self._in_flight: _InFlight | None = None   # a launched step whose tokens the host has not read
         self.adapter_paths: dict[str, tuple[Path, str | None]] = {}  # re-loadable adapters
@@ -168,6 +170,9 @@ class Engine:
             raise RequestError("the prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.args.vocab_size for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be integers in [0, {self.args.vocab_size})")
+        if params.logit_bias is not None and max(params.logit_bias) >= self.args.vocab_size:
+            raise RequestError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary "
+                               f"[0, {self.args.vocab_size})", param="logit_bias")
         n = len(prompt_token_ids)
         if n + params.max_tokens > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
@@ -181,6 +186,8 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(list(prompt_token_ids), params, adapter, request_id)
+        if params.structured_outputs is not None:
+            seq.grammar = self.grammars.grammar(params.structured_outputs)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -204,8 +211,8 @@ class Engine:
              ) -> list[RequestOutput]:
         """One scheduling round and one forward over the mixed batch.
 
-        Asynchronous scheduling (`EngineConfig.async_scheduling`; not for steps with penalties or
-        `keep_logits`): the step is
+        Asynchronous scheduling (`EngineConfig.async_scheduling`; not for steps with penalties,
+        grammars or `keep_logits`): the step is
         launched before the previous step's tokens are read on the host. Its inputs take those tokens
         on the device (placeholders, see `Sequence`), and the host's bookkeeping of the previous step
         (stop checks, outputs) overlaps this step's GPU work. So outputs come back one step later,
@@ -223,10 +230,10 @@ class Engine:
         # training rows need no host read either: their backward runs inside the step and their
         # losses stay on the device, so mixed steps are launched asynchronously too
         asynchronous = (self.config.async_scheduling and not keep_logits
-                        and not any(s.seq.params.has_penalties for s in sched.scheduled))
+                        and not any(s.seq.params.needs_tokens_on_host for s in sched.scheduled))
         outputs = []
         if not asynchronous and self._in_flight is not None:
-            # this step reads tokens on the host (penalties, logits): settle the last one first
+            # this step reads tokens on the host (penalties, grammars, logits): settle the last one first
             outputs = self._drain()
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
             if not sched.scheduled and not segments:
@@ -337,6 +344,10 @@ class Engine:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason = "stop"
+        elif seq.grammar is not None and seq.grammar.accept(token):   # the grammar is complete
+            reason = "stop"
+            if seq.grammar.error:   # it rejected the token, which its mask should have made impossible
+                reason, seq.error = "abort", f"structured output: {seq.grammar.error}"
         if p.stop and self.tokenizer is not None and reason is None:
             text = self.tokenizer.decode(seq.output_token_ids[:num_output], skip_special_tokens=True)
             # only look where a new match can start: the tail that this token may have completed

@@ -1,4 +1,9 @@
-"""Batched sampling over all sequences of a step: penalties, temperature, top-k/p, min-p, seeds.
+"""Batched sampling over all sequences of a step: grammar masks, logit bias, penalties, temperature,
+top-k/p, min-p, seeds.
+
+Logprobs follow vLLM's default (`raw_logprobs`): the model's distribution after the grammar mask
+(tokens a grammar forbids get -inf, as vLLM masks logits before its sampler) but before logit
+bias, penalties and temperature, so a biased token is chosen but its logprob is the model's own.
 
 `Sampler.sample` only queues device work and returns `SampledTokens`; its `to_host()` starts the
 copies to the host without waiting, and `wait()` on the result waits for them. The engine
@@ -11,9 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sequence import Sequence, TokenLogprob
+from .structured import TokenBitmask
 
 
 def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -71,6 +78,9 @@ class SampledTokens:
 class Sampler:
     """Turns next-token logits [B, V] into tokens (and logprobs) for B sequences."""
 
+    def __init__(self):
+        self.bitmask = TokenBitmask()
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Sample and wait for the tokens on the host."""
         return self.sample(logits, seqs).to_host().wait()
@@ -81,9 +91,14 @@ class Sampler:
         B, V = logits.shape
         dev = logits.device
         params = [s.params for s in seqs]
+        grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if grammar_rows:
+            logits = self.bitmask.apply(logits, grammar_rows, [seqs[i].grammar for i in grammar_rows])
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, -1) if any(want_logprobs) else None
 
+        if any(p.bias_arrays is not None for p in params):
+            logits = self._apply_logit_bias(logits, params)
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits, seqs)
 
@@ -123,6 +138,17 @@ class Sampler:
             gen.manual_seed(seq.params.seed)
             seq.generator = gen
         return gen
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, params) -> torch.Tensor:
+        """Add each row's logit_bias: one copy of (row, token, bias) triples, one scatter-add."""
+        rows = [i for i, p in enumerate(params) if p.bias_arrays is not None]
+        ids = [params[i].bias_arrays[0] for i in rows]
+        triples = np.stack([np.repeat(rows, [len(t) for t in ids]), np.concatenate(ids),
+                            np.concatenate([params[i].bias_arrays[1] for i in rows])]).astype(np.float64)
+        dev = _to_device(torch.from_numpy(triples), torch.float64, logits.device)   # token ids exact below 2**53
+        row, token, bias = dev[0].long(), dev[1].long(), dev[2].float()
+        return logits.index_put((row, token), bias, accumulate=True)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -6,8 +6,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured import Grammar
 
 _ids = itertools.count()
 
@@ -54,6 +58,7 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None          # why the engine ended it, when it did (finish_reason "abort")
     final_in_flight: bool = False     # the token in flight is its last (length limit): do not schedule it
+    grammar: Grammar | None = None    # structured outputs: the matcher its tokens advance (structured.py)
 
     @property
     def all_token_ids(self) -> list[int]:

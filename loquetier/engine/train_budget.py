@@ -55,7 +55,9 @@ class SloAwarePolicy:
                 limit = min(limit, max(0.0, left) / steps)
         if limit == float("inf"):
             return budget
-        spare = self.margin * limit - t_inf
+        # fill the step: as many training tokens as the tightest SLO leaves, after the fixed cost
+        # of a step that trains at all
+        spare = self.margin * limit - t_inf - self.cost.train_step_cost
         if spare <= 0:
             return 0
         return max(0, min(budget, int(spare / self.cost.train_cost_per_token)))

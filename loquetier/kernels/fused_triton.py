@@ -208,10 +208,12 @@ def _lora_delta(row, cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, s: t
                 stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD: tl.constexpr):
     """scaling[l, s] * lora_b[l, cols] @ v[row, l*V + s*R : ...] for l = slot(row); 0 without a slot."""
     slot = tl.load(token_slot_ptr + row)
-    on = slot >= 0
+    # no slot: no rank column is read. An integer bound, not `mask & (slot >= 0)`: since triton 3.9
+    # the interpreter splats a scalar comparison as int32 and rejects the mask it then makes
+    rank_on = tl.where(slot >= 0, rank, 0)
     slot = tl.maximum(slot, 0).to(tl.int64)
     offs_r = tl.arange(0, RANK_PAD)
-    mask_r = (offs_r < rank) & on
+    mask_r = offs_r < rank_on
     v = tl.load(v_ptr + row * stride_v + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
     b = tl.load(b_ptr + slot * stride_bl + cols[:, None] * stride_bn + offs_r[None, :],
                 mask=mask[:, None] & mask_r[None, :], other=0.0)

@@ -15,10 +15,15 @@ from safetensors.torch import save_file
 
 from ..errors import AdapterError
 from ..models.config import ModelArgs
-from ..models.llama import TARGET_MODULES
+from .targets import ALL_LINEAR, projection_name, select_targets
 
-ALL_TARGETS = tuple(TARGET_MODULES)
-_KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# a LoRA tensor of PEFT's file: base_model.model.<module name>.lora_A|B[.<adapter name>].weight
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[\w-]+)?\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# LoraConfig fields that change what the adapter computes and that Loquetier does not implement
+_UNSUPPORTED_VARIANTS = ("lora_bias", "alora_invocation_tokens", "use_qalora", "layer_replication",
+                         "trainable_token_indices", "target_parameters", "use_bdlora", "velora_config", "kasa_config",
+                         "arrow_config", "monteclora_config", "megatron_config")
 
 
 @dataclass
@@ -33,19 +38,18 @@ class LoraSpec:
     init_lora_weights: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
-    def resolved_targets(self) -> list[str]:
-        """Concrete module names; 'all-linear' means all seven projections."""
-        tm = self.target_modules
-        if tm == "all-linear" or tm == ["all-linear"]:
-            return list(ALL_TARGETS)
-        if isinstance(tm, str):  # PEFT regex form: match against full module names
-            return [t for t in ALL_TARGETS if re.search(tm, f"model.layers.0.x.{t}")]
-        unknown = [t for t in tm if t not in TARGET_MODULES]
-        if unknown:
-            raise AdapterError(f"target module(s) {unknown} do not exist in this model; "
-                               f"choose from {list(ALL_TARGETS)} or 'all-linear'")
-        return list(tm)
+    def __post_init__(self) -> None:
+        if self.target_modules == [ALL_LINEAR]:   # the API's list spelling of PEFT's "all-linear"
+            self.target_modules = ALL_LINEAR
+
+    def modules(self, args: ModelArgs, strict: bool = False) -> list[tuple[int, str]]:
+        """The (layer, projection) pairs this spec adapts, matched as PEFT does (`lora/targets.py`);
+        `strict` also refuses list entries that name no module of the model."""
+        return select_targets(self, args, strict)
 
     def scale_for(self, module_key: str, rank: int) -> float:
         alpha = _pattern_value(self.alpha_pattern, module_key, self.lora_alpha)
@@ -71,16 +75,11 @@ class AdapterWeights:
 
     def scale(self, layer: int, module: str) -> float:
         a, _ = self.modules[(layer, module)]
-        return self.spec.scale_for(_module_key(layer, module), a.shape[0])
+        return self.spec.scale_for(projection_name(layer, module), a.shape[0])
 
     @property
     def max_rank(self) -> int:
         return max((a.shape[0] for a, _ in self.modules.values()), default=0)
-
-
-def _module_key(layer: int, module: str) -> str:
-    group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
 
 
 def module_shapes(args: ModelArgs, module: str) -> tuple[int, int]:
@@ -109,27 +108,31 @@ def load_peft_adapter(path: str | Path, args: ModelArgs, max_rank: int) -> Adapt
                                "re-save it with PEFT's save_pretrained(..., safe_serialization=True)")
         raise AdapterError(f"{path} has no adapter_model.safetensors")
     spec = _spec_from_config(cfg, path)
-    targets = spec.resolved_targets()
+    try:
+        targets = spec.modules(args)
+    except AdapterError as e:
+        raise AdapterError(f"{cfg_file}: {e}") from None
+    projections = {projection_name(layer, module): (layer, module) for layer, module in targets}
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights_file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                m = _KEY_RE.search(key)
+                m = _KEY_RE.match(key)
                 if not m:
                     raise AdapterError(f"{weights_file}: tensor {key!r} is not a LoRA weight of a decoder "
                                        "projection (embedding/lm_head adapters and modules_to_save are not supported)")
-                layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
-                if module not in TARGET_MODULES:
-                    raise AdapterError(f"{weights_file}: target module {module!r} does not exist in this model")
-                if layer >= args.num_layers:
-                    raise AdapterError(f"{weights_file}: layer {layer} but the base model has {args.num_layers} layers")
-                raw.setdefault((layer, module), {})[kind] = f.get_tensor(key)
+                name = m.group("module")
+                if name not in projections:
+                    raise AdapterError(_stray_tensor_message(weights_file, key, name, args))
+                raw.setdefault(projections[name], {})[m.group("kind")] = f.get_tensor(key)
     except AdapterError:
         raise
     except Exception as e:  # corrupt header, truncated file...
         raise AdapterError(f"cannot read {weights_file}: {e}") from None
-    if not raw:
-        raise AdapterError(f"{weights_file} holds no LoRA weights")
+    missing = [projection_name(layer, module) for layer, module in targets if (layer, module) not in raw]
+    if missing:
+        raise AdapterError(f"{weights_file} has no weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                           f"which {cfg_file.name} targets; was the file cut short or the config edited?")
     modules = {}
     for (layer, module), ab in sorted(raw.items()):
         if set(ab) != {"A", "B"}:
@@ -144,10 +147,16 @@ def load_peft_adapter(path: str | Path, args: ModelArgs, max_rank: int) -> Adapt
         if r > max_rank:
             raise AdapterError(f"adapter rank {r} (layer {layer} {module}) exceeds max_lora_rank={max_rank}; "
                                "restart with a larger --max-lora-rank")
-        if module not in targets and not isinstance(spec.target_modules, str):
-            targets.append(module)
         modules[(layer, module)] = (a.float(), b.float())
     return AdapterWeights(spec, modules)
+
+
+def _stray_tensor_message(weights_file: Path, key: str, name: str, args: ModelArgs) -> str:
+    layer = _LAYER_RE.match(name)
+    if layer and int(layer.group(1)) >= args.num_layers:
+        return f"{weights_file}: tensor {key!r} is for layer {layer.group(1)} but the base model has {args.num_layers} layers"
+    return (f"{weights_file}: tensor {key!r} is for {name!r}, which the adapter's target_modules / exclude_modules / "
+            "layers_to_transform do not select (or which is not one of this model's projections)")
 
 
 def _spec_from_config(cfg: dict, path: Path) -> LoraSpec:
@@ -161,13 +170,21 @@ def _spec_from_config(cfg: dict, path: Path) -> LoraSpec:
         raise AdapterError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     if cfg.get("fan_in_fan_out"):
         raise AdapterError(f"{path}: fan_in_fan_out adapters are not supported")
-    tm = cfg.get("target_modules") or []
+    variants = [k for k in _UNSUPPORTED_VARIANTS if cfg.get(k)]
+    if variants:
+        raise AdapterError(f"{path}: LoRA variant option(s) {variants} are not supported (plain LoRA only)")
+
+    def listed(value):
+        return value if value is None or isinstance(value, (str, int)) else list(value)
     return LoraSpec(r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
                     lora_dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
-                    target_modules=tm if isinstance(tm, str) else list(tm),
+                    target_modules=listed(cfg.get("target_modules")) or [],
                     use_rslora=bool(cfg.get("use_rslora", False)),
                     init_lora_weights=cfg.get("init_lora_weights", True),
-                    rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {})
+                    rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+                    exclude_modules=listed(cfg.get("exclude_modules")),
+                    layers_to_transform=listed(cfg.get("layers_to_transform")),
+                    layers_pattern=listed(cfg.get("layers_pattern")))
 
 
 def new_adapter(spec: LoraSpec, args: ModelArgs, max_rank: int, seed: int = 0) -> AdapterWeights:
@@ -176,19 +193,18 @@ def new_adapter(spec: LoraSpec, args: ModelArgs, max_rank: int, seed: int = 0) -
         raise AdapterError(f"init_lora_weights={spec.init_lora_weights!r} is not supported (True or 'gaussian')")
     gen = torch.Generator().manual_seed(seed)
     modules = {}
-    for layer in range(args.num_layers):
-        for module in spec.resolved_targets():
-            r = spec.rank_for(_module_key(layer, module))
-            if r > max_rank:
-                raise AdapterError(f"rank {r} exceeds max_lora_rank={max_rank}")
-            d_in, d_out = module_shapes(args, module)
-            a = torch.empty(r, d_in)
-            if spec.init_lora_weights == "gaussian":
-                a.normal_(0.0, 1.0 / r, generator=gen)
-            else:  # nn.Linear's default, as PEFT: kaiming_uniform_(a=sqrt(5)) => U(-1/sqrt(d_in), 1/sqrt(d_in))
-                bound = 1.0 / math.sqrt(d_in)
-                a.uniform_(-bound, bound, generator=gen)
-            modules[(layer, module)] = (a, torch.zeros(d_out, r))
+    for layer, module in spec.modules(args, strict=True):
+        r = spec.rank_for(projection_name(layer, module))
+        if r > max_rank:
+            raise AdapterError(f"rank {r} exceeds max_lora_rank={max_rank}")
+        d_in, d_out = module_shapes(args, module)
+        a = torch.empty(r, d_in)
+        if spec.init_lora_weights == "gaussian":
+            a.normal_(0.0, 1.0 / r, generator=gen)
+        else:  # nn.Linear's default, as PEFT: kaiming_uniform_(a=sqrt(5)) => U(-1/sqrt(d_in), 1/sqrt(d_in))
+            bound = 1.0 / math.sqrt(d_in)
+            a.uniform_(-bound, bound, generator=gen)
+        modules[(layer, module)] = (a, torch.zeros(d_out, r))
     return AdapterWeights(spec, modules)
 
 
@@ -201,12 +217,10 @@ def save_peft_adapter(weights: AdapterWeights, path: str | Path, base_model: str
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
            "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "revision": None}
-    cfg.update(asdict(spec))
-    cfg["target_modules"] = (spec.target_modules if isinstance(spec.target_modules, str)
-                             else sorted({m for _, m in weights.modules}))
+    cfg.update(asdict(spec))   # the selection fields as given: PEFT selects the same modules again
     tensors = {}
     for (layer, module), (a, b) in weights.modules.items():
-        prefix = f"base_model.model.{_module_key(layer, module)}"
+        prefix = f"base_model.model.{projection_name(layer, module)}"
         tensors[f"{prefix}.lora_A.weight"] = a.detach().to("cpu", dtype).contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.detach().to("cpu", dtype).contiguous()
     tmp = path / f".adapter_model.safetensors.tmp{os.getpid()}"

@@ -16,6 +16,13 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# The projections LoRA may target, by PEFT module name -> the block that holds them in every
+# supported family's HF layout (`model.layers.N.<block>.<name>`)
+LORA_TARGETS: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+
 
 @dataclass
 class ModelArgs:

@@ -22,11 +22,11 @@ from ..kernels import fused as fused_ops
 from ..kernels.lora_dropout import layer_salt
 from ..kernels.smlm import LoraDelta
 from ..lora.layer import VirtualLoraLinear
-from .config import ModelArgs
+from .config import LORA_TARGETS, ModelArgs
 from .rotary import RotaryEmbedding
 
 # PEFT target module name -> (fused layer attribute path, slice name)
-TARGET_MODULES = {
+FUSED_SLICES = {
     "q_proj": ("self_attn.qkv_proj", "q_proj"),
     "k_proj": ("self_attn.qkv_proj", "k_proj"),
     "v_proj": ("self_attn.qkv_proj", "v_proj"),
@@ -35,6 +35,7 @@ TARGET_MODULES = {
     "up_proj": ("mlp.gate_up_proj", "up_proj"),
     "down_proj": ("mlp.down_proj", "down_proj"),
 }
+assert FUSED_SLICES.keys() == LORA_TARGETS.keys()
 
 
 class RMSNorm(nn.Module):
@@ -210,7 +211,7 @@ class LlamaModel(nn.Module):
         out = []
         for layer in self.layers:
             table = {}
-            for name, (path, _slice) in TARGET_MODULES.items():
+            for name, (path, _slice) in FUSED_SLICES.items():
                 mod = layer
                 for part in path.split("."):
                     mod = getattr(mod, part)

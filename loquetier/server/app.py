@@ -8,13 +8,12 @@ back as `{"error": {"message", "type", "param", "code"}}` with a 4xx status; non
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
@@ -46,6 +45,7 @@ from .protocol import (
     ModelList,
     UnloadLoRAAdapterRequest,
     error_body,
+    lone_surrogate_message,
     validation_error_body,
 )
 from .store import Store
@@ -68,6 +68,32 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 class Forbidden(LoquetierError):
     status = 403
     code = "forbidden"
+
+
+UPLOAD_FIELDS = ("file", "purpose")
+
+
+async def refuse_unknown_query_parameters(request: Request) -> None:
+    """A query parameter the route does not declare is a 400, as an unknown body field is."""
+    route = request.scope.get("route")
+    known = {p.alias for p in route.dependant.query_params} if route is not None else set()
+    unknown = [k for k in request.query_params if k not in known]
+    if unknown:
+        raise RequestError(f"unknown query parameter(s) {unknown} for {request.url.path}; "
+                           f"it accepts {sorted(known) or 'none'}", param=unknown[0])
+
+
+def check_upload_form(fields: list[str], filename: str | None) -> None:
+    """The multipart fields of POST /v1/files: `file` and `purpose` only, and a filename that is text."""
+    if any(f.startswith("expires_after") for f in fields):
+        raise RequestError("expires_after is not supported: uploaded files are kept until deleted",
+                           param="expires_after")
+    unknown = [f for f in fields if f not in UPLOAD_FIELDS]
+    if unknown:
+        raise RequestError(f"unknown form field(s) {unknown}; an upload has {list(UPLOAD_FIELDS)}", param=unknown[0])
+    problem = lone_surrogate_message(filename or "")
+    if problem:
+        raise RequestError(f"the file name {problem}", param="file")
 
 
 class Guard:
@@ -188,7 +214,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(refuse_unknown_query_parameters)])
 
     # ------------------------------------------------------------------ models and adapters
     def model_cards() -> list[ModelCard]:
@@ -252,7 +278,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # ------------------------------------------------------------------ files
     @v1.post("/files")
-    async def upload_file(file: UploadFile = File(...), purpose: str = Form(...)):
+    async def upload_file(raw: Request, file: UploadFile = File(...), purpose: str = Form(...)):
+        check_upload_form(list((await raw.form()).keys()), file.filename)
         if purpose != FINE_TUNE_PURPOSE:
             raise RequestError(f"purpose {purpose!r} is not supported; upload training data with purpose "
                                f"'{FINE_TUNE_PURPOSE}'")
@@ -345,7 +372,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = getattr(exc, "status", 400)
         if status >= 500:
             log.error("request failed: %s", exc)
-        return error_response(status, str(exc), getattr(exc, "code", None))
+        return error_response(status, str(exc), getattr(exc, "code", None), getattr(exc, "param", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -355,7 +382,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             detail = (bad_json.get("ctx") or {}).get("error", "")
             return error_response(400, f"the request body is not valid JSON ({detail or 'decode error'})",
                                   "invalid_json")
-        return JSONResponse(validation_error_body(json.loads(json.dumps(errors, default=str))), status_code=400)
+        return JSONResponse(validation_error_body(errors), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

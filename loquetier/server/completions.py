@@ -8,8 +8,9 @@ send server-sent events as tokens arrive, then a usage chunk when asked, then `[
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine.engine import RequestOutput
 from ..engine.sequence import TokenLogprob
 from ..errors import LoquetierError, RequestError
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 from .engine_loop import (
     AsyncEngine,
     GenerationRequest,
@@ -40,6 +41,7 @@ from .protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    ResponseFormat,
     SamplingRequest,
     TopLogprob,
     UsageInfo,
@@ -48,10 +50,14 @@ from .protocol import (
     sse_data,
 )
 
+log = logging.getLogger("loquetier.server")
+R = TypeVar("R")
+
 # End-of-turn tokens of common chat templates; those in the tokenizer's vocabulary stop chat replies.
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)   # what torch.Generator.manual_seed accepts (int64)
 CHAT_END_TOKENS = ("</s>", "<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>",
                    "<|end_of_text|>", "<|eom_id|>")
+MIN_LOGPROB = -9999.0   # what vLLM reports for a token of probability 0 (JSON has no -Infinity)
 
 
 class GroupStreamingResponse(StreamingResponse):
@@ -76,6 +82,7 @@ class CompletionService:
         self.tokenizer = tokenizer
         self.model_name = model_name
         engine = aengine.engine
+        self.grammars = engine.grammars   # thread-safe: schemas compile off the engine thread
         self.context_len = min(engine.max_model_len, engine.kv.num_blocks * engine.kv.block_size)
         vocab = tokenizer.get_vocab() if tokenizer is not None else {}
         self.chat_stop_ids = sorted({vocab[t] for t in CHAT_END_TOKENS if t in vocab}
@@ -89,10 +96,12 @@ class CompletionService:
 
     # ------------------------------------------------------------------ endpoints
     async def complete(self, req: CompletionRequest, raw: Request) -> Response:
-        prompts = [self._encode(p) for p in req.prompts()]
+        batch = req.prompts()
+        prompts = [self._encode(p, "prompt" if len(batch) == 1 else f"prompt.{i}") for i, p in enumerate(batch)]
         k = req.logprobs
-        requests = [GenerationRequest(ids, self._params(req, req.max_tokens, k, [], req.seed, j), self._adapter(req))
-                    for ids in prompts for j in range(req.n)]
+        structured = await self._structured_outputs(req.response_format)
+        requests = [GenerationRequest(ids, self._params(req, req.max_tokens, k, [], req.seed, j, structured),
+                                      self._adapter(req)) for ids in prompts for j in range(req.n)]
         group = await self.aengine.add(requests)
         prompt_tokens = sum(len(p) for p in prompts)
         if req.stream:
@@ -113,9 +122,13 @@ class CompletionService:
             max_tokens = self.context_len - len(ids)
             if max_tokens < 1:
                 raise RequestError(f"the conversation is {len(ids)} tokens, which leaves no room to reply within "
-                                   f"this model's context of {self.context_len} tokens; shorten the messages")
+                                   f"this model's context of {self.context_len} tokens; shorten the messages",
+                                   param="messages")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        requests = [GenerationRequest(ids, self._params(req, max_tokens, k, self.chat_stop_ids, req.seed, j),
+        # end-of-turn tokens are EOS to a chat reply: ignore_eos ignores them too, as vLLM does
+        stop_ids = [] if req.ignore_eos else self.chat_stop_ids
+        structured = await self._structured_outputs(req.response_format)
+        requests = [GenerationRequest(ids, self._params(req, max_tokens, k, stop_ids, req.seed, j, structured),
                                       self._adapter(req)) for j in range(req.n)]
         group = await self.aengine.add(requests)
         if req.stream:
@@ -181,41 +194,56 @@ class CompletionService:
     def _adapter(self, req: SamplingRequest) -> str | None:
         return None if req.model == self.model_name else req.model
 
+    async def _structured_outputs(self, fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
+        """The grammar `response_format` asks for, compiled now (off the engine thread) so that an
+        unusable schema gets a 400 naming the field and the engine finds it compiled."""
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            spec, field = StructuredOutputsParams(json_object=True), "response_format"
+        else:
+            spec = StructuredOutputsParams(json=fmt.json_schema.json_schema)
+            field = "response_format.json_schema.schema"
+        try:
+            await asyncio.to_thread(self.grammars.compile, spec)
+        except RequestError as e:
+            raise RequestError(f"{field}: {e}", param=field) from None
+        return spec
+
     def _params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None, stop_ids: list[int],
-                seed: int | None, choice: int) -> SamplingParams:
+                seed: int | None, choice: int, structured: StructuredOutputsParams | None) -> SamplingParams:
         if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1] - req.n:
             raise RequestError(f"seed must be a 64-bit integer (at most {SEED_RANGE[1] - req.n} with n={req.n}), "
-                               f"got {seed}")
+                               f"got {seed}", param="seed")
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or -1,
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=None if seed is None else seed + choice,
             stop=req.stop_list, stop_token_ids=sorted(set(req.stop_token_ids or []) | set(stop_ids)),
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=req.token_biases, structured_outputs=structured)
 
-    def _tokenizer(self):
+    def _tokenizer(self, param: str):
         if self.tokenizer is None:
-            raise RequestError("this model has no tokenizer; send prompts as lists of token ids to /v1/completions")
+            raise RequestError("this model has no tokenizer; send prompts as lists of token ids to /v1/completions",
+                               param=param)
         return self.tokenizer
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    def _encode(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, list):
             return list(prompt)
         if not prompt:
-            raise RequestError("prompt must not be empty")
-        return self._tokenizer().encode(prompt)
+            raise RequestError("prompt must not be empty", param=param)
+        return _on_client_text(param, "the tokenizer cannot encode this text", self._tokenizer(param).encode, prompt)
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        tok = self._tokenizer()
+        tok = self._tokenizer("messages")
         if not tok.chat_template:
-            raise RequestError("this model's tokenizer has no chat template; use /v1/completions")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - templates raise on conversations they do not accept
-            raise RequestError(f"the chat template rejected these messages: {e}") from None
-        return tok.encode(text, add_special_tokens=False)
+            raise RequestError("this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        messages = [m.for_template() for m in req.messages]
+        text = _on_client_text("messages", "the chat template rejected these messages", tok.apply_chat_template,
+                               messages, tokenize=False, add_generation_prompt=True)
+        return _on_client_text("messages", "the tokenizer cannot encode these messages", tok.encode, text,
+                               add_special_tokens=False)
 
     def _text_of(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -229,21 +257,36 @@ class CompletionService:
         for lp in lps or []:
             token = self._text_of(lp.token_id)
             out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
+            out.token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
             out.text_offset.append(offset)
             offset += len(token)
-            out.top_logprobs.append({self._text_of(t): v for t, v in lp.top} if lp.top else None)
+            out.top_logprobs.append({self._text_of(t): max(v, MIN_LOGPROB) for t, v in lp.top} if lp.top else None)
         return out
 
     def _chat_logprobs(self, lps: list[TokenLogprob] | None) -> ChatLogprobs:
         content = []
         for lp in lps or []:
             token = self._text_of(lp.token_id)
-            tops = [TopLogprob(token=self._text_of(t), logprob=v, bytes=list(self._text_of(t).encode()))
-                    for t, v in lp.top]
-            content.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
-                                            top_logprobs=tops))
+            tops = [TopLogprob(token=self._text_of(t), logprob=max(v, MIN_LOGPROB),
+                               bytes=list(self._text_of(t).encode())) for t, v in lp.top]
+            content.append(ChatTokenLogprob(token=token, logprob=max(lp.logprob, MIN_LOGPROB),
+                                            bytes=list(token.encode()), top_logprobs=tops))
         return ChatLogprobs(content=content)
+
+
+def _on_client_text(param: str, what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`fn` (the tokenizer, the chat template) run on text the client chose: whatever it raises is about
+    that text, so it is the client's 400, never a 500; it is logged for the operator all the same."""
+    try:
+        return fn(*args, **kwargs)
+    except LoquetierError:
+        raise
+    except BaseException as e:
+        # a panic inside the Rust tokenizer surfaces as pyo3's PanicException, a BaseException
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        log.warning("%s refused by %s", param, getattr(fn, "__qualname__", fn), exc_info=True)
+        raise RequestError(f"{param}: {what} ({type(e).__name__}: {e})", param=param) from None
 
 
 def _usage(prompt_tokens: int, outs: list[RequestOutput]) -> UsageInfo:

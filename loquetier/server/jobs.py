@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdapterNotFoundError, LoquetierError, RequestError
+from ..errors import AdapterError, AdapterNotFoundError, LoquetierError, RequestError
 from ..lora.adapter import LoraSpec
 from ..training.checkpoint import CKPT_PREFIX, latest_checkpoint
 from ..training.job import JobEvent, JobStatus, TrainingJob
@@ -131,7 +131,10 @@ class JobService:
             max_seq_len=self.engine.max_model_len,
             lora=LoraSpec(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), use_rslora=lora.use_rslora))
-        spec.lora.resolved_targets()   # AdapterError (400) for modules the model does not have
+        try:
+            spec.lora.modules(self.engine.args, strict=True)
+        except AdapterError as e:   # modules the model does not have: the request's fault, a 400
+            raise AdapterError(str(e), param="lora.target_modules") from None
         # tokenizing may take a while: do it here, not on the engine thread
         data = await asyncio.to_thread(self.trainer.load_data, spec)
         train, _ = data

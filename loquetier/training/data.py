@@ -201,6 +201,11 @@ def _parse_line(number: int, text: str) -> Record:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise _LineError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    try:   # a "\ud800" escape decodes to half a surrogate pair, which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _LineError("holds a lone UTF-16 surrogate escape (such as \\ud800), which is not a Unicode "
+                         "character; write the character itself or a complete surrogate pair") from None
     if not isinstance(data, dict):
         raise _LineError(f"expected a JSON object, got {_json_type(data)}")
     found = [fmt for fmt, keys in _FORMAT_KEYS.items() if any(key in data for key in keys)]
