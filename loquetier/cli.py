@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .config import DTYPE_CHOICES
 
@@ -50,6 +51,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enable-lora-loading", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--max-upload-bytes", type=int, default=512 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="SECONDS",
+                   help="on SIGTERM, refuse new work and wait this long for requests in flight before aborting "
+                        "them; running fine-tuning jobs checkpoint, then the server exits 0 (default: %(default)s; "
+                        "keep it below the supervisor's kill timeout)")
     _engine_flags(p)
     g = p.add_argument_group("scheduling")
     g.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
@@ -83,20 +88,22 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> NoReturn:
     import logging
 
     import uvicorn
 
     from .server.app import create_app
     from .server.config import ServerConfig
+    from .server.lifecycle import GracefulServer
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         model=args.model, revision=args.revision, served_model_name=args.served_model_name,
         adapters=_parse_adapters(args.adapter),
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir, lora_roots=args.lora_root,
         enable_lora_loading=args.enable_lora_loading, max_upload_bytes=args.max_upload_bytes,
-        base_learning_rate=args.base_learning_rate, default_epochs=args.default_epochs,
+        shutdown_timeout=args.shutdown_timeout, base_learning_rate=args.base_learning_rate,
+        default_epochs=args.default_epochs,
         checkpoint_interval=args.checkpoint_interval, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
@@ -105,8 +112,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, slo_ttft=args.slo_ttft,
         slo_tpot=args.slo_tpot, train_policy=args.train_policy)
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    # uvicorn's own wait for connections is only a backstop: the drain has ended every request by then
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5), app.state.lifecycle, config.shutdown_timeout)
+    server.run()
+    code = 1 if app.state.aengine.fatal is not None else 0
+    # everything durable is written (the store is closed, checkpoints are synced): skip the seconds
+    # the interpreter spends tearing down torch, triton and transformers, which a supervisor waits out
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -253,15 +269,20 @@ def _benchmarks() -> list[str]:
 
 def _bench_parser(sub) -> None:
     names = _benchmarks()
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
-                       description="Run benchmarks/NAME.py with the remaining arguments. Available: "
-                                   + (", ".join(names) if names else "none (benchmarks/ ships with the source tree)"))
-    p.add_argument("name", help="benchmark name (file stem, with or without the 'bench_' prefix)")
+    p = sub.add_parser("bench", help="load-test a server (bench serve), or run a benchmark script from benchmarks/",
+                       description="`loquetier bench serve --help`: open-loop load against any OpenAI-compatible "
+                                   "server. Any other NAME runs benchmarks/NAME.py with the remaining arguments. "
+                                   "Available: " + (", ".join(names) if names else
+                                                    "none (benchmarks/ ships with the source tree)"))
+    p.add_argument("name", help="serve, or a benchmark name (file stem, with or without the 'bench_' prefix)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "serve":
+        from .bench.serve import main as bench_serve
+        return bench_serve(args.args)
     names = _benchmarks()
     name = args.name if args.name in names else f"bench_{args.name}"
     if name not in names:

@@ -136,11 +136,12 @@ def free_port() -> int:
 class Server:
     """`python -m loquetier.cli serve ...` in a subprocess, on a free loopback port."""
 
-    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str):
+    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str,
+                 launcher: tuple[str, ...] = ("-m", "loquetier.cli")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "loquetier.cli", "serve", str(model), "--served-model-name", BASE,
+        cmd = [sys.executable, *launcher, "serve", str(model), "--served-model-name", BASE,
                "--port", str(self.port), "--data-dir", str(data_dir), "--num-kv-blocks", "256",
                "--max-lora-rank", "16", "--log-level", "warning", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -44,6 +44,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.ensure_adapter = None   # set by the engine: makes a known adapter resident
         self.prefix_cache = PrefixCache(kv.allocator, kv.block_size, adapters.weights_version)
+        self.last_output: SchedulerOutput | None = None   # the latest step's, e.g. to know who a failed step held
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -150,4 +151,5 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
         out.leftover_budget = budget
+        self.last_output = out
         return out

@@ -23,6 +23,7 @@ class ServerConfig:
     lora_roots: list[str] = field(default_factory=list)  # where load_lora_adapter may read from
     enable_lora_loading: bool = False          # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     max_upload_bytes: int = 512 << 20
+    shutdown_timeout: float = 20.0             # seconds a SIGTERM waits for in-flight requests
     # fine-tuning defaults (OpenAI's "auto" hyperparameters resolve to these)
     base_learning_rate: float = 2e-4           # learning_rate_multiplier 1.0 means this
     default_epochs: int = 3

@@ -310,6 +310,17 @@ class TrainingJob:
             self.finish()
         return path
 
+    def save_resume_point(self) -> Path | None:
+        """Checkpoint the last finished optimizer step, so that a restart resumes there; a window
+        still accumulating is dropped (its gradients zeroed) and runs again. None: nothing new to save."""
+        if self.pending:   # mid-window: back to its first micro-batch (windows start at multiples of grad_accum)
+            self.pos = (self.pos - 1) // self.spec.grad_accum * self.spec.grad_accum
+            self.pending, self.in_flight, self._closes_window, self.window_loss = [], [], False, 0.0
+            self.state.zero_grad()
+        if self.step == 0 or (self.checkpoints and self.checkpoints[-1][0] == self.step):
+            return None
+        return self.checkpoint()
+
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `checkpoint` (weights were passed as `initial`)."""
         state, tensors = load_checkpoint_state(path)
