@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | peft | training | profile | unified | unified-sweep          (one GPU)
+#   PART: check | inference | prefix | peft | training | profile | unified | unified-sweep   (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
@@ -11,12 +11,14 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 case "$part" in
   check)      # kernels on the GPU + engine vs HF/PEFT on the GPU (fp32 exact, bf16 vs HF's own error, grads)
-    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py tests/test_kernels_dropout.py tests/test_train_graphs.py tests/test_async_scheduling.py -q -p no:cacheprovider 2>&1 | tail -5
+    python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py tests/test_prefix_cache.py tests/test_kernels_dropout.py tests/test_train_graphs.py tests/test_async_scheduling.py -q -p no:cacheprovider 2>&1 | tail -5
     python benchmarks/gpu_check.py 2>&1 | grep -v -i warn | tee "$out/gpu_check.log" | tail -8 ;;
   inference)  # decode step times, end-to-end 256 requests and the 16 that PEFT runs; graph replay profile
     timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --e2e-subset --peft-e2e-requests 16 \
       --out "$out/inference.json" 2>&1 | tail -24
     timeout 150 python benchmarks/profile_decode.py --batches 1,64 > "$out/profile_decode.log" 2>&1; tail -7 "$out/profile_decode.log" ;;
+  prefix)     # prefix caching on a chat workload (shared 1,000-token system prompt, 4 adapters): on against off
+    timeout 300 python benchmarks/bench_prefix_cache.py --out "$out/prefix_cache.json" 2>&1 | tail -6 ;;
   peft)       # our e2e runs twice each (order effects), then PEFT decode at batch 1 and 32 and its
               # e2e on the same first 16 requests (one padded batch), in consecutive processes
     timeout 150 python benchmarks/bench_engine.py --sections e2e --e2e-repeat 2 --e2e-subset --peft-e2e-requests 16 \

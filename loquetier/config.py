@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPE_CHOICES = ("auto", *_DTYPES)
+
+log = logging.getLogger("loquetier")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Map a user-facing dtype name to a torch dtype."""
+    """Map a user-facing dtype name (not "auto": see `resolve_dtype`) to a torch dtype."""
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_CHOICES)}")
     return _DTYPES[name]
+
+
+def resolve_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """vLLM's "auto": the checkpoint's own dtype on a GPU, except that float32 checkpoints run in
+    bfloat16 there (half the memory; said in a log line); float32 on a CPU. Other names are taken as given."""
+    if name != "auto":
+        return parse_dtype(name)
+    stored = checkpoint_dtype or torch.float32   # no dtype in the config: transformers' default, float32
+    if device.type == "cpu":
+        return torch.float32
+    if stored == torch.float32:
+        log.warning("dtype auto: the checkpoint is float32; running it in bfloat16 on %s "
+                    "(pass --dtype float32 to keep float32)", device.type)
+        return torch.bfloat16
+    return stored
 
 
 @dataclass
@@ -26,6 +45,9 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None          # explicit pool size; wins over the memory budget
     memory_budget_bytes: int | None = None  # default: 256 MiB on CPU, 90% of free memory on GPU
+    # full blocks stay findable by a hash of their tokens, the tokens before them and the adapter
+    # weights, so a later prompt with that prefix reuses them (engine/prefix_cache.py)
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -59,8 +81,9 @@ class SchedulerConfig:
 class EngineConfig:
     """Everything the engine needs to start."""
 
-    model: str
-    dtype: str = "float32"
+    model: str                 # checkpoint directory, Hugging Face Hub id, .gguf file, or random:PRESET
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id (default: main)
+    dtype: str = "auto"          # see resolve_dtype; or float32 | bfloat16 | float16
     device: str | None = None  # default: cuda if available else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 8192)
     seed: int = 0
@@ -77,10 +100,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype)
 
     @property
     def torch_device(self) -> torch.device:

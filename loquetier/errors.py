@@ -63,3 +63,9 @@ class CapacityError(LoquetierError):
 
     status = 429
     code = "capacity_exceeded"
+
+
+class PlotUnavailableError(LoquetierError):
+    """A loss plot was asked for, and matplotlib (the `plot` extra) is not installed."""
+
+    code = "plot_unavailable"

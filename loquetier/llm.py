@@ -7,41 +7,37 @@ from pathlib import Path
 from .config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 from .engine.engine import Engine, RequestOutput
 from .errors import RequestError
+from .models.sources import ModelSource, resolve_model_source
 from .sampling_params import SamplingParams
 
 
-def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer, or None when the directory has no tokenizer files."""
-    path = Path(path)
-    if str(path).startswith("random:"):
-        return None
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 class LLM:
-    """Load a base model once; serve it and any number of LoRA adapters through `generate`."""
+    """Load a base model once; serve it and any number of LoRA adapters through `generate`.
+    `model` is a checkpoint directory, a Hugging Face Hub id (`revision`: branch, tag or commit),
+    a .gguf file (or a directory holding one), or `random:PRESET`."""
 
-    def __init__(self, model: str, *, max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int = 64,
-                 dtype: str = "float32", device: str | None = None, max_model_len: int | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, seed: int = 0,
-                 attention_backend: str = "auto", lora_backend: str = "auto", lora_fold_shrink: str = "auto",
-                 train_cuda_graphs: bool = True, async_scheduling: bool = True, tensor_parallel_size: int = 1):
+    def __init__(self, model: str | ModelSource, *, revision: str | None = None, max_loras: int = 8,
+                 max_lora_rank: int = 64, max_cpu_loras: int = 64, dtype: str = "auto", device: str | None = None,
+                 max_model_len: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                 seed: int = 0, attention_backend: str = "auto", lora_backend: str = "auto", lora_fold_shrink: str = "auto",
+                 train_cuda_graphs: bool = True, async_scheduling: bool = True,
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
         """`tensor_parallel_size` N > 1 splits the model over N processes of this host (GPUs 0..N-1);
         this one is rank 0 and starts the others (`close()` stops them)."""
+        self.source = model if isinstance(model, ModelSource) else resolve_model_source(model, revision)
         config = EngineConfig(
-            model=str(model), dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
-            attention_backend=attention_backend, lora_backend=lora_backend, train_cuda_graphs=train_cuda_graphs,
-            async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_cache_memory),
+            model=self.source.spec, revision=revision, dtype=dtype, device=device, max_model_len=max_model_len,
+            seed=seed, attention_backend=attention_backend, lora_backend=lora_backend,
+            train_cuda_graphs=train_cuda_graphs, async_scheduling=async_scheduling,
+            tensor_parallel_size=tensor_parallel_size,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching),
             lora=LoraConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                             fold_shrink=lora_fold_shrink),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs))
-        self.tokenizer = load_tokenizer(model)
-        self.engine = Engine(config, self.tokenizer)
+        self.tokenizer = self.source.load_tokenizer()
+        self.engine = Engine(config, self.tokenizer, self.source)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (also done at exit)."""

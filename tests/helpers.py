@@ -136,11 +136,12 @@ def free_port() -> int:
 class Server:
     """`python -m loquetier.cli serve ...` in a subprocess, on a free loopback port."""
 
-    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str):
+    def __init__(self, model: Path, data_dir: Path, log: Path, *extra: str,
+                 launcher: tuple[str, ...] = ("-m", "loquetier.cli")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "loquetier.cli", "serve", str(model), "--served-model-name", BASE,
+        cmd = [sys.executable, *launcher, "serve", str(model), "--served-model-name", BASE,
                "--port", str(self.port), "--data-dir", str(data_dir), "--num-kv-blocks", "256",
                "--max-lora-rank", "16", "--log-level", "warning", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -189,3 +190,80 @@ def assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
 def post(server, path, auth=API_KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {auth}"} if auth else {}
     return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kw)
+def write_hub_snapshot(hf_home: Path, repo_id: str, source_dir: Path, commit: str,
+                       refs: tuple[str, ...] = ("main",)) -> Path:
+    """Lay `source_dir`'s files out as huggingface_hub's cache does: blobs/, snapshots/<commit>/
+    (links to the blobs) and refs/<branch> holding the commit. Returns the snapshot directory."""
+    import hashlib
+    import shutil
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(source_dir.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)   # no newline, as huggingface_hub writes it
+    return snapshot
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """llama.cpp's conversion reorders q/k rows from HF's rotate-half layout to interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, hf_model, tokenizer_dir: Path, quantize: bool = True) -> Path:
+    """Convert a tiny HF Llama and its byte-level BPE tokenizer to a GGUF file the way llama.cpp's
+    converter does (q/k permuted, llama.cpp tensor names), its 2-D weights Q8_0-quantized."""
+    import json
+
+    import gguf
+    import numpy as np
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny test llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    writer.add_pad_token_id(cfg.pad_token_id)
+    writer.add_chat_template(tok_cfg["chat_template"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, tensor in hf_model.state_dict().items():
+        stem, _, suffix = name.rpartition(".")
+        array = tensor.float().numpy()
+        if stem.endswith("q_proj"):
+            array = _llama_cpp_permute(array, cfg.num_attention_heads)
+        elif stem.endswith("k_proj"):
+            array = _llama_cpp_permute(array, cfg.num_key_value_heads)
+        gguf_name = f"{names.get_name(stem)}.{suffix}"
+        if quantize and array.ndim == 2:
+            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -88,3 +88,35 @@ def test_bucketed_training_batch_pads_to_bucket_sizes_and_shares_its_key():
     assert plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16).graph_key != host.graph_key
     longer = plan_mixed_batch(segs([100, 27]), [], slot_of, 16, bucketed=True)   # longest segment 128
     assert longer.graph_key != host.graph_key
+
+
+def _host_state(obj, skip=("loss_cu", "seg_cu_host", "seg_slot_host", "loss_segments", "sample_seqs", "scheduled",
+                           "_masks")):
+    """Every host-side value a step's kernels and launch sizes may read (tensors: their shapes and dtypes)."""
+    import dataclasses
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), obj.dtype)
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _host_state(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+    if isinstance(obj, (list, tuple)):
+        return [_host_state(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _host_state(v) for k, v in obj.items()}
+    return obj
+
+
+def test_batches_of_one_graph_key_differ_only_in_device_data():
+    """A captured training graph replays the host-side values of the batch it captured: two bucketed
+    batches with one key must agree on every host value the GPU path reads (the host lists of the
+    reference paths aside), so that a replay computes the new batch."""
+    slot_of = {None: -1, "a": 0, "b": 1}
+    rng = np.random.default_rng(0)
+    batches = []
+    for lengths in ([30, 50, 47], [20, 31, 12, 40], [64, 2, 2, 2, 2, 2, 2]):
+        segs = [LossSegment(rng.integers(3, 99, n), rng.integers(3, 99, n), "ab"[i % 2], True, weight=rng.random(),
+                            dropout_seed=i) for i, n in enumerate(lengths)]
+        batches.append(plan_mixed_batch(segs, [], slot_of, 16, bucketed=True))
+    assert len({b.graph_key for b in batches}) == 1
+    states = [_host_state(b.to_device(torch.device("cpu"))) for b in batches]
+    assert states[0] == states[1] == states[2]
+    assert states[0]["ctx"]["lora"]["train_slots"] == [0, 1]

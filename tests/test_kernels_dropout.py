@@ -52,3 +52,19 @@ def test_masks_have_the_asked_rate_and_depend_only_on_key_salt_and_column():
     # ...and differs between layers
     other = lora_dropout_ref(ones, n, keys, token_slot, slot_p, layer_salt(2))
     assert not torch.equal(other[:n] == 0, out[:n] == 0)
+
+
+def test_a_column_shard_draws_its_columns_of_the_full_mask():
+    """A tensor-parallel rank holding columns [lo, hi) of the input (`col_offset` = lo) gets exactly
+    those columns of the full input's mask, in the kernel and in the reference."""
+    from loquetier.kernels.lora_dropout_triton import lora_dropout
+    x, n, keys, token_slot, slot_p = _case(DEVICE)
+    full = lora_dropout_ref(x, n, keys, token_slot, slot_p, layer_salt(3))
+    lo, hi = 600, 1100
+    shard = x[:, lo:hi].contiguous()
+    for out in (lora_dropout(shard, n, keys, token_slot, slot_p, layer_salt(3), lo),
+                lora_dropout_ref(shard, n, keys, token_slot, slot_p, layer_salt(3), lo)):
+        assert torch.equal(out == 0, full[:, lo:hi] == 0)
+        torch.testing.assert_close(out, full[:, lo:hi], rtol=1e-6, atol=0)
+    assert not torch.equal(lora_dropout_ref(shard, n, keys, token_slot, slot_p, layer_salt(3)) == 0,
+                           full[:, lo:hi] == 0)

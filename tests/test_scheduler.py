@@ -3,11 +3,11 @@
 import torch
 
 from loquetier import LLM, SamplingParams
-from loquetier.engine.kv_cache import BlockAllocator
+from loquetier.engine.block_pool import BlockPool
 
 
-def test_block_allocator_free_list():
-    a = BlockAllocator(8)
+def test_block_pool_free_list():
+    a = BlockPool(8)
     x = a.allocate(3)
     y = a.allocate(5)
     assert a.num_free == 0 and len(set(x + y)) == 8

@@ -236,6 +236,21 @@ def test_64_concurrent_streaming_clients(env):
 
     assert asyncio.run(main()) == expected
     assert server.health()["kv_blocks_used"] == 0
+    # a prompt sent twice: the second finds its full blocks cached, and /metrics counts them
+    long_prompt = "Once upon a time, far away, there lived a prefix cache. " * 3
+    server.client().completions.create(model=BASE, prompt=long_prompt, max_tokens=1)
+    before = _prefix_cache_counters(server)
+    server.client().completions.create(model=BASE, prompt=long_prompt, max_tokens=1)
+    after = _prefix_cache_counters(server)
+    n = len(llm.encode(long_prompt))
+    assert after["queries"] - before["queries"] == n
+    assert after["hits"] - before["hits"] == (n - 1) // 16 * 16 > 0
+
+
+def _prefix_cache_counters(server) -> dict:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {name: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            for name in ("queries", "hits") if line.startswith(f"loquetier_prefix_cache_{name}_total ")}
 
 
 def _aborted(server) -> float:

@@ -47,3 +47,13 @@ def test_registries_are_independent_and_jobs_removable():
     a.remove_job("ftjob-1")
     a.remove_job("ftjob-never")
     assert ("loquetier_training_tokens_per_second", (("job_id", "ftjob-1"),)) not in _samples(a)
+
+
+def test_prefix_cache_counters_follow_the_engine_totals():
+    m = ServerMetrics()
+    m.set_prefix_cache(queries=100, hits=0)
+    m.set_prefix_cache(queries=250, hits=96)
+    m.set_prefix_cache(queries=250, hits=96)   # a scrape with nothing new
+    s = _samples(m)
+    assert s[("loquetier_prefix_cache_queries_total", ())] == 250
+    assert s[("loquetier_prefix_cache_hits_total", ())] == 96

@@ -337,3 +337,29 @@ def test_bf16_engine_steps_fp32_master_weights(model_dir, tmp_path):
     assert flat32.abs().max() < 1e-4                 # far below bf16 steps for weights of this size
     assert flat16.abs().max() > 0
     assert ((flat16 - flat32).norm() / flat32.norm()).item() < 0.1
+
+
+def test_shutdown_checkpoint_mid_window_resumes_bit_identical(model_dir, tmp_path):
+    """A graceful shutdown saves the last finished optimizer step while a window is half accumulated:
+    the resumed run re-runs that window and ends with the uninterrupted run's weights and losses
+    (with LoRA dropout, whose masks are keyed by step and example)."""
+    root, _ = model_dir
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=64)
+    trainer = Trainer(llm.engine)
+    lora = LoraSpec(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS)
+    full = trainer.submit(spec_for(root, tmp_path / "full", "full", lora=lora))
+    trainer.run()
+    cut = trainer.submit(spec_for(root, tmp_path / "cut", "cut", lora=lora))
+    for _ in range(10):   # windows of 2, 2 and 1 micro-batches per epoch: stop inside step 2's window
+        if cut.step == 1 and cut.pending:
+            break
+        llm.engine.step()
+    assert cut.step == 1 and len(cut.pending) == 1
+    assert cut.save_resume_point().name == "checkpoint-1" and cut.save_resume_point() is None
+    trainer.cancel(cut.id)                                # the process exits here
+    resumed = trainer.submit(spec_for(root, tmp_path / "cut", "cut", lora=lora))
+    assert resumed.step == 1
+    trainer.run()
+    assert resumed.status.value == "succeeded" and resumed.losses == full.losses
+    a, b = lora_tensors(tmp_path / "full" / "checkpoint-6"), lora_tensors(tmp_path / "cut" / "checkpoint-6")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from ..kernels import lora_dropout
+from ..kernels.attention import PackedContext
 from ..kernels.lora_dropout import SlotDropout
 from ..kernels.smlm import LoraBatchMeta
 from .context import AttentionMeta, BatchContext
+from .kv_cache import context_slots
 from .sequence import Sequence
 
 IGNORE_INDEX = -100
@@ -138,7 +140,7 @@ class HostBatch:
             flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
         (input_ids_t, positions_t, lora_cu_t, lora_slot_t, token_slot_t, slot_mapping_t, tables_t,
          context_lens_t, sample_rows_t, loss_targets_t, loss_seg_ids_t, prefill_cu_t, dropout_keys_t,
-         loss_weight_bits_t) = torch.split(flat, self.sizes)
+         loss_weight_bits_t, cont_slots_t, cont_cu_q_t, cont_cu_k_t) = torch.split(flat, self.sizes)
         scheduled, n_loss_segs = self.scheduled, self.num_loss_segments
         seg_cu, seg_lens = self.seg_cu, np.diff(self.seg_cu)
         lora_cu = self.lora_seg_cu
@@ -174,6 +176,7 @@ class HostBatch:
             num_whole_prefills=int((self.context_lens[:n_pre] == seg_lens[n_loss_segs:n_loss_segs + n_pre]).sum()),
             prefill_cu_t=prefill_cu_t.to(torch.int32) if n_pre else None,
             max_prefill_len=int(seg_lens[n_loss_segs:n_loss_segs + n_pre].max()) if n_pre else 0,
+            continuing=self._continuing(cont_slots_t, cont_cu_q_t, cont_cu_k_t),
         )
         ctx = BatchContext(positions=positions_t, lora=lora, attn=attn, num_tokens=int(seg_cu[-1]))
         # the loss weights travel as float32 bit patterns in the int64 array (one copy per step)
@@ -185,6 +188,16 @@ class HostBatch:
             sample_rows=sample_rows_t if self.num_sampled else None,
             sample_seqs=[s.seq for s in scheduled if s.completes], scheduled=scheduled,
             has_placeholders=self.has_placeholders, num_loss_segments=n_loss_segs)
+
+    def _continuing(self, slots: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor) -> PackedContext | None:
+        """The prefill chunks that continue a cached context (after the whole prompts), packed."""
+        n_pre = self.num_prefills
+        first = n_pre - (len(cu_q) - 1)
+        if first == n_pre:
+            return None
+        seg_lens = np.diff(self.seg_cu)[self.num_loss_segments:]
+        return PackedContext(slots, cu_q.to(torch.int32), cu_k.to(torch.int32),
+                             int(seg_lens[first:n_pre].max()), int(self.context_lens[first:n_pre].max()))
 
 
 def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
@@ -286,9 +299,13 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     token_slot = np.repeat(seg_slot, seg_lens)
     n_pre = len(prefills)
     prefill_cu = seg_cu[n_loss_segs:n_loss_segs + n_pre + 1] - seg_cu[n_loss_segs] if n_pre else np.zeros(0, np.int64)
+    # chunks continuing a cached context: every context's cache slots, for one gather (PackedContext)
+    n_whole = sum(1 for s in prefills if s.start == 0)
+    cont_slots, cont_cu_k = context_slots(tables[n_whole:n_pre], context_lens[n_whole:n_pre], block_size)
+    cont_cu_q = seg_cu[n_loss_segs + n_whole:n_loss_segs + n_pre + 1] - seg_cu[n_loss_segs + n_whole]
     parts = [input_ids, positions, lora_seg_cu, lora_seg_slot, token_slot, slot_mapping, tables.reshape(-1),
              context_lens, sample_rows, loss_targets, loss_seg_ids, prefill_cu, dropout_keys,
-             weights.view(np.int32).astype(np.int64)]
+             weights.view(np.int32).astype(np.int64), cont_slots, cont_cu_q, cont_cu_k]
     return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
                      scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,
                      lora_seg_slot=lora_seg_slot, num_train_segments=n_train_segs, num_loss_segments=n_loss_segs,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.attention import PackedContext
 from ..kernels.smlm import LoraBatchMeta
 
 
@@ -34,6 +35,9 @@ class AttentionMeta:
     num_whole_prefills: int = 0
     prefill_cu_t: torch.Tensor | None = None   # int32 [P+1]
     max_prefill_len: int = 0
+    # the prefill chunks after those continue a cached context (a later chunk, or a prompt whose prefix
+    # was cached): their contexts' cache slots, for one gather and one packed kernel call on CUDA
+    continuing: PackedContext | None = None
 
 
 @dataclass

@@ -11,12 +11,12 @@ from typing import Protocol
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, resolve_dtype
 from ..errors import AdapterError, AdapterInUseError, CapacityError, RequestError
 from ..lora.adapter import AdapterWeights, load_peft_adapter
 from ..lora.manager import AdapterManager
-from ..models.config import ModelArgs
-from ..models.loader import load_model, preset_args, random_model
+from ..models.loader import load_model
+from ..models.sources import ModelSource, resolve_model_source
 from ..sampling_params import SamplingParams
 from .batch import LossSegment, plan_mixed_batch
 from .cost_model import StepCostModel
@@ -71,23 +71,23 @@ class StepParticipant(Protocol):
 class Engine:
     """Owns the model, KV cache, adapters, scheduler and runner; `step()` is the hot loop."""
 
-    def __init__(self, config: EngineConfig, tokenizer=None, tp=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, source: ModelSource | None = None, tp=None):
         """`tp`: this process's rank of a tensor-parallel engine (a worker's); with
         `config.tensor_parallel_size` > 1 and none given, this process is rank 0 and starts the workers."""
+        self.config = config
+        source = source or resolve_model_source(config.model, config.revision)
         if tp is None and config.tensor_parallel_size > 1:
             from ..parallel.launcher import launch
-            tp = launch(config)
+            tp = launch(config, source)
         self.tp = tp
-        self.config = config
-        device, dtype = config.torch_device, config.torch_dtype
+        device = config.torch_device
+        dtype = resolve_dtype(config.dtype, source.checkpoint_dtype, device)
         self.device, self.dtype = device, dtype
         torch.manual_seed(config.seed)
-        random = config.model.startswith("random:")
-        self.args = preset_args(config.model) if random else ModelArgs.from_dir(config.model)
+        self.args = source.args
         self.max_model_len = config.max_model_len or min(self.args.max_position_embeddings, 8192)
-        build = random_model if random else load_model
-        self.model = build(self.args if random else config.model, dtype, device, self.max_model_len,
-                           config.lora.max_loras, config.lora.max_lora_rank, config.lora_backend, tp=tp)
+        self.model = load_model(source, dtype, device, self.max_model_len, config.lora.max_loras,
+                                config.lora.max_lora_rank, config.lora_backend, tp=tp)
         self.model.set_attention_backend(config.attention_backend)
         self.model.set_lora_fold_shrink(config.lora.fold_shrink)
         # the model's args: this rank's heads when split (its KV cache holds only those)
@@ -124,6 +124,7 @@ class Engine:
         self.cost_model = StepCostModel()
         self.train_policy = make_policy(config.scheduler, self.cost_model)
         self.stats = EngineStats(config.scheduler.slo_ttft, config.scheduler.slo_tpot)
+        self.stats.prefix_cache = self.scheduler.prefix_cache.stats
         self.step_observers: list = [self.cost_model.observe, self.stats.on_step]  # callables(step info)
 
     def close(self) -> None:
@@ -390,7 +391,7 @@ class Engine:
         finished = seq.is_finished
         metrics = {"arrival_time": seq.arrival_time, "first_scheduled_time": seq.first_scheduled_time,
                    "first_token_time": seq.first_token_time, "finish_time": seq.finish_time,
-                   "num_preemptions": seq.num_preemptions}
+                   "num_preemptions": seq.num_preemptions, "num_cached_tokens": seq.num_cached_tokens}
         return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids[:num_output],
                              self.detokenize(seq) if finished else "", finished, seq.finish_reason,
                              list(seq.output_logprobs) if seq.params.logprobs is not None else None,

@@ -1,32 +1,13 @@
-"""Paged KV cache: one preallocated pool of fixed-size blocks and an allocator with a free list."""
+"""Paged KV cache: one preallocated pool of fixed-size blocks, handed out by a `BlockPool`."""
 
 from __future__ import annotations
 
-from collections import deque
-
+import numpy as np
 import torch
 
 from ..config import CacheConfig
 from ..models.config import ModelArgs
-
-
-class BlockAllocator:
-    """Hands out block ids from a free list; blocks come back when a sequence ends or is preempted."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self.free), "caller must check can_allocate first"
-        return [self.free.popleft() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self.free.extend(blocks)
+from .block_pool import BlockPool
 
 
 def num_kv_blocks(args: ModelArgs, config: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -56,7 +37,7 @@ class KVCache:
         self.pool = torch.zeros(args.num_layers, 2, num_blocks + 1, config.block_size, args.num_kv_heads,
                                 args.head_dim, dtype=dtype, device=device)
         self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(args.num_layers)]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, config.enable_prefix_caching)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
@@ -64,3 +45,13 @@ class KVCache:
     @property
     def usage(self) -> float:
         return 1.0 - self.allocator.num_free / self.num_blocks
+
+
+def context_slots(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat cache slots of positions [0, context_lens[i]) of every sequence i, one after the other,
+    and their boundaries [n + 1]: one gather with them lays the sequences' K/V out contiguously."""
+    cu = np.zeros(len(context_lens) + 1, dtype=np.int64)
+    np.cumsum(context_lens, out=cu[1:])
+    seq = np.repeat(np.arange(len(context_lens)), context_lens)
+    pos = np.arange(cu[-1], dtype=np.int64) - cu[seq]
+    return block_tables[seq, pos // block_size] * block_size + pos % block_size, cu

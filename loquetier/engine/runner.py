@@ -118,7 +118,8 @@ class ModelRunner:
         order = sorted(scheduled, key=lambda s: slot_of[s.seq.adapter])
         seqs = [s.seq for s in order]
         n = len(seqs)
-        ids = np.fromiter((s.last_token_id for s in seqs), dtype=np.int64, count=n)
+        # the token at each row's position: a one-token prefill chunk is not its sequence's last token
+        ids = np.fromiter((s.seq.token_ids(s.start, s.start + 1)[0] for s in order), dtype=np.int64, count=n)
         pos = np.fromiter((s.start for s in order), dtype=np.int64, count=n)
         width = max(len(s.block_table) for s in seqs)
         tables = np.zeros((n, width), dtype=np.int64)

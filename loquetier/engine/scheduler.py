@@ -3,6 +3,8 @@
 Decode tokens of running sequences go first, then prefill chunks (a long prompt is cut so it
 cannot stall decoding), and whatever budget is left is offered to training/evaluation. When the KV
 pool runs dry, the newest running sequence is preempted and later recomputed, never dropped.
+A sequence admitted from the queue starts after the longest prefix of it already cached
+(prefix_cache.py); the blocks running sequences complete become findable at the next schedule.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..errors import LoquetierError
 from ..lora.manager import AdapterManager
 from .batch import ScheduledSeq
 from .kv_cache import KVCache
+from .prefix_cache import PrefixCache
 from .sequence import Sequence, SequenceStatus
 
 
@@ -40,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.ensure_adapter = None   # set by the engine: makes a known adapter resident
+        self.prefix_cache = PrefixCache(kv.allocator, kv.block_size, adapters.weights_version)
+        self.last_output: SchedulerOutput | None = None   # the latest step's, e.g. to know who a failed step held
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -47,11 +52,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn prefix caching on or off between workloads (A/B runs); forgets every cached block."""
+        if self.has_work():
+            raise LoquetierError("prefix caching can only be switched with no request running or waiting")
+        self.kv.allocator.reset(enabled)
+
     def free(self, seq: Sequence) -> None:
-        """Return a finished or aborted sequence's blocks and adapter pin."""
-        if seq.block_table:
-            self.kv.allocator.release(seq.block_table)
-            seq.block_table = []
+        """Return a finished or aborted sequence's blocks (its full ones stay cached) and adapter pin."""
+        self.prefix_cache.release(seq)
         if seq in self.running:
             self.running.remove(seq)
             if seq.adapter is not None:
@@ -60,8 +69,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.kv.allocator.release(seq.block_table)
-        seq.block_table = []
+        self.prefix_cache.release(seq)   # its full blocks stay cached: recomputing it may hit them
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -89,6 +97,7 @@ class Scheduler:
         for seq in running:
             if seq.seq_id in preempted or seq.final_in_flight:
                 continue  # preempted below to make room for an older one / ends with the token in flight
+            self.prefix_cache.commit(seq)   # blocks the last step completed
             pending = seq.num_tokens - seq.num_computed_tokens
             n = min(pending, budget)
             if n <= 0:
@@ -123,11 +132,16 @@ class Scheduler:
                     seq.error = str(e)
                     out.failed.append(seq)
                     continue
-            pending = seq.num_tokens - seq.num_computed_tokens
-            n = min(pending, budget)
-            if not self._reserve(seq, seq.num_computed_tokens + n):
+            hits = self.prefix_cache.match(seq)
+            cached = len(hits) * self.kv.block_size
+            n = min(seq.num_tokens - cached, budget)
+            need = self.kv.blocks_needed(cached + n) - len(hits)
+            pool = self.kv.allocator
+            if need + pool.num_evictable(hits) > pool.num_free:   # hit blocks now free are taken too
                 break
             self.waiting.popleft()
+            self.prefix_cache.admit(seq, hits)   # before allocating: that may evict unreferenced hits
+            seq.block_table += pool.allocate(need)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
@@ -137,4 +151,5 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
         out.leftover_budget = budget
+        self.last_output = out
         return out

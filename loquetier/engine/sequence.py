@@ -48,6 +48,13 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0     # tokens whose K/V are in the cache
+    # prefix caching (prefix_cache.py): hashes of its leading full blocks, the adapter weights version
+    # they were made with, how many leading blocks of block_table are findable by others, and how
+    # many tokens its last admission found cached
+    block_hashes: list[bytes] = field(default_factory=list)
+    weights_version: int | None = None
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_text_len: int | None = None  # where the text is cut by a stop string
     text: str = ""

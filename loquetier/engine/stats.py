@@ -7,6 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from .prefix_cache import PrefixCacheStats
 from .sequence import Sequence
 
 
@@ -35,6 +36,7 @@ class EngineStats:
         self.steps = 0
         self.train_tokens = 0
         self.started = time.monotonic()
+        self.prefix_cache = PrefixCacheStats()   # the engine's scheduler counts into this one
 
     def on_finish(self, seq: Sequence) -> RequestStats:
         end = seq.finish_time or time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,18 @@ def _packed_flash():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _packed_flash_attention(q, k, v, cu_t, max_len, scale):
+def _packed_flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left: int = -1):
+    """One varlen flash call; with fewer queries than keys in a sequence, its queries are the last
+    positions: flash-attention aligns its causal mask to the bottom-right corner (PyTorch's
+    `CausalBias` sends its lower-right variant to flash as is_causal=True for this reason)."""
     fn, params = _packed_flash()
     kwargs = {"scale": scale} if "scale" in params else {}
     if "is_causal" in params:
+        if window_left >= 0:
+            raise RuntimeError("this PyTorch's varlen_attn takes no sliding window")
         kwargs["is_causal"] = True
     else:
-        kwargs["window_size"] = (-1, 0)   # (left, right): nothing to the right = causal
+        kwargs["window_size"] = (window_left, 0)   # (left, right): nothing to the right = causal
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     elif q.shape[1] != k.shape[1]:
@@ -78,7 +84,7 @@ def _packed_flash_attention(q, k, v, cu_t, max_len, scale):
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     if "scale" not in params and scale != q.shape[-1] ** -0.5:
         q = q * (scale * q.shape[-1] ** 0.5)
-    return fn(q, k, v, cu_t, cu_t, max_len, max_len, **kwargs)
+    return fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
@@ -92,7 +98,7 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if (cu_t is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not _packed_flash_failed
             and _packed_flash() is not None and (sliding_window is None or max_len <= sliding_window)):
         try:
-            return _packed_flash_attention(q, k, v, cu_t, max_len, scale)
+            return _packed_flash_attention(q, k, v, cu_t, cu_t, max_len, max_len, scale)
         except RuntimeError as e:   # an unsupported GPU or layout: the per-segment path below is exact
             warnings.warn(f"packed flash attention unavailable ({e}); using one SDPA call per segment")
             _packed_flash_failed = True
@@ -143,6 +149,44 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         q_pos = torch.arange(ctx_len - (b - a), ctx_len, device=q.device)
         out[a:b] = _sdpa(q[a:b], k, v, _causal_mask(q_pos, ctx_len, sliding_window), scale).to(q.dtype)
     return out
+
+
+@dataclass
+class PackedContext:
+    """Prefill chunks that continue a cached context, laid out for one packed attention call."""
+
+    kv_slots: torch.Tensor   # int64 [sum of context lens]: flat cache slots of each chunk's context, in turn
+    cu_q: torch.Tensor       # int32 [n + 1]: chunk boundaries in the queries
+    cu_k: torch.Tensor       # int32 [n + 1]: context boundaries in the gathered K/V
+    max_q: int
+    max_k: int
+
+
+def packed_context_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: PackedContext,
+                             scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """The chunks' queries over their whole cached contexts (their own keys included): one gather of
+    every context into a contiguous buffer, one varlen flash call with separate q and k boundaries."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    k = k_cache.view(-1, kvh, d).index_select(0, ctx.kv_slots)
+    v = v_cache.view(-1, kvh, d).index_select(0, ctx.kv_slots)
+    # the reference keeps keys p > q - window: flash's window (left, 0) keeps p >= q - left
+    window = -1 if sliding_window is None or ctx.max_k <= sliding_window else sliding_window - 1
+    return _packed_flash_attention(q, k, v, ctx.cu_q, ctx.cu_k, ctx.max_q, ctx.max_k, scale, window)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu, context_lens, scale, sliding_window=None,
+                            k_new=None, v_new=None, packed: PackedContext | None = None) -> torch.Tensor:
+    """Dispatch: the packed flash path on CUDA in bf16/fp16 when `packed` is given, the reference elsewhere."""
+    global _packed_flash_failed
+    if (packed is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not _packed_flash_failed
+            and _packed_flash() is not None):
+        try:
+            return packed_context_attention(q, k_cache, v_cache, packed, scale, sliding_window)
+        except RuntimeError as e:   # an unsupported GPU or layout: the reference below is exact
+            warnings.warn(f"packed flash attention unavailable ({e}); using one SDPA call per sequence")
+            _packed_flash_failed = True
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu, context_lens, scale,
+                                       sliding_window, k_new, v_new)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

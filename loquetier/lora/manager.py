@@ -2,6 +2,8 @@
 
 The manager owns the slot tables of every `VirtualLoraLinear`; layers only read them. An adapter
 being trained is pinned to its slot: its slot *is* its parameters (views the optimizer updates).
+Every adapter carries a weights version, new whenever its weights may differ from any earlier ones
+(it is added, or an optimizer step wrote its slot): the prefix cache keys K/V by it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class AdapterRecord:
     last_used: int = 0
     parent: str | None = None
     source: Path | None = None   # where it can be re-read from; such adapters may be dropped when full
+    version: int = 0             # identity of its current weights, unique in this manager (0 = base model)
     train_state: AdapterTrainState | None = None   # while it trains
 
     @property
@@ -50,6 +53,7 @@ class AdapterManager:
         self.records: dict[str, AdapterRecord] = {}
         self.slot_owner: list[str | None] = [None] * config.max_loras
         self._clock = itertools.count(1)
+        self._versions = itertools.count(1)
         # LoRA dropout of each slot's training tokens (0 unless it trains)
         self.dropout = SlotDropout(config.max_loras, self.layers[0][next(iter(self.layers[0]))].lora_a.device)
 
@@ -79,7 +83,18 @@ class AdapterManager:
             raise CapacityError(f"{len(self.records)} adapters are loaded, the limit is max_loras + max_cpu_loras "
                                 f"= {self.config.max_loras + self.config.max_cpu_loras}; unload one first")
         self.records[name] = AdapterRecord(name, weights, parent=parent, source=source,
-                                           last_used=next(self._clock))
+                                           last_used=next(self._clock), version=next(self._versions))
+
+    def weights_version(self, name: str | None) -> int | None:
+        """Identity of the adapter's current weights (0 for the base model, None if not loaded)."""
+        if name is None:
+            return 0
+        rec = self.records.get(name)
+        return None if rec is None else rec.version
+
+    def weights_changed(self, name: str) -> None:
+        """Call after writing new weights into a trainable adapter's slot (an optimizer step)."""
+        self.get(name).version = next(self._versions)
 
     def _drop_reloadable(self) -> None:
         """Forget the least recently used idle adapter that can be re-read from disk on demand."""

@@ -128,9 +128,9 @@ class Attention(nn.Module):
                     q[lo:mid], k[lo:mid], v[lo:mid], cu[:w + 1], self.scale, sw,
                     m.prefill_cu_t[:w + 1], m.max_prefill_len))
             if mid < hi:
-                parts.append(attn_ops.paged_prefill_attention_ref(
+                parts.append(attn_ops.paged_prefill_attention(
                     q[mid:hi], k_cache, v_cache, m.prefill_block_tables[w:], [c - cu[w] for c in cu[w:]],
-                    m.prefill_context_lens[w:], self.scale, sw, k[mid:hi], v[mid:hi]))
+                    m.prefill_context_lens[w:], self.scale, sw, k[mid:hi], v[mid:hi], m.continuing))
         start = m.decode_start - offset
         if q.shape[0] > start:
             parts.append(attn_ops.paged_decode_attention(

@@ -1,17 +1,20 @@
-"""Load a Hugging Face Llama-family checkpoint (safetensors, single or sharded) into `LlamaModel`."""
+"""Load a Llama-family checkpoint (safetensors, single or sharded, or GGUF) into `LlamaModel`."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from ..errors import ModelLoadError
 from .config import ModelArgs
 from .llama import LlamaModel
+from .sources import ModelSource, resolve_model_source
 
 # HF name inside a decoder layer -> (our fused parameter, slice index within the fusion, parts)
 _FUSED = {
@@ -49,42 +52,66 @@ def _slice_rows(args: ModelArgs, fused: str, index: int) -> tuple[int, int]:
     return lo, lo + sizes[index]
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+def load_model(source: ModelSource | str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                lora_slots: int, lora_rank: int, lora_backend: str = "auto", tp=None) -> LlamaModel:
     """Build the model on the meta device, allocate it once on `device`, and stream the weights in
-    (with `tp`, a `parallel.TensorParallel`, only this rank's shards: each rank reads only those)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {str(path)!r} is not a directory (a Hugging Face checkpoint is expected)")
-    args = ModelArgs.from_dir(path)
-    if tp is not None:
-        from ..parallel.sharding import read_shard
-        args = tp.shard_args(args)
+    (safetensors or a dequantized GGUF), cast to `dtype`. With `tp` (a `parallel.TensorParallel`)
+    only this rank's shards: from safetensors each rank reads only those bytes."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model_source(source)
+    if source.format == "random":
+        return random_model(source.args, dtype, device, max_positions, lora_slots, lora_rank, lora_backend, tp=tp)
+    args = source.args if tp is None else tp.shard_args(source.args)
     with torch.device("meta"):
         model = LlamaModel(args, lora_slots, lora_rank, lora_backend, tp).to(dtype)
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
-    loaded_rows: dict[str, int] = {}
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target, rows = _map_name(args, name)
-                if target is None:
-                    continue
-                if target not in params:
-                    raise ModelLoadError(f"checkpoint tensor {name} has no place in a {args.family} model")
-                tensor = f.get_tensor(name) if tp is None else read_shard(f, name, tp.rank, tp.size)
-                param = params[target]
-                dst = param.data if rows is None else param.data[rows[0]:rows[1]]
-                if dst.shape != tensor.shape:
-                    raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-                dst.copy_(tensor)
-                loaded_rows[target] = loaded_rows.get(target, 0) + dst.shape[0]
-    missing = sorted(n for n, p in params.items() if loaded_rows.get(n, 0) != p.shape[0])
-    if missing:
-        raise ModelLoadError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if source.format == "gguf":
+        from .gguf import iter_gguf_tensors
+        tensors = iter_gguf_tensors(source.path, source.hf_config)
+        if tp is not None:
+            tensors = ((name, tp.checkpoint_shard(name, t)) for name, t in tensors)
+    else:
+        tensors = _iter_safetensors(source.path, source.spec, tp)
+    _copy_weights(model, args, tensors, source.spec)
     model.init_runtime(max_positions)
     return model
+
+
+def _iter_safetensors(path: Path, label: str, tp=None) -> Iterator[tuple[str, torch.Tensor]]:
+    files = checkpoint_files(path)
+    keys = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys.append(list(f.keys()))
+    with tqdm(total=sum(map(len, keys)), desc=f"Loading {label}", unit="tensor",
+              dynamic_ncols=True) as bar:
+        for file, names in zip(files, keys):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    yield name, f.get_tensor(name) if tp is None else tp.read_checkpoint_shard(f, name)
+                    bar.update()
+
+
+def _copy_weights(model: LlamaModel, args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]],
+                  where: str) -> None:
+    """Copy HF-named tensors into the (fused) parameters; every row of every parameter must be filled."""
+    params = dict(model.named_parameters())
+    loaded_rows: dict[str, int] = {}
+    for name, tensor in tensors:
+        target, rows = _map_name(args, name)
+        if target is None:
+            continue
+        if target not in params:
+            raise ModelLoadError(f"checkpoint tensor {name} has no place in a {args.family} model")
+        param = params[target]
+        dst = param.data if rows is None else param.data[rows[0]:rows[1]]
+        if dst.shape != tensor.shape:
+            raise ModelLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        loaded_rows[target] = loaded_rows.get(target, 0) + dst.shape[0]
+    missing = sorted(n for n, p in params.items() if loaded_rows.get(n, 0) != p.shape[0])
+    if missing:
+        raise ModelLoadError(f"checkpoint {where} lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 def _map_name(args: ModelArgs, name: str) -> tuple[str | None, tuple[int, int] | None]:

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from ..models.config import ModelArgs
 from . import ops
-from .sharding import COLUMN_MODULES, ROW_MODULES, lora_split_dim, shard_args, take_shard
+from .sharding import (
+    COLUMN_MODULES,
+    ROW_MODULES,
+    checkpoint_split_dim,
+    lora_split_dim,
+    read_shard,
+    shard_args,
+    take_shard,
+)
 
 
 @dataclass
@@ -42,6 +50,14 @@ class TensorParallel:
                 layer.tp = self
                 layer.tp_row = module in ROW_MODULES
                 assert module in COLUMN_MODULES or layer.tp_row
+
+    def read_checkpoint_shard(self, f, name: str) -> torch.Tensor:
+        """This rank's part of a tensor of an open safetensors file (only its bytes are read)."""
+        return read_shard(f, name, self.rank, self.size)
+
+    def checkpoint_shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole checkpoint tensor (a dequantized GGUF one)."""
+        return take_shard(tensor, checkpoint_split_dim(name), self.rank, self.size)
 
     def lora_shard(self, module: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of a module's full A [r, d_in] and B [d_out, r]."""

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 from .channel import LeaderChannel, Op
 from .group import TensorParallel
+from .sharding import shard_args
 from .spawner import alive, spawner, wait_exit
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -50,11 +51,12 @@ def init_group(rank: int, size: int, store_port: int, device: torch.device, chan
     return TensorParallel(rank, size, dist.group.WORLD, channel)
 
 
-def launch(config: EngineConfig) -> TensorParallel:
-    """Start ranks 1..N-1 and make this process rank 0; returns its `TensorParallel`."""
+def launch(config: EngineConfig, source) -> TensorParallel:
+    """Start ranks 1..N-1 and make this process rank 0 (of an engine of `source`, a resolved
+    `ModelSource`); returns its `TensorParallel`."""
     size = config.tensor_parallel_size
     device = config.torch_device
-    _check_split(config)   # before any process starts: a model that does not divide fails here, cleanly
+    shard_args(source.args, size)   # before any process starts: a model that does not divide fails here
     if device.type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
     if dist.is_initialized():
@@ -67,7 +69,8 @@ def launch(config: EngineConfig) -> TensorParallel:
     authkey = secrets.token_bytes(16)
     channel = LeaderChannel(authkey)
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)
-    cfg = dataclasses.asdict(config)
+    # the workers load what rank 0 resolved (a Hub id's local snapshot): no second resolution
+    cfg = {**dataclasses.asdict(config), "model": str(source.path or source.spec), "revision": None}
     procs = []
     try:
         for rank in range(1, size):
@@ -83,14 +86,6 @@ def launch(config: EngineConfig) -> TensorParallel:
     tp.stop = functools.partial(shutdown, tp, threads)
     atexit.register(tp.stop)
     return tp
-
-
-def _check_split(config: EngineConfig) -> None:
-    from ..models.config import ModelArgs
-    from ..models.loader import preset_args
-    from .sharding import shard_args
-    args = preset_args(config.model) if config.model.startswith("random:") else ModelArgs.from_dir(config.model)
-    shard_args(args, config.tensor_parallel_size)
 
 
 def _kill(pid: int) -> None:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine.engine import Engine
 from ..errors import LoquetierError, RequestError
-from ..llm import load_tokenizer
+from ..models.sources import resolve_model_source
 from ..lora.adapter import load_peft_adapter
 from ..training.data import InvalidDatasetError, validate_jsonl
 from ..training.trainer import Trainer
@@ -28,6 +28,7 @@ from .completions import CompletionService
 from .config import ServerConfig
 from .engine_loop import TRAINING_SUFFIX, AsyncEngine
 from .jobs import JobService, NotFound, fetch_page
+from .lifecycle import Lifecycle
 from .metrics import ServerMetrics
 from .paths import resolve_adapter_path
 from .protocol import (
@@ -96,10 +97,11 @@ def check_upload_form(fields: list[str], filename: str | None) -> None:
 
 
 class Guard:
-    """ASGI middleware run before routing: the API key on /v1/*, and the request body size limit."""
+    """ASGI middleware run before routing: the API key on /v1/*, the request body size limit, and
+    while the server drains, 503 for new work (/v1 requests other than GET; the rest are counted)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, lifecycle: Lifecycle):
+        self.app, self.max_body, self.lifecycle = app, max_body, lifecycle
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -111,6 +113,16 @@ class Guard:
                 resp = error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>' "
                                            "with the key the server was started with", "invalid_api_key")
                 return await resp(scope, receive, send)
+        if scope["path"].startswith("/v1") and scope["method"] not in ("GET", "HEAD"):
+            if self.lifecycle.draining:
+                resp = error_response(503, "the server is shutting down and takes no new work; retry on another "
+                                           "replica or after it restarts", "server_shutting_down")
+                return await resp(scope, receive, send)
+            with self.lifecycle.tracking():
+                return await self._limited(scope, receive, send, headers)
+        return await self._limited(scope, receive, send, headers)
+
+    async def _limited(self, scope, receive, send, headers: dict) -> None:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await self._too_large(scope, receive, send)
@@ -136,8 +148,9 @@ class Guard:
 def create_app(config: ServerConfig) -> FastAPI:
     """Load the model, tokenizer and adapters, open the store, and return the FastAPI app.
     The engine thread starts (and interrupted jobs resume) when the app starts serving."""
-    tokenizer = load_tokenizer(config.model)
-    engine = Engine(config.engine_config(), tokenizer)
+    source = resolve_model_source(config.model, config.revision)
+    tokenizer = source.load_tokenizer()
+    engine = Engine(config.engine_config(), tokenizer, source)
     trainer = Trainer(engine)
     base = config.model_name
     for name, path in config.adapters.items():
@@ -149,6 +162,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     aengine = AsyncEngine(engine, trainer)
     jobs = JobService(config, store, aengine, trainer, metrics)
     completions = CompletionService(aengine, tokenizer, base)
+    lifecycle = Lifecycle(aengine, jobs)
     engine.stats.listeners.append(lambda st: metrics.observe_request(
         st.adapter or base, st.ttft, st.tpot, st.e2e or 0.0, st.queue_delay, st.finish_reason or "unknown",
         st.prompt_tokens, st.output_tokens))
@@ -165,7 +179,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="Loquetier", version="0.1.0", lifespan=lifespan)
     app.state.config, app.state.engine, app.state.aengine = config, engine, aengine
     app.state.store, app.state.jobs, app.state.metrics = store, jobs, metrics
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes + (1 << 20))
+    app.state.lifecycle = lifecycle
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_upload_bytes + (1 << 20),
+                       lifecycle=lifecycle)
     _add_error_handlers(app)
 
     # ------------------------------------------------------------------ health and metrics
@@ -178,12 +194,16 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "kv_cache_usage": kv.usage, "adapters_gpu": resident,
                 "adapters_cpu": len(engine.adapters.names()) - resident,
                 "training_jobs_active": sum(j.active for j in trainer.jobs.values()),
-                "steps": engine.stats.steps}
+                "steps": engine.stats.steps,
+                "prefix_cache_queries": engine.stats.prefix_cache.queries,
+                "prefix_cache_hits": engine.stats.prefix_cache.hits}
 
     @app.get("/health")
     async def health():
-        if not aengine.alive:
-            return error_response(503, f"the engine stopped: {aengine.fatal}", "engine_dead")
+        if aengine.fatal is not None:
+            return error_response(503, f"the engine stopped on an unrecoverable error: {aengine.fatal}", "engine_dead")
+        if lifecycle.draining or not aengine.alive:
+            return error_response(503, "the server is shutting down", "server_shutting_down")
         return {"status": "ok", "model": base, **await aengine.call(engine_snapshot)}
 
     @app.get("/metrics")
@@ -191,6 +211,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         snap = await aengine.call(engine_snapshot)
         metrics.set_engine_gauges(snap["num_requests_running"], snap["num_requests_waiting"],
                                   snap["kv_cache_usage"], snap["adapters_gpu"], snap["adapters_cpu"])
+        metrics.set_prefix_cache(snap["prefix_cache_queries"], snap["prefix_cache_hits"])
         attained = engine.stats.slo_attainment()
         if attained is not None:
             metrics.set_slo_attainment(attained)

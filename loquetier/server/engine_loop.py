@@ -5,6 +5,11 @@ or aborting requests, loading adapters, starting or pausing jobs) is a command p
 run on that thread between steps, its result coming back through a future. Each step's outputs go
 to per-group asyncio queues with one `call_soon_threadsafe`. With no work, the thread sleeps on an
 event that the next command sets.
+
+A step that raises fails the requests and training jobs it held and the loop goes on (a step whose
+training rows ran out of memory is handled inside `Engine.step`: only its jobs fail). A device error
+(a CUDA fault), or a second failed step in a row (the error outlived the work it was blamed on), is
+fatal: every request fails, `fatal` is set, and the server exits so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..engine.engine import Engine, RequestOutput
 from ..errors import AdapterNotFoundError, LoquetierError
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("loquetier.server")
 TRAINING_SUFFIX = "@train"   # a job's adapter while it trains (TrainingJob.adapter); not servable
+# A CUDA fault is sticky: every later launch in the process fails too and device memory can no longer
+# be trusted. torch >= 2.8 raises torch.AcceleratorError; older versions a RuntimeError naming the API.
+_DEVICE_ERROR_TYPES = tuple(getattr(torch, name) for name in ("AcceleratorError",) if hasattr(torch, name))
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUDA driver error", "Triton Error [CUDA]")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """True when `error` means the device itself failed, so no later step can be trusted (running
+    out of memory is not: the allocation failed, nothing was corrupted)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if _DEVICE_ERROR_TYPES and isinstance(error, _DEVICE_ERROR_TYPES):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_ERROR_MARKERS)
 
 
 class EngineFailure(LoquetierError):
@@ -32,6 +53,17 @@ class EngineFailure(LoquetierError):
 
     status = 500
     code = "engine_error"
+
+
+class EngineUnavailable(EngineFailure):
+    """The engine takes no more work: the server is shutting down, or the engine stopped on a fatal
+    error (its supervisor restarts it). Retrying, elsewhere or later, is the remedy."""
+
+    status = 503
+
+    def __init__(self, message: str, code: str = "engine_unavailable"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -146,7 +178,8 @@ class AsyncEngine:
         self._streams: dict[str, tuple[RequestGroup, int]] = {}   # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
-        self._failures = 0   # consecutive failed steps
+        self._last_step_failed = False
+        self._refusal: EngineUnavailable | None = None   # set by abort_all: new requests get it
         self._thread = threading.Thread(target=self._run, name="loquetier-engine", daemon=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -161,6 +194,20 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    async def stop_after(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` as the engine thread's last command (no step runs after it), then stop."""
+        def last() -> Any:
+            self._stopping = True
+            return fn()
+        result = await asyncio.wrap_future(self.submit(last))
+        await asyncio.to_thread(self.stop)
+        return result
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop outputs are delivered on (set by `start`)."""
+        return self._loop
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.fatal is None
@@ -169,8 +216,11 @@ class AsyncEngine:
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the engine thread between steps (thread-safe); its result in a future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self.fatal is not None or self._stopping:
-            fut.set_exception(EngineFailure(f"the engine is not running ({self.fatal or 'shutting down'})"))
+        if self.fatal is not None:
+            fut.set_exception(self._dead_error())
+            return fut
+        if self._stopping:
+            fut.set_exception(EngineUnavailable("the server is shutting down", "server_shutting_down"))
             return fut
         self._commands.put((fn, fut))
         self._wake.set()
@@ -184,6 +234,16 @@ class AsyncEngine:
         """Abort requests (fire and forget); their blocks are freed before the next step."""
         self.submit(lambda: [self._abort(rid) for rid in request_ids])
 
+    def abort_all(self, error: EngineUnavailable) -> int:
+        """(engine thread) End every request with `error`, and refuse new ones with it; how many ended."""
+        self._refusal = error
+        ended = [(group, index, error) for group, index in self._streams.values()]
+        for rid in list(self._streams):
+            self._abort(rid)
+        if ended:
+            self._deliver(ended)
+        return len(ended)
+
     # ------------------------------------------------------------------ requests
     async def add(self, requests: list[GenerationRequest]) -> RequestGroup:
         """Add the requests atomically (all or none); raises the engine's error (bad prompt, queue full)."""
@@ -191,6 +251,8 @@ class AsyncEngine:
         prefix = f"req{next(self._ids)}"
 
         def add_all() -> list[str]:
+            if self._refusal is not None:
+                raise self._refusal
             for name in {r.adapter for r in requests} - {None}:
                 if name.endswith(TRAINING_SUFFIX) or not self.engine.has_adapter(name):
                     raise AdapterNotFoundError(f"model {name!r} does not exist; GET /v1/models lists the models "
@@ -225,7 +287,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self.fatal is None:
                 self._wake.clear()
                 self._run_commands()
                 if self._stopping:
@@ -241,8 +303,12 @@ class AsyncEngine:
             log.exception("engine thread died")
             self.fatal = e
         finally:
-            self._fail_all(EngineFailure("the server is shutting down" if self.fatal is None
-                                         else f"the engine stopped: {self.fatal}"))
+            self._fail_all(self._dead_error() if self.fatal is not None
+                           else EngineUnavailable("the server is shutting down", "server_shutting_down"))
+
+    def _dead_error(self) -> EngineUnavailable:
+        return EngineUnavailable(f"the engine stopped on an unrecoverable error ({type(self.fatal).__name__}: "
+                                 f"{self.fatal}); the server exits so that its supervisor restarts it", "engine_dead")
 
     def _run_commands(self) -> None:
         while True:
@@ -263,7 +329,7 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - one bad request must not stop serving
             self._recover(e)
             return
-        self._failures = 0
+        self._last_step_failed = False
         if outputs:
             batch = []
             for out in outputs:
@@ -279,27 +345,40 @@ class AsyncEngine:
                 self._deliver(batch)
 
     def _recover(self, error: Exception) -> None:
-        """A step raised: fail the requests that were in the batch and retry its training micro-batches;
-        fail the training jobs too when the step had no requests or a retry failed again."""
-        log.exception("engine step failed")
-        self._failures += 1
-        running = list(self.engine.scheduler.running)
-        in_flight = [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []
-        for job in in_flight:
-            job.requeue_in_flight()
-        victims = running or ([] if in_flight else list(self.engine.scheduler.waiting))
+        """A step raised: fail the requests and training jobs it held, or stop for good when the error
+        is fatal. Failing the jobs too (rather than retrying them) keeps a job whose data trips a bug
+        from failing every step after, which would be fatal: a restart would resume it into a loop."""
+        if is_device_failure(error) or self._last_step_failed:
+            log.critical("unrecoverable engine error%s", "" if is_device_failure(error) else
+                         " (the step failed again after the work it held was failed)", exc_info=error)
+            self.fatal = error
+            return
+        log.exception("engine step failed; failing the requests and jobs it held", exc_info=error)
+        self._last_step_failed = True
+        for job in [j for j in self.trainer.jobs.values() if j.in_flight] if self.trainer is not None else []:
+            job.fail(f"training step failed: {type(error).__name__}: {error}")
         message = f"generation failed: {type(error).__name__}: {error}"
         failed = []
-        for seq in victims:
+        for seq in self._requests_in_failed_step():
             target = self._streams.pop(seq.request_id, None)
             self.engine.abort(seq.request_id)
             if target is not None:
                 failed.append((target[0], target[1], EngineFailure(message)))
-        if not victims or self._failures > 1:
-            for job in in_flight:
-                job.fail(f"training step failed: {type(error).__name__}: {error}")
+        # a request that finished inside the failed step lost its last output: it must not wait forever
+        for rid in [rid for rid in self._streams if rid not in self.engine.requests]:
+            group, index = self._streams.pop(rid)
+            failed.append((group, index, EngineFailure(message)))
         if failed:
             self._deliver(failed)
+
+    def _requests_in_failed_step(self) -> list:
+        """The sequences the failed step scheduled, plus any whose previous step is still in flight
+        (asynchronous scheduling: their placeholder tokens were to be settled by this step)."""
+        scheduler = self.engine.scheduler
+        held = [s.seq for s in scheduler.last_output.scheduled] if scheduler.last_output is not None else []
+        held += [seq for seq in scheduler.running
+                 if seq.final_in_flight or (seq.output_token_ids and seq.output_token_ids[-1] < 0)]
+        return list(dict.fromkeys(s for s in held if not s.is_finished))
 
     def _deliver(self, batch: list[tuple[RequestGroup, int, Any]]) -> None:
         def put() -> None:

@@ -25,7 +25,7 @@ from ..training.packing import steps_in_epoch
 from ..training.spec import TrainSpec
 from ..training.trainer import Trainer
 from .config import ServerConfig
-from .engine_loop import TRAINING_SUFFIX, AsyncEngine
+from .engine_loop import TRAINING_SUFFIX, AsyncEngine, EngineFailure
 from .metrics import ServerMetrics
 from .protocol import (
     TERMINAL_JOB_STATUSES,
@@ -39,6 +39,13 @@ log = logging.getLogger("loquetier.server")
 
 _API_STATUS = {JobStatus.RUNNING: "running", JobStatus.PAUSED: "paused", JobStatus.SUCCEEDED: "succeeded",
                JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
+
+
+SLOT_POLL_S = 0.2   # how often a queued job looks for a free adapter slot
+
+
+class _NoFreeSlot(Exception):
+    """Every adapter slot is pinned (by running requests or other jobs): the job stays queued."""
 
 
 class NotFound(LoquetierError):
@@ -157,7 +164,7 @@ class JobService:
                                         f"{epochs} epochs, {steps_per_epoch * epochs} steps")
         self._status[record.id] = "queued"
         try:
-            await self.aengine.call(self._start, record.id, spec, data)
+            await self.aengine.call(self._start_or_queue, record.id, spec, data)
         except Exception as e:  # noqa: BLE001 - the job is recorded: it fails, with the reason
             if not isinstance(e, LoquetierError):
                 log.exception("starting job %s failed", record.id)
@@ -171,7 +178,38 @@ class JobService:
         return rec.path
 
     # ------------------------------------------------------------------ engine thread
+    def _start_or_queue(self, job_id: str, spec: TrainSpec, data=None) -> None:
+        """Start the job, or keep it queued until an adapter slot frees (then it starts by itself)."""
+        try:
+            self._start(job_id, spec, data)
+        except _NoFreeSlot:
+            self._status[job_id] = "queued"
+            self.store.update_job_status(job_id, "queued")
+            self.store.add_event(job_id, "every adapter slot is in use; the job starts when one is free")
+            asyncio.run_coroutine_threadsafe(self._start_when_a_slot_frees(job_id, spec, data), self.aengine.loop)
+
+    async def _start_when_a_slot_frees(self, job_id: str, spec: TrainSpec, data) -> None:
+        while True:
+            await asyncio.sleep(SLOT_POLL_S)
+            record = self.store.get_job(job_id)
+            if record is None or record.status != "queued":   # cancelled meanwhile
+                return
+            try:
+                await self.aengine.call(self._start, job_id, spec, data)
+                return
+            except _NoFreeSlot:
+                continue
+            except EngineFailure:   # the engine stopped: a restarted server resumes the queued job
+                return
+            except Exception as e:  # noqa: BLE001 - the job is recorded: it fails, with the reason
+                if not isinstance(e, LoquetierError):
+                    log.exception("starting job %s failed", job_id)
+                self._fail(job_id, str(e))
+                return
+
     def _start(self, job_id: str, spec: TrainSpec, data=None) -> TrainingJob:
+        if not self.engine.adapters.fits({spec.name + TRAINING_SUFFIX}):
+            raise _NoFreeSlot
         if spec.base_adapter is not None:
             self.engine.ensure_adapter(spec.base_adapter)   # it may be known only by its path (after a restart)
         job = self.trainer.submit(spec, job_id, resume=True, data=data)
@@ -265,7 +303,21 @@ class JobService:
             self.store.add_event(record.id, "job cancelled")
         elif action == "resume":   # paused before a restart: start it again from its checkpoint
             self._status[record.id] = "paused"
-            self._start(record.id, TrainSpec.from_dict(json.loads(record.spec_json)))
+            self._start_or_queue(record.id, TrainSpec.from_dict(json.loads(record.spec_json)))
+
+    def checkpoint_for_shutdown(self) -> list[str]:
+        """(engine thread) Save every running job at its last finished optimizer step, so a restarted
+        server resumes it there (a paused one resumes from its last checkpoint); the ids saved."""
+        saved = []
+        for job in self.trainer.jobs.values():
+            if job.status != JobStatus.RUNNING:
+                continue
+            try:
+                job.save_resume_point()
+                saved.append(job.id)
+            except Exception:  # noqa: BLE001 - one job's disk trouble must not stop the others' saves
+                log.exception("checkpointing job %s at shutdown failed", job.id)
+        return saved
 
     # ------------------------------------------------------------------ start-up
     def restore(self) -> None:
@@ -282,7 +334,7 @@ class JobService:
             self._status[record.id] = record.status
             try:
                 spec = TrainSpec.from_dict(json.loads(record.spec_json))
-                self._start(record.id, spec)
+                self._start_or_queue(record.id, spec)
                 self.store.add_event(record.id, "server restarted; job resumed")
             except Exception as e:  # noqa: BLE001 - one broken job must not stop the server
                 log.exception("cannot resume job %s", record.id)

@@ -8,6 +8,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -30,6 +31,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)   # process_resident_memory_bytes etc., as vLLM exports them
         self.requests = Counter(f"{PREFIX}_requests", "Finished generation requests.",
                                 ["model", "finished_reason"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
@@ -51,6 +53,12 @@ class ServerMetrics:
         self.job_tokens_per_s = Gauge(f"{PREFIX}_training_tokens_per_second", "Training throughput of a job.",
                                       ["job_id"], registry=r)
         self.job_loss = Gauge(f"{PREFIX}_training_loss", "Latest training loss of a job.", ["job_id"], registry=r)
+        # vLLM's prefix cache metrics: tokens looked up in the cache, and those found there
+        self.prefix_cache_queries = Counter(f"{PREFIX}_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits",
+                                         "Prompt tokens whose KV came from the prefix cache.", registry=r)
+        self._prefix_seen = (0, 0)
         self.slo_attainment = Gauge(f"{PREFIX}_slo_attainment_ratio",
                                     "Fraction of recent requests that met their TTFT/TPOT SLOs (0..1).", registry=r)
 
@@ -79,6 +87,15 @@ class ServerMetrics:
         self.kv_usage.set(kv_usage)
         self.adapters.labels(device="gpu").set(adapters_gpu)
         self.adapters.labels(device="cpu").set(adapters_cpu)
+
+    def set_prefix_cache(self, queries: int, hits: int) -> None:
+        """The engine's running totals (tokens); the counters advance by what is new since last time."""
+        seen_q, seen_h = self._prefix_seen
+        if queries > seen_q:
+            self.prefix_cache_queries.inc(queries - seen_q)
+        if hits > seen_h:
+            self.prefix_cache_hits.inc(hits - seen_h)
+        self._prefix_seen = (max(queries, seen_q), max(hits, seen_h))
 
     def set_job(self, job_id: str, tokens_per_s: float, loss: float | None) -> None:
         """Latest throughput and loss of a training job."""

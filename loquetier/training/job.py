@@ -247,6 +247,7 @@ class TrainingJob:
             self.optimizer.step()
             self.scheduler.step()
             st.publish()
+            self.engine.adapters.weights_changed(self.adapter)   # K/V cached with the old weights go stale
             st.zero_grad()
         self.step += 1
         data = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "epoch": self.epoch}
@@ -309,6 +310,17 @@ class TrainingJob:
         if self.step >= self.total_steps:
             self.finish()
         return path
+
+    def save_resume_point(self) -> Path | None:
+        """Checkpoint the last finished optimizer step, so that a restart resumes there; a window
+        still accumulating is dropped (its gradients zeroed) and runs again. None: nothing new to save."""
+        if self.pending:   # mid-window: back to its first micro-batch (windows start at multiples of grad_accum)
+            self.pos = (self.pos - 1) // self.spec.grad_accum * self.spec.grad_accum
+            self.pending, self.in_flight, self._closes_window, self.window_loss = [], [], False, 0.0
+            self.state.zero_grad()
+        if self.step == 0 or (self.checkpoints and self.checkpoints[-1][0] == self.step):
+            return None
+        return self.checkpoint()
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by `checkpoint` (weights were passed as `initial`)."""
