@@ -24,6 +24,8 @@ case "$part" in
       --out "$out/e2e_repeat.json" 2>&1 | grep "^e2e"
     timeout 400 python benchmarks/bench_engine.py --sections peft --peft-parts decode,e2e --peft-e2e-requests 16 \
       --out "$out/peft.json" 2>&1 | grep "^peft" ;;
+  adapters)   # 16 and 64 distinct adapters (ranks 8-64) at batch 64 against base; swap cost; load to first token
+    timeout 560 python benchmarks/bench_adapters.py --out "$out/adapters.json" 2>&1 | tail -6 ;;
   training)   # through Trainer: Alpaca-like packed + fixed 4x512 (1 and 4 jobs), PEFT on the same examples
     timeout 560 python benchmarks/bench_train.py --out "$out/train.json" 2>&1 | tail -8 ;;
   profile)    # GPU-busy fraction of training (graph / eager), mixed and decode steps
