@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | prefix | peft | training | profile | unified | unified-sweep
+#   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-sweep
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
 set -uo pipefail
