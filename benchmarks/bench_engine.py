@@ -20,8 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    LORA_TARGETS,
     SHAREGPT,
     device_ceilings,
+    hf_base_model,
     lognormal_lengths,
     random_adapter,
     start_decoding,
@@ -152,25 +154,17 @@ def bench_e2e(args, llm, names, results):
 
 def bench_peft(args, results, prompts, o_lens):
     """HF transformers + PEFT on the same shapes: decode at batch and an e2e subset (training: bench_train.py)."""
-    import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    from loquetier.models.loader import PRESETS
-    p = PRESETS[args.model.split(":", 1)[1]]
-    cfg = tf.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
-                         num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
-                         num_key_value_heads=p["num_kv_heads"], max_position_embeddings=4096, rope_theta=500000.0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
-        base = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    base = hf_base_model(args.model, args.device)
     base.eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = LORA_TARGETS
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0), adapter_name="a0")
     for i in range(1, 4):
         model.add_adapter(f"a{i}", LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
     model.eval()
     rng = np.random.default_rng(3)
-    vocab = p["vocab_size"]
+    vocab = base.config.vocab_size
 
     def gen(batch, n_ad, new):
         ids = torch.tensor(rng.integers(10, vocab - 10, (batch, args.context)), device=args.device)
@@ -266,7 +260,9 @@ def main():
             rng = np.random.default_rng(1)
             p_l = lognormal_lengths(args.e2e_requests, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
             o_lens = lognormal_lengths(args.e2e_requests, SHAREGPT["output_mean"], SHAREGPT["cap"], rng)
-            prompts = [rng.integers(10, 1000, p).tolist() for p in p_l]
+            from loquetier.models.loader import preset_args
+            top = min(1000, preset_args(args.model).vocab_size)
+            prompts = [rng.integers(10, top, p).tolist() for p in p_l]
         bench_peft(args, results, prompts, o_lens)
     write_json(args.out, {"info": info, "results": results})
     print(table(results, ["section", "batch", "adapters", "async", "step_ms", "step_ms_synced", "tok_per_s", "bw_util", "mfu", "peak_GiB",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_ceilings, lognormal_lengths, sync, table, write_json  # noqa: E402
+from common import LORA_TARGETS, device_ceilings, hf_base_model, lognormal_lengths, sync, table, write_json  # noqa: E402
 
 from loquetier import LLM  # noqa: E402
 from loquetier.lora.adapter import LoraSpec  # noqa: E402
@@ -31,7 +31,6 @@ from loquetier.training.job import TrainingJob  # noqa: E402
 from loquetier.training.spec import TrainSpec  # noqa: E402
 from loquetier.training.trainer import Trainer  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def alpaca_like(n: int, vocab: int, seed: int, mean: int = 80) -> list[TokenizedExample]:
@@ -106,18 +105,10 @@ def run_ours(args, name: str, jobs_examples: list[list[TokenizedExample]], spec_
 
 def run_peft(args, name: str, examples: list[TokenizedExample], batch: int, ceil, results) -> None:
     """HF transformers + PEFT + AdamW, padded batches of `batch` examples in order."""
-    import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    from loquetier.models.loader import PRESETS
-    p = PRESETS[args.model.split(":", 1)[1]]
-    cfg = tf.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
-                         num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
-                         num_key_value_heads=p["num_kv_heads"], max_position_embeddings=4096, rope_theta=500000.0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
-        base = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=args.dropout))
+    base = hf_base_model(args.model, args.device)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=args.dropout))
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     batches = []

@@ -104,3 +104,21 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_base_model(model: str, device: str):
+    """HF transformers' Llama with the shape of a `random:PRESET` model, random weights on `device`
+    (bf16 on CUDA): the PEFT side of the benchmarks."""
+    import transformers as tf
+
+    from loquetier.models.loader import PRESETS
+    p = PRESETS[model.split(":", 1)[1]]
+    cfg = tf.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+                         num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+                         num_key_value_heads=p["num_kv_heads"], max_position_embeddings=4096, rope_theta=500000.0)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    with torch.device(device):
+        return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | prefix | peft | training | profile | unified | unified-sweep   (one GPU)
+#   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-sweep  (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
@@ -25,6 +25,8 @@ case "$part" in
       --out "$out/e2e_repeat.json" 2>&1 | grep "^e2e"
     timeout 400 python benchmarks/bench_engine.py --sections peft --peft-parts decode,e2e --peft-e2e-requests 16 \
       --out "$out/peft.json" 2>&1 | grep "^peft" ;;
+  adapters)   # 16 and 64 distinct adapters (ranks 8-64) at batch 64 against base; swap cost; load to first token
+    timeout 560 python benchmarks/bench_adapters.py --out "$out/adapters.json" 2>&1 | tail -6 ;;
   training)   # through Trainer: Alpaca-like packed + fixed 4x512 (1 and 4 jobs), PEFT on the same examples
     timeout 560 python benchmarks/bench_train.py --out "$out/train.json" 2>&1 | tail -8 ;;
   profile)    # GPU-busy fraction of training (graph / eager), mixed and decode steps

@@ -33,8 +33,10 @@ def make_engine(args, split: bool) -> Engine:
                           cache=CacheConfig(memory_budget_bytes=int(args.kv_gib * 2**30)), lora=LoraConfig(max_loras=4, max_lora_rank=16),
                           tensor_parallel_size=args.size if split else 1)
     if split and args.size == 1:   # the tensor-parallel path on one rank: a one-process NCCL group
+        from loquetier.models.sources import resolve_model_source
         from loquetier.parallel.launcher import launch
-        return Engine(config, tp=launch(config))
+        source = resolve_model_source(config.model)
+        return Engine(config, source=source, tp=launch(config, source))
     return Engine(config)
 
 
@@ -78,7 +80,7 @@ def run(eng: Engine, args) -> dict:
     host = plan_mixed_batch(segs, [], {None: -1, "t": slot}, eng.kv.block_size, eng.adapters.dropout,
                             bucketed=eng.dtype != torch.float32)
     for _ in range(4):
-        eng.runner.execute_train(host)
+        eng.runner.execute_bucketed(host)
     out["train_grads"] = grads(state)
     out["train_graphs"] = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs else 0
     # decode step time at batch 64, 4 adapters

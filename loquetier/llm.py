@@ -21,7 +21,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  seed: int = 0, attention_backend: str = "auto", lora_backend: str = "auto", lora_fold_shrink: str = "auto",
-                 train_cuda_graphs: bool = True, async_scheduling: bool = True,
+                 train_cuda_graphs: bool = True, mixed_cuda_graphs: bool = False, async_scheduling: bool = True,
                  enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
         """`tensor_parallel_size` N > 1 splits the model over N processes of this host (GPUs 0..N-1);
         this one is rank 0 and starts the others (`close()` stops them)."""
@@ -29,7 +29,7 @@ class LLM:
         config = EngineConfig(
             model=self.source.spec, revision=revision, dtype=dtype, device=device, max_model_len=max_model_len,
             seed=seed, attention_backend=attention_backend, lora_backend=lora_backend,
-            train_cuda_graphs=train_cuda_graphs, async_scheduling=async_scheduling,
+            train_cuda_graphs=train_cuda_graphs, mixed_cuda_graphs=mixed_cuda_graphs, async_scheduling=async_scheduling,
             tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, memory_budget_bytes=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),

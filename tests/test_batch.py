@@ -120,3 +120,27 @@ def test_batches_of_one_graph_key_differ_only_in_device_data():
     states = [_host_state(b.to_device(torch.device("cpu"))) for b in batches]
     assert states[0] == states[1] == states[2]
     assert states[0]["ctx"]["lora"]["train_slots"] == [0, 1]
+
+
+def test_mixed_batches_of_one_graph_key_differ_only_in_device_data():
+    """The same for training rows beside decode rows: padding rows fill the decode bucket, block
+    tables have a fixed width, the SMLM runs a fixed count, whatever the adapters and contexts."""
+    from loquetier.engine.batch import DecodePadding
+    slot_of = {None: -1, "a": 0, "b": 1, "c": 2}
+    padding = DecodePadding((1, 2, 4, 8), table_width=8, scratch_block=99, max_runs=6)
+    rng = np.random.default_rng(1)
+    batches = []
+    for lengths, adapters in (([30, 50], ["a", None, "c"]), ([20, 31, 22], ["b", "b", "a", None]),
+                              ([60, 10, 10], ["c", "c", "c"])):
+        segs = [LossSegment(rng.integers(3, 99, n), rng.integers(3, 99, n), "a", True, weight=0.1) for n in lengths]
+        rows = []
+        for i, adapter in enumerate(adapters):
+            seq = _seq(int(rng.integers(3, 90)), adapter, f"s{i}")
+            seq.block_table = rng.integers(0, 90, -(-seq.num_tokens // 16)).tolist()
+            rows.append(ScheduledSeq(seq, seq.num_tokens - 1, 1))
+        batches.append(plan_mixed_batch(segs, rows, slot_of, 16, bucketed=True, decode_padding=padding))
+    assert len({b.graph_key for b in batches}) == 1
+    states = [_host_state(b.to_device(torch.device("cpu"))) for b in batches]
+    assert states[0] == states[1] == states[2]
+    assert states[0]["ctx"]["attn"]["decode_block_tables"] == ("tensor", (4, 8), torch.int32)
+    assert states[0]["sample_rows"] == ("tensor", (4,), torch.int64)

@@ -117,7 +117,7 @@ def train_grads(llm, name, dropout):
     while eng.has_unfinished():
         eng.step()
     slot = eng.adapters.activate({name})[name]
-    eng.runner.execute_train(plan_mixed_batch(loss_segments(name)[:2], [], {None: -1, name: slot},
+    eng.runner.execute_bucketed(plan_mixed_batch(loss_segments(name)[:2], [], {None: -1, name: slot},
                                               eng.kv.block_size, eng.adapters.dropout))
     only = grads(state)
     eng.adapters.freeze(name)
@@ -199,7 +199,7 @@ def test_step_plan_round_trip():
     back = host_batch_from_parts(unpack(pack(host_batch_parts(host))), dropout.table)
     for field in ("flat", "seg_cu", "seg_slot", "lora_seg_cu", "lora_seg_slot", "context_lens"):
         np.testing.assert_array_equal(getattr(back, field), getattr(host, field))
-    for field in ("sizes", "num_train_segments", "num_loss_segments", "num_prefills", "num_decodes", "num_sampled",
+    for field in ("sizes", "num_rows", "num_train_segments", "num_loss_segments", "num_prefills", "num_decodes", "num_sampled",
                   "train_slots", "any_dropout", "bucketed", "has_placeholders", "graph_key"):
         assert getattr(back, field) == getattr(host, field), field
     assert host.any_dropout and host.train_slots == (2,)

@@ -152,8 +152,8 @@ def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
         raise RuntimeError("injected")
 
     async def body(aengine):
-        # training-only steps go through execute_train, steps with inference rows through execute
-        runner.execute = runner.execute_train = boom
+        # bucketed steps go through execute_bucketed, the others through execute
+        runner.execute = runner.execute_bucketed = boom
         try:
             job = await aengine.call(aengine.trainer.submit, spec)
             for _ in range(500):
@@ -161,7 +161,7 @@ def test_failing_training_step_fails_the_job_not_the_loop(llm, tmp_path):
                     break
                 await asyncio.sleep(0.01)
         finally:
-            del runner.execute, runner.execute_train   # the class's methods again
+            del runner.execute, runner.execute_bucketed   # the class's methods again
         group = await aengine.add([GenerationRequest([5, 6, 7], PARAMS)])
         return job, (await group.results())[0], aengine.alive
 
@@ -291,7 +291,7 @@ def test_a_device_error_is_fatal_and_jobs_stay_resumable(llm, tmp_path):
     async def body(aengine):
         job = await aengine.call(aengine.trainer.submit, _training_spec(tmp_path))
         jobs.append(job)
-        runner.execute_train = runner.execute = cuda_fault
+        runner.execute_bucketed = runner.execute = cuda_fault
         await _until(lambda: aengine.fatal is not None)
         with pytest.raises(EngineUnavailable) as refused:
             await aengine.add([GenerationRequest([5, 6, 7], PARAMS)])
@@ -300,7 +300,7 @@ def test_a_device_error_is_fatal_and_jobs_stay_resumable(llm, tmp_path):
     try:
         status, aengine, refused = run(llm, body)
     finally:
-        del runner.execute, runner.execute_train
+        del runner.execute, runner.execute_bucketed
         _clean_up(llm, jobs)
     assert not aengine.alive and "CUDA error" in str(aengine.fatal)
     assert refused.status == 503 and refused.code == "engine_dead"

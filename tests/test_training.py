@@ -363,3 +363,40 @@ def test_shutdown_checkpoint_mid_window_resumes_bit_identical(model_dir, tmp_pat
     assert resumed.status.value == "succeeded" and resumed.losses == full.losses
     a, b = lora_tensors(tmp_path / "full" / "checkpoint-6"), lora_tensors(tmp_path / "cut" / "checkpoint-6")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bucketed_mixed_step_equals_unpadded(model_dir):
+    """Training rows beside decode rows, padded to bucket sizes (decode padding rows in the scratch
+    KV block, what mixed-step graphs replay): the same losses, gradients and decode logits as the
+    same step unpadded."""
+    from loquetier.engine.batch import DecodePadding, LossSegment, ScheduledSeq, plan_mixed_batch
+    root, _ = model_dir
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=64, async_scheduling=False)
+    eng = llm.engine
+    llm.load_adapter("other", root / "other")
+    eng.add_adapter("t", new_adapter(LoraSpec(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                              init_lora_weights="gaussian"), eng.args, 16, 0))
+    state = eng.adapters.make_trainable("t")
+    for i, adapter in enumerate(["other", None, "t"]):
+        eng.add_request(list(range(5 + i, 17 + 2 * i)), SamplingParams(max_tokens=8, temperature=0), adapter)
+    while any(not s.output_token_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    decodes = [ScheduledSeq(s, s.num_tokens - 1, 1) for s in eng.scheduler.running]
+    g = torch.Generator().manual_seed(1)
+    segs = [LossSegment(ids, ids[1:] + [IGNORE_INDEX], "t", True, weight=0.05, dropout_seed=i)
+            for i, ids in enumerate(torch.randint(3, 250, (n,), generator=g).tolist() for n in (11, 30))]
+    slot_of = {None: -1, **eng.adapters.activate({"t", "other"})}
+    padding = DecodePadding((1, 2, 4, 8), -(-eng.max_model_len // eng.kv.block_size), eng.kv.scratch_block, 6)
+    results = []
+    for bucketed in (False, True):
+        host = plan_mixed_batch(segs, decodes, slot_of, eng.kv.block_size, eng.adapters.dropout,
+                                bucketed=bucketed, decode_padding=padding)
+        state.zero_grad()
+        batch = host.to_device(eng.device)
+        res = eng.runner.execute(batch, keep_logits=True)
+        results.append((res.loss_sums[:2].clone(), state.grad.clone(), res.logits[:len(decodes)].clone(),
+                        res.sampled.tokens.clone()))
+    assert host.num_rows == 4 and host.num_decodes == 4 and len(host.scheduled) == 3
+    assert host.lora_seg_slot.tolist()[-6:].count(-1) >= 2    # the padding run and empty runs
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

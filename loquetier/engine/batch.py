@@ -14,6 +14,7 @@ from ..kernels import lora_dropout
 from ..kernels.attention import PackedContext
 from ..kernels.lora_dropout import SlotDropout
 from ..kernels.smlm import LoraBatchMeta
+from ..sampling_params import SamplingParams
 from .context import AttentionMeta, BatchContext
 from .kv_cache import context_slots
 from .sequence import Sequence
@@ -99,7 +100,8 @@ class HostBatch:
     flat: np.ndarray
     sizes: list[int]
     loss_segments: list[LossSegment]
-    scheduled: list[ScheduledSeq]
+    scheduled: list[ScheduledSeq]   # the real sequences (not padding rows)
+    num_rows: int                   # inference rows' sequences, padding included
     seg_cu: np.ndarray              # one segment per loss example (+ padding) and per scheduled sequence
     seg_slot: np.ndarray
     lora_seg_cu: np.ndarray         # SMLM's segments: the same, adjacent inference rows of one slot merged
@@ -122,7 +124,7 @@ class HostBatch:
         its bucket sizes; otherwise the exact layout (attention may loop over segments on the host)."""
         common = (self.train_slots, self.any_dropout, self.num_train_segments, self.num_loss_segments)
         if self.bucketed:
-            return ("bucketed", int(self.seg_cu[-1]), self.max_loss_len, *common)
+            return ("bucketed", int(self.seg_cu[-1]), self.max_loss_len, self.num_decodes, *common)
         return ("exact", tuple(self.seg_cu.tolist()), tuple(self.seg_slot.tolist()), *common)
 
     @property
@@ -147,14 +149,16 @@ class HostBatch:
         num_loss = int(seg_cu[n_loss_segs])
         num_train = int(seg_cu[self.num_train_segments])
         n_pre = self.num_prefills
-        tables_t = tables_t.view(len(scheduled), -1).to(torch.int32) if scheduled else None
+        tables_t = tables_t.view(self.num_rows, -1).to(torch.int32) if self.num_rows else None
         max_loss_len = self.max_loss_len
+        # bucketed: a value of the key (the longest segment only picks the kernels' segment path)
+        max_seg_len = max_loss_len if self.bucketed else max(max_loss_len, int(np.diff(lora_cu).max()))
         lora = None
         if (self.seg_slot >= 0).any():
             lora = LoraBatchMeta(seg_cu=lora_cu_t.to(torch.int32), seg_slot=lora_slot_t.to(torch.int32),
                                  token_slot=token_slot_t.to(torch.int32), seg_cu_host=lora_cu.tolist(),
                                  seg_slot_host=self.lora_seg_slot.tolist(),
-                                 max_seg_len=max(max_loss_len, int(np.diff(lora_cu).max())),
+                                 max_seg_len=max_seg_len,
                                  num_train_tokens=num_train, num_train_segments=self.num_train_segments,
                                  train_slots=self.train_slots if num_train else (),
                                  any_dropout=self.any_dropout and num_train > 0,
@@ -162,7 +166,7 @@ class HostBatch:
         attn = AttentionMeta(
             num_loss_tokens=num_loss,
             loss_cu=seg_cu[:n_loss_segs + 1].tolist(),
-            slot_mapping=slot_mapping_t if scheduled else None,
+            slot_mapping=slot_mapping_t if self.num_rows else None,
             prefill_cu=seg_cu[n_loss_segs:n_loss_segs + n_pre + 1].tolist() if n_pre else [],
             prefill_context_lens=self.context_lens[:n_pre].tolist(),
             prefill_block_tables=tables_t[:n_pre] if n_pre else None,
@@ -210,6 +214,31 @@ def build_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Schedule
     return plan_mixed_batch(loss_segments, scheduled, slot_of, block_size, dropout).to_device(device)
 
 
+@dataclass
+class DecodePadding:
+    """How a bucketed step pads its decode rows, so that a captured graph serves any batch of up to
+    a bucket of them: padding rows read and write only the scratch KV block, carry no adapter, and
+    every row's block table has `table_width` entries. The SMLM segments are padded to `max_runs`
+    runs of inference rows (one per adapter slot, one of base rows, one of padding rows)."""
+
+    buckets: tuple[int, ...]
+    table_width: int
+    scratch_block: int
+    max_runs: int
+    _rows: list[ScheduledSeq] = field(default_factory=list, repr=False)
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def rows(self, n: int) -> list[ScheduledSeq]:
+        """`n` padding rows: one-token sequences at position 0 in the scratch block (made once)."""
+        while len(self._rows) < n:
+            seq = Sequence([0], SamplingParams(max_tokens=1))
+            seq.block_table = [self.scratch_block]
+            self._rows.append(ScheduledSeq(seq, 0, 1))
+        return self._rows[:n]
+
+
 def _bucket_padding(lengths: np.ndarray) -> tuple[int, int]:
     """(padding tokens, empty segments) that bring training segments of `lengths` to bucket sizes:
     the padding tokens form one segment, the rest of the segment bucket is empty segments."""
@@ -221,14 +250,16 @@ def _bucket_padding(lengths: np.ndarray) -> tuple[int, int]:
 
 def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
                      slot_of: dict[str | None, int], block_size: int, dropout: SlotDropout | None = None,
-                     bucketed: bool = False) -> HostBatch:
+                     bucketed: bool = False, decode_padding: DecodePadding | None = None) -> HostBatch:
     """The host half of `build_mixed_batch`: every array of the step, nothing on the device yet.
 
-    `bucketed` (a step of training segments only) pads the batch to bucket sizes (see HostBatch).
-    `dropout` is the adapter manager's per-slot LoRA dropout (None: no dropout)."""
+    `bucketed` (training segments, and with `decode_padding` decode rows beside them) pads the batch
+    to bucket sizes (see HostBatch). `dropout` is the adapter manager's per-slot LoRA dropout."""
     train = [s for s in loss_segments if s.train]
     evals = [s for s in loss_segments if not s.train]
-    assert not bucketed or not (evals or scheduled), "only training-only steps are bucketed"
+    assert not bucketed or not evals, "evaluation steps are not bucketed"
+    assert not bucketed or not scheduled or (decode_padding is not None and all(s.length == 1 for s in scheduled)), \
+        "a bucketed step's inference rows are decode rows with padding"
     train_lens = np.fromiter((len(s.token_ids) for s in train), dtype=np.int64, count=len(train))
     train_slots = tuple(sorted({slot_of[s.adapter] for s in train}))
     any_dropout = bool(train) and dropout is not None and bool((dropout.host[list(train_slots)] > 0).any())
@@ -245,6 +276,9 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     # few segments whatever the batch size)
     decodes = sorted((s for s in scheduled if s.length == 1), key=lambda s: slot_of[s.seq.adapter])
     scheduled = prefills + decodes
+    real = scheduled
+    if bucketed and decodes:   # padding rows last: the real rows' logits are the first ones
+        scheduled = scheduled + decode_padding.rows(decode_padding.bucket(len(decodes)) - len(decodes))
 
     pad_ids = [np.zeros(pad, np.int64)] if pad else []
     ids_parts = [s.token_ids for s in train] + pad_ids + [s.token_ids for s in evals]
@@ -268,6 +302,8 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     # inference tokens: their sequence (index into `scheduled`) and cache slot
     inf_lens = seg_lens[n_loss_segs:]
     max_blocks = max((len(s.seq.block_table) for s in scheduled), default=1)
+    if bucketed and decodes:
+        max_blocks = decode_padding.table_width
     tables = np.zeros((len(scheduled), max(max_blocks, 1)), dtype=np.int64)
     for i, s in enumerate(scheduled):
         tables[i, :len(s.seq.block_table)] = s.seq.block_table
@@ -292,6 +328,10 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
     run_start = np.flatnonzero(np.diff(inf_slot, prepend=np.int64(-2))) if len(inf_slot) else np.zeros(0, np.int64)
     lora_seg_cu = np.concatenate([seg_cu[:n_loss_segs], seg_cu[n_loss_segs + run_start], seg_cu[-1:]])
     lora_seg_slot = np.concatenate([seg_slot[:n_loss_segs], inf_slot[run_start]])
+    if bucketed and decodes:   # a fixed number of runs: empty ones at the end
+        n_empty = decode_padding.max_runs - len(run_start)
+        lora_seg_cu = np.concatenate([lora_seg_cu, np.full(n_empty, seg_cu[-1], np.int64)])
+        lora_seg_slot = np.concatenate([lora_seg_slot, np.full(n_empty, -1, np.int64)])
 
     # one host->device copy for every integer array of the step
     input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
@@ -307,10 +347,11 @@ def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[Scheduled
              context_lens, sample_rows, loss_targets, loss_seg_ids, prefill_cu, dropout_keys,
              weights.view(np.int32).astype(np.int64), cont_slots, cont_cu_q, cont_cu_k]
     return HostBatch(flat=np.concatenate(parts), sizes=[len(p) for p in parts], loss_segments=loss_segments,
-                     scheduled=scheduled, seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,
+                     scheduled=real, num_rows=len(scheduled), seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_seg_cu,
                      lora_seg_slot=lora_seg_slot, num_train_segments=n_train_segs, num_loss_segments=n_loss_segs,
-                     num_prefills=len(prefills), num_decodes=len(decodes), context_lens=context_lens,
+                     num_prefills=len(prefills), num_decodes=len(scheduled) - len(prefills), context_lens=context_lens,
                      num_sampled=len(sample_rows), train_slots=train_slots if num_train else (),
                      any_dropout=any_dropout, slot_dropout=dropout.table if dropout is not None else None,
                      bucketed=bucketed,
-                     has_placeholders=bool(scheduled) and bool((input_ids[num_loss:] < 0).any()))
+                     # a bucketed step always resolves placeholders: what it runs may not depend on them
+                     has_placeholders=bool(scheduled) and (bucketed or bool((input_ids[num_loss:] < 0).any())))

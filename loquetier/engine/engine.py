@@ -18,7 +18,8 @@ from ..lora.manager import AdapterManager
 from ..models.loader import load_model
 from ..models.sources import ModelSource, resolve_model_source
 from ..sampling_params import SamplingParams
-from .batch import LossSegment, plan_mixed_batch
+from .batch import DecodePadding, LossSegment, plan_mixed_batch
+from .cuda_graphs import BUCKETS as DECODE_BUCKETS
 from .cost_model import StepCostModel
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
@@ -111,6 +112,9 @@ class Engine:
             self.runner.enable_graphs(self.kv, self.max_model_len,
                                       min(config.max_graph_batch, config.scheduler.max_num_seqs),
                                       config.lora.max_loras)
+        # decode rows beside training rows in a bucketed step (mixed_cuda_graphs)
+        self.decode_padding = DecodePadding(DECODE_BUCKETS, -(-self.max_model_len // self.kv.block_size),
+                                            self.kv.scratch_block, config.lora.max_loras + 2)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(self.args.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -262,14 +266,13 @@ class Engine:
             sample_seqs, result = self.runner.execute_decode_graph(sched.scheduled, slot_of, self.kv.block_size)
             scheduled = sched.scheduled
         else:
-            train_only = bool(segments) and not sched.scheduled and all(s.train for s in segments)
-            graphs = self.runner.train_graphs is not None and train_only and not keep_logits
+            graphs = self._graph_kind(segments, sched.scheduled, keep_logits)
             host = plan_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, self.adapters.dropout,
-                                    bucketed=graphs and self.dtype != torch.float32)
+                                    bucketed=graphs == "bucketed", decode_padding=self.decode_padding)
             scheduled, segments = host.scheduled, host.loss_segments
             try:
                 if graphs:
-                    result, sample_seqs = self.runner.execute_train(host), []
+                    result, sample_seqs = self.runner.execute_bucketed(host)
                 else:
                     batch = self.runner.prepare(host)
                     result, sample_seqs = self.runner.execute(batch, keep_logits), batch.sample_seqs
@@ -298,6 +301,18 @@ class Engine:
         for observer in self.step_observers:
             observer(info)
         return failed + outputs
+
+    def _graph_kind(self, segments: list[LossSegment], scheduled: list, keep_logits: bool) -> str | None:
+        """How a step with training rows can replay a captured graph: "bucketed" (bf16/fp16: padded to
+        bucket sizes, see batch.py), "exact" (fp32: its exact layout must repeat) or None (eager)."""
+        if (self.runner.train_graphs is None or keep_logits or not segments
+                or not all(s.train for s in segments)):
+            return None
+        if not scheduled:
+            return "exact" if self.dtype == torch.float32 else "bucketed"
+        mixed = (self.config.mixed_cuda_graphs and self.dtype != torch.float32
+                 and all(s.length == 1 for s in scheduled) and self.decode_padding.bucket(len(scheduled)) is not None)
+        return "bucketed" if mixed else None
 
     def _launched(self, seqs: list[Sequence], result: StepResult) -> _InFlight | None:
         """Start the copy of the step's tokens to the host and give each sequence a placeholder."""

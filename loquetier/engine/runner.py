@@ -95,7 +95,7 @@ class ModelRunner:
         self.graphs = graphs
 
     def enable_train_graphs(self, device: torch.device) -> None:
-        self.train_graphs = TrainGraphs(self.train_step, device)
+        self.train_graphs = TrainGraphs(self.forward_backward, device)
 
     def drop_train_graphs(self) -> None:
         if self.train_graphs is not None:
@@ -143,10 +143,32 @@ class ModelRunner:
         return host.to_device(self.device)
 
     def execute(self, batch: MixedBatch, keep_logits: bool = False) -> StepResult:
-        """Any step: forward; the loss of every loss segment; the next token of every sequence that
-        completes; and, with training rows, the backward of sum(loss_weights * loss sums), which
-        accumulates into the trained adapters' gradient buffers. The tokens are sampled before the
-        backward is launched, so their copy to the host does not wait for it. No host sync."""
+        """Any step, eagerly: forward; the loss of every loss segment; the next token of every
+        sequence that completes; and, with training rows, the backward of sum(loss_weights * loss
+        sums), which accumulates into the trained adapters' gradient buffers. The tokens are sampled
+        before the backward is launched, so their copy to the host does not wait for it. No host sync."""
+        sampled = []
+        sums, counts, logits = self.forward_backward(
+            # (a bucketed batch's padding rows come last)
+            batch, lambda logits: sampled.append(self.sampler.sample(logits[:len(batch.sample_seqs)], batch.sample_seqs)))
+        return StepResult(sampled[0] if sampled else None, sums, counts, logits if keep_logits else None)
+
+    def execute_bucketed(self, host: HostBatch) -> tuple[StepResult, list]:
+        """A bucketed step (training rows, maybe decode rows beside them), replayed from a captured
+        graph once its buckets repeat (see train_graphs.py), else eager; the real rows' tokens are
+        sampled after it. Returns the result and the sampled sequences in the order of its tokens."""
+        out = self.train_graphs.run(host) if self.train_graphs is not None else None
+        if out is None:
+            batch = host.to_device(self.device)
+            return self.execute(batch), batch.sample_seqs
+        sums, counts, logits = out
+        seqs = [s.seq for s in host.scheduled]
+        sampled = self.sampler.sample(logits[:len(seqs)], seqs) if seqs else None
+        return StepResult(sampled, sums, counts), seqs
+
+    def forward_backward(self, batch: MixedBatch, on_logits=None) -> tuple:
+        """(loss sums, token counts, logits of the sampled rows or None), the backward done; what a
+        training graph captures. `on_logits(logits)` runs before the backward is launched."""
         ctx = batch.ctx
         has_train = ctx.lora is not None and ctx.lora.num_train_tokens > 0
         input_ids = self.resolve_ids(batch.input_ids) if batch.has_placeholders else batch.input_ids
@@ -157,28 +179,16 @@ class ModelRunner:
             loss_sums = loss_counts = None
             if batch.num_loss_segments:
                 loss_sums, loss_counts = self._segment_losses(hidden[:ctx.attn.num_loss_tokens], batch)
-        sampled, logits = None, None
+        logits = None
         if batch.sample_rows is not None:
             with torch.no_grad():
                 logits = self.model.compute_logits(hidden.detach().index_select(0, batch.sample_rows))
-                sampled = self.sampler.sample(logits, batch.sample_seqs)
+            if on_logits is not None:
+                on_logits(logits)
         if has_train:
             (loss_sums * batch.loss_weights).sum().backward()
             loss_sums = loss_sums.detach()
-        return StepResult(sampled, loss_sums, loss_counts, logits if keep_logits else None)
-
-    def execute_train(self, host: HostBatch) -> StepResult:
-        """A training-only step, replayed from a captured graph once its layout (its buckets, when
-        bucketed) repeats (see train_graphs.py); otherwise eager."""
-        out = self.train_graphs.run(host) if self.train_graphs is not None else None
-        if out is None:
-            out = self.train_step(host.to_device(self.device))
-        return StepResult(None, *out)
-
-    def train_step(self, batch: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss sums, token counts) of a training-only batch, after its backward; what a graph captures."""
-        result = self.execute(batch)
-        return result.loss_sums, result.loss_counts
+        return loss_sums, loss_counts, logits
 
     def _segment_losses(self, hidden: torch.Tensor, batch: MixedBatch):
         """Per-segment summed cross entropy over target tokens (HF causal-LM loss, unreduced)."""

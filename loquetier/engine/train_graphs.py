@@ -35,18 +35,18 @@ MAX_SEEN = 1024
 class _Entry:
     graph: torch.cuda.CUDAGraph
     flat: torch.Tensor            # static input: the step's integer metadata (loss weights included)
-    sums: torch.Tensor            # static outputs
-    counts: torch.Tensor
+    outputs: tuple                # static outputs: loss sums, token counts, decode rows' logits (or None)
 
 
-TrainFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+TrainFn = Callable[..., tuple]
 
 
 class TrainGraphs:
     """Captured training steps keyed by `HostBatch.graph_key`."""
 
     def __init__(self, train_fn: TrainFn, device: torch.device):
-        # train_fn(batch) -> (loss sums, token counts), the backward done: the runner's step
+        # train_fn(batch) -> (loss sums, token counts, logits of sampled rows or None), the backward
+        # done: the runner's `forward_backward`
         self.train_fn, self.device = train_fn, device
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.seen: dict[tuple, int] = {}
@@ -61,8 +61,8 @@ class TrainGraphs:
             torch.cuda.empty_cache()
         self.seen.clear()
 
-    def run(self, host: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(sums, counts) from a replay, or None: run this step eagerly (first sightings of a
+    def run(self, host: HostBatch) -> tuple | None:
+        """`train_fn`'s outputs from a replay, or None: run this step eagerly (first sightings of a
         layout, or a capture that failed). The outputs are overwritten by the next replay."""
         key = host.graph_key
         entry = self.entries.get(key)
@@ -80,7 +80,7 @@ class TrainGraphs:
         self.entries.move_to_end(key)
         entry.flat.copy_(torch.from_numpy(host.flat).pin_memory(), non_blocking=True)
         entry.graph.replay()
-        return entry.sums, entry.counts
+        return entry.outputs
 
     def _capture(self, key, host: HostBatch) -> _Entry | None:
         while len(self.entries) >= MAX_GRAPHS:
@@ -91,7 +91,7 @@ class TrainGraphs:
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 # the batch's views and int32 copies are made inside the graph: a replay refreshes them
-                sums, counts = self.train_fn(host.to_device(self.device, flat))
+                outputs = self.train_fn(host.to_device(self.device, flat))
         except Exception as e:   # a capture problem must not stop training: this layout stays eager
             logging.getLogger("loquetier").warning("training step capture failed (%s); running it eagerly", e)
             self.failed.add(key)
@@ -99,6 +99,6 @@ class TrainGraphs:
             return None
         if self.pool is None:
             self.pool = graph.pool()
-        entry = _Entry(graph, flat, sums, counts)
+        entry = _Entry(graph, flat, tuple(outputs))
         self.entries[key] = entry
         return entry

@@ -17,7 +17,7 @@ from .plan import pack, unpack
 class Op(enum.IntEnum):
     STEP = 1              # run a HostBatch (forward, losses, logits; the backward of training rows)
     DECODE = 2            # replay a decode graph
-    TRAIN = 3             # a training-only step (maybe through a captured graph)
+    BUCKETED = 3          # a bucketed step: training rows (and decode rows), maybe a captured graph
     WRITE_SLOT = 4        # an adapter into a slot (its tensors follow by broadcast)
     CLEAR_SLOT = 5
     MAKE_TRAINABLE = 6

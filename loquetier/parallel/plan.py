@@ -47,7 +47,7 @@ class PlannedRow:
 
 def host_batch_parts(host: HostBatch) -> list[np.ndarray]:
     """A `HostBatch` as int64 parts (its device dropout table stays: each rank has its own)."""
-    scalars = [host.num_train_segments, host.num_loss_segments, host.num_prefills, host.num_decodes,
+    scalars = [host.num_rows, host.num_train_segments, host.num_loss_segments, host.num_prefills, host.num_decodes,
                host.num_sampled, int(host.any_dropout), int(host.bucketed), int(host.has_placeholders)]
     return [np.asarray(scalars), np.asarray(host.sizes), host.flat, host.seg_cu, host.seg_slot, host.lora_seg_cu,
             host.lora_seg_slot, host.context_lens, np.asarray([s.train for s in host.loss_segments]),
@@ -58,10 +58,10 @@ def host_batch_from_parts(parts: list[np.ndarray], slot_dropout: torch.Tensor) -
     """Rebuild the `HostBatch` on a worker (`slot_dropout`: its adapter manager's table)."""
     (scalars, sizes, flat, seg_cu, seg_slot, lora_cu, lora_slot, context_lens, train, completes,
      train_slots) = parts
-    n_train, n_loss, n_pre, n_dec, n_sampled, any_dropout, bucketed, placeholders = scalars.tolist()
+    num_rows, n_train, n_loss, n_pre, n_dec, n_sampled, any_dropout, bucketed, placeholders = scalars.tolist()
     return HostBatch(
         flat=flat, sizes=sizes.tolist(), loss_segments=[LossSegment([], [], None, bool(t)) for t in train.tolist()],
-        scheduled=[PlannedRow(bool(c)) for c in completes.tolist()],
+        scheduled=[PlannedRow(bool(c)) for c in completes.tolist()], num_rows=num_rows,
         seg_cu=seg_cu, seg_slot=seg_slot, lora_seg_cu=lora_cu, lora_seg_slot=lora_slot,
         num_train_segments=n_train, num_loss_segments=n_loss, num_prefills=n_pre, num_decodes=n_dec,
         context_lens=context_lens, num_sampled=n_sampled, train_slots=tuple(train_slots.tolist()),

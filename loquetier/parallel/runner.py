@@ -38,10 +38,10 @@ class TPModelRunner(ModelRunner):
         self.tp.channel.send(Op.STEP, host_batch_parts(host))
         return super().prepare(host)
 
-    def execute_train(self, host: HostBatch) -> StepResult:
+    def execute_bucketed(self, host: HostBatch) -> tuple[StepResult, list]:
         if self.tp.is_leader:
-            self.tp.channel.send(Op.TRAIN, host_batch_parts(host))
-        return super().execute_train(host)
+            self.tp.channel.send(Op.BUCKETED, host_batch_parts(host))
+        return super().execute_bucketed(host)
 
     def execute_decode_graph(self, scheduled, slot_of, block_size):
         """As on one device; the workers replay their graph from the same metadata."""

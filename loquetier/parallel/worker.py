@@ -33,14 +33,14 @@ class Worker:
             self.handle(op, parts)
 
     def handle(self, op: Op, parts: list[np.ndarray]) -> None:
-        if op in (Op.STEP, Op.TRAIN):
+        if op in (Op.STEP, Op.BUCKETED):
             host = host_batch_from_parts(parts, self.adapters.dropout.table)
-            if op == Op.TRAIN:
-                self.runner.execute_train(host)
+            if op == Op.BUCKETED:
+                self.runner.execute_bucketed(host)
             else:
                 self.runner.execute(host.to_device(self.device))
-                if host.num_sampled:
-                    self.runner.receive_tokens(host.num_sampled)
+            if host.scheduled and any(s.completes for s in host.scheduled):   # rank 0 sampled: its tokens follow
+                self.runner.receive_tokens(sum(s.completes for s in host.scheduled))
         elif op == Op.DECODE:
             arrays, with_lora = decode_from_parts(parts)
             self.runner.graphs.run(*arrays, with_lora)

@@ -1,0 +1,136 @@
+"""Many adapters at once, swapping, and loading: what multi-LoRA serving costs beyond one adapter.
+
+Sections (Llama-3-8B shape, random bf16 weights; adapters on all seven projections):
+- `many`: a batch-64 decode step with 16 or 64 distinct adapters in the batch (ranks cycling
+  through 8, 16, 32, 64; every adapter in a device slot), against the base-only step of the same
+  engine.
+- `swap`: adapters registered beyond the device slots live in the CPU cache; the time to bring one
+  into a slot (CPU -> GPU copy of its A/B into every layer's slot table), median of `--swaps`.
+- `load`: `load_adapter` of a rank-16 adapter saved to disk in PEFT format (safetensors), then the
+  time to its first token for a 16-token prompt.
+Prints a table last, writes JSON. CPU smoke test: `--model random:tiny --device cpu --quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_adapter, start_decoding, steady_step_seconds, sync, table, write_json  # noqa: E402
+
+from loquetier import LLM, SamplingParams  # noqa: E402
+from loquetier.lora.adapter import save_peft_adapter  # noqa: E402
+
+RANKS = (8, 16, 32, 64)
+
+
+def make_llm(args, max_loras: int, max_rank: int) -> LLM:
+    return LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+               max_loras=max_loras, max_lora_rank=max_rank, max_cpu_loras=128, max_model_len=2048,
+               kv_cache_memory=int(args.kv_gib * 2**30), max_num_batched_tokens=8192)
+
+
+def decode_step(eng, adapters: list, context: int, steps: int, device) -> float:
+    rng = np.random.default_rng(0)
+    for ad in adapters:
+        eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), context).tolist(),
+                        SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True), ad)
+    start_decoding(eng)
+    dt = steady_step_seconds(eng, steps, device)
+    for rid in list(eng.requests):
+        eng.abort(rid)
+    while eng.has_unfinished():
+        eng.step()
+    return dt
+
+
+def bench_many(args, rows):
+    for n in args.many:
+        llm = make_llm(args, max_loras=n, max_rank=max(RANKS))
+        eng = llm.engine
+        names = []
+        for i in range(n):
+            eng.add_adapter(f"m{i}", random_adapter(eng, seed=200 + i, r=RANKS[i % len(RANKS)]))
+            names.append(f"m{i}")
+        base = decode_step(eng, [None] * args.batch, args.context, args.steps, args.device)
+        lora = decode_step(eng, [names[i % n] for i in range(args.batch)], args.context, args.steps, args.device)
+        row = {"section": "many", "adapters": n, "batch": args.batch, "base_ms": base * 1e3, "lora_ms": lora * 1e3,
+               "ratio": lora / base}
+        rows.append(row)
+        print(row, flush=True)
+        del llm, eng
+
+
+def bench_swap_and_load(args, rows):
+    llm = make_llm(args, max_loras=4, max_rank=16)
+    eng = llm.engine
+    for i in range(4 + args.swaps):
+        eng.add_adapter(f"s{i}", random_adapter(eng, seed=300 + i))
+    if "swap" in args.sections:
+        times = []
+        for i in range(args.swaps):   # each one is in the CPU cache; the slot's last owner goes back there
+            sync(args.device)
+            t0 = time.perf_counter()
+            eng.adapters.activate({f"s{4 + i}"})
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        row = {"section": "swap", "adapters": args.swaps, "swap_ms": statistics.median(times) * 1e3}
+        rows.append(row)
+        print(row, flush=True)
+    if "load" in args.sections:
+        decode_step(eng, [None] * 4, 16, 4, args.device)   # warm kernels for a short prompt
+        with tempfile.TemporaryDirectory() as tmp:
+            save_peft_adapter(random_adapter(eng, seed=999), Path(tmp), args.model)
+            sync(args.device)
+            t0 = time.perf_counter()
+            llm.load_adapter("fresh", tmp)
+            t_load = time.perf_counter() - t0
+            eng.add_request(list(range(10, 26)), SamplingParams(max_tokens=1, temperature=0), "fresh")
+            while eng.has_unfinished():
+                eng.step()
+            sync(args.device)
+            t_first = time.perf_counter() - t0
+        row = {"section": "load", "adapters": 1, "load_ms": t_load * 1e3, "load_to_first_token_ms": t_first * 1e3}
+        rows.append(row)
+        print(row, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="random:llama3-8b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sections", default="many,swap,load")
+    ap.add_argument("--many", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--swaps", type=int, default=8)
+    ap.add_argument("--kv-gib", type=float, default=16)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")
+    args = ap.parse_args()
+    if args.quick:
+        args.many, args.batch, args.context, args.steps, args.swaps, args.kv_gib = [4], 4, 16, 2, 2, 0.05
+    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "argv": sys.argv}
+    print(info, flush=True)
+    rows: list[dict] = []
+    if "many" in args.sections:
+        bench_many(args, rows)
+    if "swap" in args.sections or "load" in args.sections:
+        bench_swap_and_load(args, rows)
+    write_json(args.out, {"info": info, "rows": rows})
+    print(table(rows, ["section", "adapters", "batch", "base_ms", "lora_ms", "ratio", "swap_ms", "load_ms",
+                       "load_to_first_token_ms"]))
+
+
+if __name__ == "__main__":
+    main()
