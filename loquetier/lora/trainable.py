@@ -61,8 +61,8 @@ class AdapterTrainState:
     def __init__(self, slot: int, layers: list[dict[str, VirtualLoraLinear]], ranks: dict[tuple[int, str], int]):
         self.slot = slot
         self.ranks = ranks                                   # (layer, module) -> r
-        self.blocks, offset = train_layout(layers, ranks)
-        blocks = self.blocks
+        blocks, offset = train_layout(layers, ranks)
+        self.blocks = blocks
         ref = layers[0][next(iter(layers[0]))].lora_a
         dtype, device = ref.dtype, ref.device
         self.stage = torch.zeros(offset, dtype=dtype, device=device)

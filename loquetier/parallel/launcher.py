@@ -81,6 +81,7 @@ def launch(config: EngineConfig, source) -> TensorParallel:
     except BaseException:
         for pid in procs:
             _kill(pid)
+        torch.set_num_threads(threads)
         raise
     tp.processes = procs
     tp.stop = functools.partial(shutdown, tp, threads)

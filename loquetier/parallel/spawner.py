@@ -65,6 +65,7 @@ def _warm() -> None:
     """Import what a worker imports and build a model on the meta device (which imports the rest)."""
     import torch
 
+    from ..engine import engine  # noqa: F401
     from ..models.config import ModelArgs
     from ..models.llama import LlamaModel
     from . import worker  # noqa: F401
