@@ -201,8 +201,3 @@ class AdapterManager:
         rec.train_state = None
         self.dropout.set(rec.slot, 0.0)
 
-    def dropout_of(self, name: str) -> float:
-        return float(self.get(name).weights.spec.lora_dropout)
-
-    def train_state(self, name: str) -> AdapterTrainState | None:
-        return self.get(name).train_state

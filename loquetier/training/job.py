@@ -124,7 +124,7 @@ class TrainingJob:
         self.pending: list[list[int]] = []   # examples of the current window not handed out, by micro-batch
         self.window_tokens = 0        # target tokens of the current window
         self.window_loss: torch.Tensor | float = 0.0
-        self.in_flight: list[tuple[int, list[int]]] = []   # (micro-batch, examples) handed to a step not yet run
+        self.in_flight = False        # examples handed to a step that has not run yet
         self._closes_window = False   # the last examples handed out end the window
         self.trained_tokens = 0
         self.losses: list[tuple[int, float]] = []       # (step, train loss)
@@ -176,7 +176,7 @@ class TrainingJob:
             if int(self.eval_data.lengths[idx].sum()) > budget and not alone:
                 return []
             self.eval_queue.pop(0)
-            self.in_flight = [(-1, idx.tolist())]
+            self.in_flight = True
             return [LossSegment(self.eval_data.ids[i], self.eval_data.targets[i], self.adapter, False, self,
                                 num_targets=int(self.eval_data.num_targets[i])) for i in idx]
         if not self.pending:
@@ -197,7 +197,7 @@ class TrainingJob:
         micro[:] = [i for i in micro if i not in taken]
         if not micro:
             self.pending.pop(0)
-        self.in_flight = [(0, take)]
+        self.in_flight = True
         self._closes_window = not self.pending
         weight = 1.0 / max(1, self.window_tokens)
         return [LossSegment(self.train_data.ids[i], self.train_data.targets[i], self.adapter, True, self, weight,
@@ -207,19 +207,9 @@ class TrainingJob:
         """Keys the example's LoRA dropout masks: fresh at every optimizer step, the same on resume."""
         return int(mix32((self.spec.seed * 0x9E3779B1 + self.step * 0x85EBCA6B + example) & MASK32))
 
-    def requeue_in_flight(self) -> None:
-        """A step failed before it ran: hand its examples out again."""
-        for kind, idx in self.in_flight:
-            if kind < 0:
-                self.eval_queue.insert(0, np.asarray(idx, dtype=np.int64))
-            else:
-                self.pending.insert(0, list(idx))
-                self._closes_window = False
-        self.in_flight = []
-
     def on_step(self, sums: torch.Tensor, lo: int, hi: int, num_targets: int, train: bool) -> None:
         """The engine ran this job's segments `lo:hi` of a step (their loss sums on the device)."""
-        self.in_flight = []
+        self.in_flight = False
         loss = sums[lo:hi].sum()
         if not train:
             self.eval_sum = self.eval_sum + loss
@@ -316,7 +306,7 @@ class TrainingJob:
         still accumulating is dropped (its gradients zeroed) and runs again. None: nothing new to save."""
         if self.pending:   # mid-window: back to its first micro-batch (windows start at multiples of grad_accum)
             self.pos = (self.pos - 1) // self.spec.grad_accum * self.spec.grad_accum
-            self.pending, self.in_flight, self._closes_window, self.window_loss = [], [], False, 0.0
+            self.pending, self.in_flight, self._closes_window, self.window_loss = [], False, False, 0.0
             self.state.zero_grad()
         if self.step == 0 or (self.checkpoints and self.checkpoints[-1][0] == self.step):
             return None
