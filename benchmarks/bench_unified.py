@@ -44,7 +44,7 @@ def make_engine(args):
     the KV pool and the compiled kernels are shared; the step-cost model keeps learning)."""
     llm = LLM(args.model, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
               max_loras=8, max_lora_rank=16, max_model_len=2048, kv_cache_memory=int(args.kv_gib * 2**30),
-              max_num_batched_tokens=args.budget, max_num_seqs=256, mixed_cuda_graphs=args.mixed_graphs)
+              max_num_batched_tokens=args.budget, max_num_seqs=256, mixed_cuda_graphs=not args.no_mixed_graphs)
     eng = llm.engine
     eng.config.scheduler.slo_ttft, eng.config.scheduler.slo_tpot = args.slo_ttft, args.slo_tpot
     eng.stats.slo_ttft, eng.stats.slo_tpot = args.slo_ttft, args.slo_tpot
@@ -180,8 +180,8 @@ def main():
     ap.add_argument("--drain", type=float, default=0.0)
     ap.add_argument("--train-only-seconds", type=float, default=20)
     ap.add_argument("--train-warmup-steps", type=int, default=12)
-    ap.add_argument("--mixed-graphs", action="store_true",
-                    help="replay mixed (training + decode) steps from bucketed CUDA graphs (EngineConfig.mixed_cuda_graphs)")
+    ap.add_argument("--no-mixed-graphs", action="store_true",
+                    help="run mixed (training + decode) steps eagerly (EngineConfig.mixed_cuda_graphs=False)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()

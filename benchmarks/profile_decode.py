@@ -23,6 +23,7 @@ from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig  # noqa: E402
 from loquetier.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from loquetier.engine.engine import Engine  # noqa: E402
+from loquetier.kernels import fused_triton  # noqa: E402
 
 
 def replay_ms(graph, n=50) -> float:
@@ -42,6 +43,9 @@ def main():
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--profile-batch", type=int, default=64)
+    ap.add_argument("--norm-configs", default="",
+                    help="also time the folded variant with these add-RMSNorm launch configs, CHUNKxWARPS,... "
+                         "(e.g. 1024x8,512x4,4096x16)")
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--device", default="cuda",
                     help="cpu: a smoke test of this script (graphs run eagerly; needs TRITON_INTERPRET=1)")
@@ -60,9 +64,13 @@ def main():
     rng = np.random.default_rng(0)
     kv = eng.kv
     max_blocks = -(-eng.max_model_len // kv.block_size)
-    variants = {"unfolded, bucket-long segments": ("never", None),
-                "unfolded, slots+2 segments": ("never", 6),
-                "folded, slots+2 segments": ("always", 6)}
+    variants = {"unfolded, bucket-long segments": ("never", None, None),
+                "unfolded, slots+2 segments": ("never", 6, None),
+                "folded, slots+2 segments": ("always", 6, None)}
+    for cfg in filter(None, args.norm_configs.split(",")):
+        chunk, warps = (int(x) for x in cfg.split("x"))
+        variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, (chunk, warps))
+    default_norm = (fused_triton.ADD_NORM_CHUNK, fused_triton.ADD_NORM_NUM_WARPS)
     rows = []
     for batch in args.batches:
         adapters = [names[i % 4] for i in range(batch)]
@@ -75,8 +83,9 @@ def main():
         slot_of = {None: -1, **eng.adapters.activate(set(adapters))}
         seqs, arrays = eng.runner.decode_metadata(sched.scheduled, slot_of, kv.block_size)
         base_arrays = arrays[:3] + (np.full_like(arrays[3], -1),) + arrays[4:]
-        for label, (fold, max_segments) in variants.items():
+        for label, (fold, max_segments, norm) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
+            fused_triton.ADD_NORM_CHUNK, fused_triton.ADD_NORM_NUM_WARPS = norm or default_norm
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
                                   max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
@@ -91,7 +100,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label != "unfolded, slots+2 segments":
+            if batch == args.profile_batch and label in ("unfolded, bucket-long segments", "folded, slots+2 segments"):
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:

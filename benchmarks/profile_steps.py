@@ -96,14 +96,15 @@ def main():
     ap.add_argument("--mixed-train-tokens", type=int, default=1024)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--mixed-graphs", action="store_true", help="mixed steps replay bucketed graphs")
+    ap.add_argument("--mixed-warmup", type=int, default=24, help="mixed steps run before the profiled ones")
+    ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed steps run eagerly")
     ap.add_argument("--top", default="", help="print the top kernels of these kinds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     TOP_KERNELS_OF.update(args.top.split(","))
     llm = LLM(args.model, dtype="bfloat16", max_loras=4, max_lora_rank=16, max_model_len=2048,
-              kv_cache_memory=8 << 30, max_num_batched_tokens=8192, mixed_cuda_graphs=args.mixed_graphs)
+              kv_cache_memory=8 << 30, max_num_batched_tokens=8192, mixed_cuda_graphs=not args.no_mixed_graphs)
     eng = llm.engine
     trainer = Trainer(eng)
     spec = TrainSpec(name="p", train_file="", output_dir="/tmp/profile-steps", max_steps=100_000,
@@ -138,7 +139,7 @@ def main():
             profile(eng, "decode", args.steps, rows)
         if "mixed" in kinds:
             job.status = JobStatus.RUNNING
-            for _ in range(4):
+            for _ in range(args.mixed_warmup):   # captures of the buckets seen
                 eng.step()
             profile(eng, "mixed", args.steps, rows, trainer)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

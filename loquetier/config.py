@@ -92,8 +92,9 @@ class EngineConfig:
     cuda_graphs: bool = True         # decode-only steps replay captured graphs (CUDA only)
     train_cuda_graphs: bool = True   # training-only steps whose layout repeats replay a graph (CUDA only)
     # steps of training rows beside decode rows replay bucketed graphs too (with train_cuda_graphs;
-    # bf16/fp16 on CUDA); off until its GPU test (tests/test_train_graphs.py) has run on the device
-    mixed_cuda_graphs: bool = False
+    # bf16/fp16 on CUDA); then training tokens beside decode rows are cut to a token bucket, and steps
+    # with prefill rows carry none (they run eagerly)
+    mixed_cuda_graphs: bool = True
     max_graph_batch: int = 256
     # launch each inference-only step before reading the previous step's tokens on the host, so host
     # work overlaps the GPU (vLLM's async scheduling); outputs and stop checks trail by one step

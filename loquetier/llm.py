@@ -21,7 +21,7 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  seed: int = 0, attention_backend: str = "auto", lora_backend: str = "auto", lora_fold_shrink: str = "auto",
-                 train_cuda_graphs: bool = True, mixed_cuda_graphs: bool = False, async_scheduling: bool = True,
+                 train_cuda_graphs: bool = True, mixed_cuda_graphs: bool = True, async_scheduling: bool = True,
                  enable_prefix_caching: bool = True, tensor_parallel_size: int = 1):
         """`tensor_parallel_size` N > 1 splits the model over N processes of this host (GPUs 0..N-1);
         this one is rank 0 and starts the others (`close()` stops them)."""

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -165,7 +164,8 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()
 
-    def client(self, key: str | None = API_KEY, **kw) -> openai.OpenAI:
+    def client(self, key: str | None = API_KEY, **kw):
+        import openai   # here, so that tests without a server run where the client is not installed
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60, **kw)
 
     def stop(self, sig=signal.SIGTERM) -> None:

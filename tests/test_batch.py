@@ -4,7 +4,8 @@ slot; SMLM segments keep every loss example apart and merge runs of inference ro
 import numpy as np
 import torch
 
-from loquetier.engine.batch import IGNORE_INDEX, LossSegment, ScheduledSeq, plan_mixed_batch, token_bucket
+from loquetier.engine.batch import (IGNORE_INDEX, LossSegment, ScheduledSeq, floor_token_bucket, plan_mixed_batch,
+                                    token_bucket)
 from loquetier.engine.sequence import Sequence
 from loquetier.sampling_params import SamplingParams
 
@@ -82,12 +83,15 @@ def test_bucketed_training_batch_pads_to_bucket_sizes_and_shares_its_key():
     batch = host.to_device(torch.device("cpu"))
     assert batch.num_loss_segments == 8 and batch.loss_weights.tolist() == [0.5] * 3 + [0.0] * 5
     assert (batch.loss_targets[127:] == IGNORE_INDEX).all() and batch.ctx.lora.train_slots == (0, 1)
-    assert batch.ctx.attn.max_loss_len == 64 and batch.ctx.lora.num_train_tokens == 128
+    # the longest-segment bound is bucketed coarsely (at least 256) and never exceeds the tokens
+    assert batch.ctx.attn.max_loss_len == 128 and batch.ctx.lora.num_train_tokens == 128
     other = plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16, bucketed=True)
     assert other.graph_key == host.graph_key and other.sizes == host.sizes
     assert plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16).graph_key != host.graph_key
-    longer = plan_mixed_batch(segs([100, 27]), [], slot_of, 16, bucketed=True)   # longest segment 128
-    assert longer.graph_key != host.graph_key
+    short = plan_mixed_batch(segs([250, 250, 250, 200]), [], slot_of, 16, bucketed=True)   # longest 256
+    longer = plan_mixed_batch(segs([600, 150, 100, 100]), [], slot_of, 16, bucketed=True)  # longest 1024
+    assert short.seg_cu[-1] == longer.seg_cu[-1] == 1024 and short.max_loss_len == 256
+    assert longer.max_loss_len == 1024 and longer.graph_key != short.graph_key
 
 
 def _host_state(obj, skip=("loss_cu", "seg_cu_host", "seg_slot_host", "loss_segments", "sample_seqs", "scheduled",
@@ -144,3 +148,9 @@ def test_mixed_batches_of_one_graph_key_differ_only_in_device_data():
     assert states[0] == states[1] == states[2]
     assert states[0]["ctx"]["attn"]["decode_block_tables"] == ("tensor", (4, 8), torch.int32)
     assert states[0]["sample_rows"] == ("tensor", (4,), torch.int64)
+
+
+def test_floor_token_bucket_is_the_largest_bucket_not_above():
+    buckets = sorted({token_bucket(n) for n in range(1, 20000)})
+    for n in list(range(0, 3000)) + [8191, 8192, 8193, 10239, 10240, 12000]:
+        assert floor_token_bucket(n) == max((b for b in buckets if b <= n), default=0)

@@ -52,6 +52,16 @@ def token_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+def floor_token_bucket(n: int) -> int:
+    """The largest `token_bucket` size that is at most `n` (0 under the smallest): a training
+    allowance cut to it makes packed steps land on few buckets, so few graphs serve them."""
+    if n < 64:
+        return 0
+    if n < 1024:
+        return 1 << (n.bit_length() - 1)
+    return n // 512 * 512 if n < 8192 else n // 2048 * 2048
+
+
 def count_bucket(n: int, least: int) -> int:
     """The next power of two >= n (at least `least`): segment counts and longest-segment lengths."""
     return max(least, 1 << max(0, n - 1).bit_length())
@@ -132,7 +142,9 @@ class HostBatch:
         """The longest loss segment, as the attention kernels are told: its bucket when bucketed."""
         n = self.num_loss_segments
         longest = int(np.diff(self.seg_cu[:n + 1]).max()) if n else 0
-        return min(int(self.seg_cu[n]), count_bucket(longest, 64)) if self.bucketed else longest
+        # coarse (at least 256): the bound only sizes attention grids, whose surplus blocks exit at
+        # once, and each distinct bound is another graph to capture
+        return min(int(self.seg_cu[n]), count_bucket(longest, 256)) if self.bucketed else longest
 
     def to_device(self, device: torch.device, flat: torch.Tensor | None = None) -> MixedBatch:
         """The step's `MixedBatch` over `flat` (the device copy of `self.flat`; copied here if None).

@@ -18,8 +18,7 @@ from ..lora.manager import AdapterManager
 from ..models.loader import load_model
 from ..models.sources import ModelSource, resolve_model_source
 from ..sampling_params import SamplingParams
-from .batch import DecodePadding, LossSegment, plan_mixed_batch
-from .cuda_graphs import BUCKETS as DECODE_BUCKETS
+from .batch import DecodePadding, LossSegment, floor_token_bucket, plan_mixed_batch
 from .cost_model import StepCostModel
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
@@ -29,6 +28,10 @@ from .sequence import Sequence, SequenceStatus, TokenLogprob
 from .stats import EngineStats
 from .structured import GrammarCompiler
 from .train_budget import make_policy
+
+# decode rows of a mixed (training + decode) step are padded to one of these: coarse, since a
+# padding row costs almost nothing beside the training tokens and each bucket is another graph
+MIXED_DECODE_BUCKETS = (16, 64, 128, 256)
 
 
 @dataclass
@@ -113,7 +116,7 @@ class Engine:
                                       min(config.max_graph_batch, config.scheduler.max_num_seqs),
                                       config.lora.max_loras)
         # decode rows beside training rows in a bucketed step (mixed_cuda_graphs)
-        self.decode_padding = DecodePadding(DECODE_BUCKETS, -(-self.max_model_len // self.kv.block_size),
+        self.decode_padding = DecodePadding(MIXED_DECODE_BUCKETS, -(-self.max_model_len // self.kv.block_size),
                                             self.kv.scratch_block, config.lora.max_loras + 2)
         self.tokenizer = tokenizer
         self.eos_token_ids = set(self.args.eos_token_ids)
@@ -241,7 +244,7 @@ class Engine:
         failed = [self._fail(seq) for seq in sched.failed]
         segments = list(loss_segments or [])
         if self.participant is not None:
-            allowed = self.train_policy.allowed_tokens(sched, self.scheduler)
+            allowed = self._fit_to_graphs(self.train_policy.allowed_tokens(sched, self.scheduler), sched.scheduled)
             if allowed > 0 or not sched.scheduled:
                 segments += self.participant.next_segments(allowed, sched.num_inference_tokens)
         if not sched.scheduled and not segments:
@@ -302,6 +305,19 @@ class Engine:
             observer(info)
         return failed + outputs
 
+    def _fit_to_graphs(self, allowed: int, scheduled: list) -> int:
+        """With mixed graphs, the training tokens beside decode rows are cut to a token bucket, so that
+        steps fall on few captured graphs; steps with prefill rows carry none, since they run eagerly,
+        several times slower than a replay, and the decode rows in them would wait for it."""
+        if not scheduled or not self._mixed_graphs():
+            return allowed
+        if any(s.length > 1 for s in scheduled) or self.decode_padding.bucket(len(scheduled)) is None:
+            return 0
+        return floor_token_bucket(allowed)
+
+    def _mixed_graphs(self) -> bool:
+        return self.config.mixed_cuda_graphs and self.dtype != torch.float32 and self.runner.train_graphs is not None
+
     def _graph_kind(self, segments: list[LossSegment], scheduled: list, keep_logits: bool) -> str | None:
         """How a step with training rows can replay a captured graph: "bucketed" (bf16/fp16: padded to
         bucket sizes, see batch.py), "exact" (fp32: its exact layout must repeat) or None (eager)."""
@@ -310,8 +326,8 @@ class Engine:
             return None
         if not scheduled:
             return "exact" if self.dtype == torch.float32 else "bucketed"
-        mixed = (self.config.mixed_cuda_graphs and self.dtype != torch.float32
-                 and all(s.length == 1 for s in scheduled) and self.decode_padding.bucket(len(scheduled)) is not None)
+        mixed = (self._mixed_graphs() and all(s.length == 1 for s in scheduled)
+                 and self.decode_padding.bucket(len(scheduled)) is not None)
         return "bucketed" if mixed else None
 
     def _launched(self, seqs: list[Sequence], result: StepResult) -> _InFlight | None:

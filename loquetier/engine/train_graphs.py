@@ -2,7 +2,7 @@
 
 A LoRA training step launches thousands of kernels (every layer's forward and backward: GEMMs,
 SMLM, norms, rotary, attention); on short examples the host takes longer to launch them than the
-GPU takes to run them. So a step whose `HostBatch.graph_key` was seen `CAPTURE_AFTER` times is
+GPU takes to run them. So a step whose `HostBatch.graph_key` was seen `CAPTURE_AFTER` times before is
 captured once, and every later step with that key is one metadata copy and one replay.
 
 Bucketed batches (bf16/fp16 on CUDA, where one packed flash-attention call covers every segment
@@ -26,8 +26,10 @@ import torch
 
 from .batch import HostBatch
 
-CAPTURE_AFTER = 2   # eager runs of one layout before it is captured (the first warms up kernels)
-MAX_GRAPHS = 8      # e.g. one per concurrently trained adapter; least recently used dropped first
+CAPTURE_AFTER = 1   # eager runs of one layout before it is captured (it warms up kernels)
+# bucketed mixed steps see a few dozen keys (training and decode buckets, trained adapters); the
+# graphs share one memory pool, so each costs little beyond its kernels' parameters
+MAX_GRAPHS = 64     # least recently used dropped first
 MAX_SEEN = 1024
 
 
