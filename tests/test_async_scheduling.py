@@ -19,7 +19,8 @@ def test_stop_token_mid_batch_matches_transformers(tmp_path):
     token as its EOS, although the engine computed a row past every stop."""
     write_checkpoint(tmp_path, "llama")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    llm = LLM(str(tmp_path), block_size=4, num_kv_blocks=256)
+    # float32 like the reference (on CUDA `auto` would pick bf16, whose rounding changes greedy ties)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, num_kv_blocks=256)
     assert llm.engine.config.async_scheduling
     prompts = _prompts(6)
     decode_rows = []
