@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-sweep  (one GPU)
+#   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-serve | unified-sweep  (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
@@ -14,7 +14,7 @@ case "$part" in
     python -m pytest tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_kernels_fused_lora.py tests/test_kernels_rotary.py tests/test_attention_packed.py tests/test_prefix_cache.py tests/test_kernels_dropout.py tests/test_train_graphs.py tests/test_async_scheduling.py -q -p no:cacheprovider 2>&1 | tail -5
     python benchmarks/gpu_check.py 2>&1 | grep -v -i warn | tee "$out/gpu_check.log" | tail -8 ;;
   inference)  # decode step times, end-to-end 256 requests and the 16 that PEFT runs; graph replay profile
-    timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --e2e-subset --peft-e2e-requests 16 \
+    timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --batches 1,64,128,256 --e2e-subset --peft-e2e-requests 16 \
       --out "$out/inference.json" 2>&1 | tail -24
     timeout 150 python benchmarks/profile_decode.py --batches 1,64 > "$out/profile_decode.log" 2>&1; tail -7 "$out/profile_decode.log" ;;
   prefix)     # prefix caching on a chat workload (shared 1,000-token system prompt, 4 adapters): on against off
@@ -31,9 +31,12 @@ case "$part" in
     timeout 560 python benchmarks/bench_train.py --out "$out/train.json" 2>&1 | tail -8 ;;
   profile)    # GPU-busy fraction of training (graph / eager), mixed and decode steps
     timeout 300 python benchmarks/profile_steps.py --out "$out/profile_steps.json" 2>&1 | tail -7 ;;
-  unified)    # BurstGPT replay at 3.4, 8 and 15 req/s (300 requests each): SLO-aware, serving alone, training alone
-    timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --policies slo,serve-only,train-only \
+  unified)    # BurstGPT replay at 3.4, 8 and 15 req/s (300 requests each): SLO-aware, then training alone
+    timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --policies slo,train-only \
       --out "$out/unified.json" --plot "$out/unified.png" 2>&1 | tail -12 ;;
+  unified-serve)  # the same three loads served alone
+    timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --policies serve-only \
+      --out "$out/unified_serve.json" 2>&1 | tail -8 ;;
   unified-sweep)  # the fixed 5:1 policy at 3.4 and 8 req/s and the TPOT-SLO sweep at 8 req/s
     timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --policies fixed \
       --loads 3.4,8 --tpot-slos 0.04,0.16 --out "$out/unified_sweep.json" --plot "$out/unified_sweep.png" 2>&1 | tail -12 ;;

@@ -126,10 +126,13 @@ class VirtualLoraLinear(nn.Module):
         r = a.shape[0]
         lo, hi = self.slice_offsets[s], self.slice_offsets[s + 1]
         R = self.max_rank
-        self.lora_a[slot, s * R:(s + 1) * R].zero_()
-        self.lora_a[slot, s * R:s * R + r].copy_(a)
-        self.lora_b[slot, lo:hi].zero_()
-        self.lora_b[slot, lo:hi, :r].copy_(b)
+        # non-blocking: from pinned memory (AdapterManager.add) these are DMA copies the host does not
+        # wait for, so bringing a cached adapter into a slot is not hundreds of synchronous copies
+        self.lora_a[slot, s * R:s * R + r].copy_(a, non_blocking=True)
+        self.lora_b[slot, lo:hi, :r].copy_(b, non_blocking=True)
+        if r < R:   # a lower rank than the slot's: the rest of the slot reads as zeros
+            self.lora_a[slot, s * R + r:(s + 1) * R].zero_()
+            self.lora_b[slot, lo:hi, r:].zero_()
         self.scaling[slot, s] = scale
 
     def read_slice(self, slot: int, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
