@@ -132,7 +132,9 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+    sweep = [r for r in rows if r["sweep"]]
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(15 if sweep else 10, 4))
+    a1, a2 = axes[:2]
     solo = [r for r in rows if r["policy"] == "train-only"]
     for pol in ("slo", "fixed", "serve-only"):
         pts = sorted((r["req_per_s"], r) for r in rows if r["policy"] == pol and r["req_per_s"] and not r["sweep"])
@@ -140,21 +142,23 @@ def plot(rows, path):
             a1.plot([p for p, _ in pts], [r["slo_attain"] for _, r in pts], "o-", label=pol)
             if pol != "serve-only":
                 a2.plot([p for p, _ in pts], [r["train_tok_s"] for _, r in pts], "o-", label=pol)
-    sweep = [r for r in rows if r["sweep"]]
     if sweep:   # with the row of the default TPOT SLO at the same load, if it ran
         sweep += [r for r in rows if r["policy"] == "slo" and not r["sweep"] and r["load"] == sweep[0]["load"]]
         sweep.sort(key=lambda r: r["slo_tpot"])
+        a3 = axes[2]
         a3.plot([r["slo_tpot"] * 1e3 for r in sweep], [r["train_tok_s"] for r in sweep], "o-", label="training tok/s")
         a3b = a3.twinx()
         a3b.plot([r["slo_tpot"] * 1e3 for r in sweep], [r["slo_attain"] for r in sweep], "s--", c="tab:red")
         a3b.set(ylabel="SLO attainment (dashed)", ylim=(0, 1.05))
         a3.set(title=f"SLO-aware at {sweep[0]['load']:g} req/s", xlabel="TPOT SLO (ms)", ylabel="training tokens/s")
-    for ax in (a2, a3):
+    for ax in axes[1:]:
         if solo:
             ax.axhline(solo[0]["train_tok_s"], ls="--", c="gray", label="train-only")
     a1.set(xlabel="load (requests/s)", ylabel="SLO attainment (TTFT and TPOT)", ylim=(0, 1.05))
     a2.set(xlabel="load (requests/s)", ylabel="training tokens/s")
-    a1.legend(); a2.legend(); a3.legend(loc="lower right")
+    a1.legend(); a2.legend()
+    if sweep:
+        axes[2].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
