@@ -20,6 +20,7 @@ from ..models.sources import ModelSource, resolve_model_source
 from ..sampling_params import SamplingParams
 from .batch import DecodePadding, LossSegment, floor_token_bucket, plan_mixed_batch
 from .cost_model import StepCostModel
+from .detokenizer import IncrementalText
 from .kv_cache import KVCache
 from .runner import ModelRunner, StepResult
 from .sampler import SampledTokens
@@ -395,11 +396,12 @@ class Engine:
             if seq.grammar.error:   # it rejected the token, which its mask should have made impossible
                 reason, seq.error = "abort", f"structured output: {seq.grammar.error}"
         if p.stop and self.tokenizer is not None and reason is None:
-            text = self.tokenizer.decode(seq.output_token_ids[:num_output], skip_special_tokens=True)
+            if seq.detok is None:
+                seq.detok = IncrementalText(self.tokenizer)
             # only look where a new match can start: the tail that this token may have completed
-            start = max(0, len(seq.text) - max(len(s) for s in p.stop))
+            start = max(0, len(seq.detok.text) - max(len(s) for s in p.stop))
+            text = seq.detok.update(seq.output_token_ids, num_output)
             hits = [i for s in p.stop if (i := text.find(s, start)) >= 0]
-            seq.text = text
             if hits:
                 seq.stop_text_len = min(hits)
                 reason = "stop"
@@ -412,10 +414,9 @@ class Engine:
     def detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if seq.stop_text_len is not None:
-            text = text[:seq.stop_text_len]
-        return text
+        if seq.stop_text_len is not None:   # cut in the text the stop string was found in
+            return seq.detok.text[:seq.stop_text_len]
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
 
     def _output(self, seq: Sequence, num_output: int | None = None) -> RequestOutput:
         """What the caller sees; `num_output` leaves out tokens still in flight."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from .detokenizer import IncrementalText
     from .structured import Grammar
 
 _ids = itertools.count()
@@ -57,7 +58,7 @@ class Sequence:
     num_cached_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_text_len: int | None = None  # where the text is cut by a stop string
-    text: str = ""
+    detok: IncrementalText | None = field(default=None, repr=False)   # the output's text, for stop strings
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..engine.detokenizer import IncrementalText
 from ..engine.engine import Engine, RequestOutput
 from ..errors import AdapterNotFoundError, LoquetierError
 from ..sampling_params import SamplingParams
@@ -139,24 +140,25 @@ class RequestGroup:
 
 
 class IncrementalDetokenizer:
-    """Text deltas of a growing output: decode every token so far and send the new suffix.
+    """Text deltas of a growing output for streaming (engine/detokenizer.py decodes only the new
+    tokens in their context).
 
     A trailing U+FFFD (a character whose bytes have not all arrived) is held back, and so are the
     last `len(longest stop string) - 1` characters, which a stop string may yet swallow.
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None):
-        self.tokenizer = tokenizer
+        self.text = IncrementalText(tokenizer) if tokenizer is not None else None
         self.hold = max((len(s) for s in stop or []), default=1) - 1
         self.sent = ""
 
     def delta(self, out: RequestOutput) -> str:
         if out.finished:
             text = out.text
-        elif self.tokenizer is None:   # token-id prompts to a model without a tokenizer: no text
+        elif self.text is None:   # token-id prompts to a model without a tokenizer: no text
             return ""
         else:
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+            text = self.text.update(out.token_ids, len(out.token_ids))
             if self.hold:
                 text = text[:max(len(self.sent), len(text) - self.hold)]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
