@@ -93,6 +93,9 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
         job.flush_logs(wait=True)
     eng.stats.finished.clear()
     tok0 = sum(j.trained_tokens for j in jobs)
+    kinds = {"steps": 0, "steps_train": 0, "steps_prefill": 0, "steps_decode_only": 0}
+    eng.step_observers.append(lambda info: _count_step(kinds, info))
+    graphs0 = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs is not None else 0
     t0 = time.monotonic()
     nxt = 0
     while True:
@@ -121,11 +124,24 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
            "admit_6s": eng.stats.admitted_attainment(),
            "ttft_p50": pct([s.ttft for s in done], 0.5), "ttft_p99": pct([s.ttft for s in done], 0.99),
            "tpot_p50": pct([s.tpot for s in done], 0.5), "tpot_p99": pct([s.tpot for s in done], 0.99),
-           "train_tok_s": (sum(j.trained_tokens for j in jobs) - tok0) / wall if train else 0.0, "wall_s": wall}
+           "train_tok_s": (sum(j.trained_tokens for j in jobs) - tok0) / wall if train else 0.0, "wall_s": wall,
+           # why requests miss: each SLO on its own; what the steps carried; graphs captured meanwhile
+           "ttft_misses": sum(s.ttft is not None and s.ttft > (eng.stats.slo_ttft or float("inf")) for s in done),
+           "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done), **kinds,
+           "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0}
+    eng.step_observers.pop()
     for job in jobs:
         job.cancel()   # frees the job's slot and optimizer state for the next configuration
     print(row, flush=True)
     return row
+
+
+def _count_step(kinds: dict, info: dict) -> None:
+    kinds["steps"] += 1
+    kinds["steps_train"] += info["num_train_tokens"] > 0
+    kinds["steps_prefill"] += info["num_prefill_tokens"] > 0
+    kinds["steps_decode_only"] += info["num_decode_tokens"] > 0 and not info["num_prefill_tokens"] \
+        and not info["num_train_tokens"]
 
 
 def plot(rows, path):
@@ -214,7 +230,8 @@ def main():
     if args.plot:
         plot(rows, args.plot)
     print(table(rows, ["policy", "load", "req_per_s", "slo_tpot", "requests", "slo_attain", "admit_6s", "ttft_p50",
-                       "ttft_p99", "tpot_p50", "tpot_p99", "train_tok_s", "wall_s"]))
+                       "ttft_p99", "tpot_p50", "tpot_p99", "train_tok_s", "wall_s", "ttft_misses", "tpot_misses",
+                       "steps", "steps_train", "steps_prefill"]))
 
 
 if __name__ == "__main__":
