@@ -400,3 +400,45 @@ def test_bucketed_mixed_step_equals_unpadded(model_dir):
     assert host.lora_seg_slot.tolist()[-6:].count(-1) >= 2    # the padding run and empty runs
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_are_written_while_the_engine_steps(model_dir, tmp_path, monkeypatch):
+    """The engine thread does not wait for a checkpoint's files: steps go on and the adapter is
+    served while they are written; the "checkpoint" event (what the server records) comes once
+    they are on disk, and a write that fails fails the job, not the engine."""
+    import threading
+
+    from loquetier.training import checkpoint as ckpt
+    root, _ = model_dir
+    gate, real = threading.Event(), ckpt.save_checkpoint
+
+    def slow_save(*args):
+        assert gate.wait(30)
+        return real(*args)
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, num_kv_blocks=64)
+    trainer = Trainer(llm.engine)
+    job = trainer.submit(spec_for(root, tmp_path / "out", checkpoint_interval=1, epochs=3))
+    while not job.checkpoints:
+        llm.engine.step()
+    step = job.step
+    for _ in range(4):   # the writer is blocked: steps still run, and the checkpoint serves already
+        llm.engine.step()
+    assert job.step > step and f"ft:step-{step}" in llm.engine.adapters
+    assert not [e for e in job.events if e.kind == "checkpoint"]
+    assert not (tmp_path / "out" / f"checkpoint-{step}").exists()
+    gate.set()
+    job.wait_for_checkpoints()
+    saved = [e.data["step"] for e in job.events if e.kind == "checkpoint"]
+    assert saved == [s for s, _, _ in job.checkpoints] and saved[0] == step
+    assert all((tmp_path / "out" / f"checkpoint-{s}" / "adapter_model.safetensors").is_file() for s in saved)
+
+    def failing_save(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_checkpoint", failing_save)
+    while job.active:
+        llm.engine.step()
+    assert job.status.value == "failed" and "No space left on device" in job.error
+    out = llm.generate([list(range(40, 50))], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                       adapters=f"ft:step-{step}")[0]
+    assert len(out.token_ids) == 3

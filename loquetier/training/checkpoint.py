@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,11 +19,34 @@ from ..lora.adapter import AdapterWeights, save_peft_adapter
 
 CKPT_PREFIX = "checkpoint-"
 
+# one writer thread for the process: checkpoints reach the disk in the order they were taken, and
+# the engine thread (serving) never waits for it; the interpreter joins it at exit
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loquetier-checkpoints")
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / f"{CKPT_PREFIX}{step}"
+
+
+def save_checkpoint_later(out_dir: Path, step: int, weights: AdapterWeights, optimizer_state: dict,
+                          state: dict, base_model: str) -> Future:
+    """`save_checkpoint` on the writer thread. Every tensor must be a host copy of its own, which
+    nothing changes while it is written (see `host_copy`)."""
+    return _WRITER.submit(save_checkpoint, out_dir, step, weights, optimizer_state, state, base_model)
+
+
+def host_copy(optimizer_state: dict) -> dict:
+    """An optimizer `state_dict()` with every tensor copied to the CPU (the live state changes at
+    the next optimizer step)."""
+    return {"state": {idx: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in st.items()} for idx, st in optimizer_state["state"].items()},
+            "param_groups": optimizer_state["param_groups"]}
+
 
 def save_checkpoint(out_dir: Path, step: int, weights: AdapterWeights, optimizer_state: dict,
                     state: dict, base_model: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{CKPT_PREFIX}{step}"
+    final = checkpoint_path(out_dir, step)
     tmp = out_dir / f"{CKPT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

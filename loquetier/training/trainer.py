@@ -90,15 +90,20 @@ class Trainer:
         return any(j.active for j in self.jobs.values())
 
     def run(self, max_steps: int | None = None) -> None:
-        """Step the engine until every job and request is done (training alone or with traffic)."""
+        """Step the engine until every job and request is done (training alone or with traffic).
+        The jobs' checkpoints are on disk when it returns."""
         for _ in (range(max_steps) if max_steps else itertools.count()):
             if not (self.has_work() or self.engine.has_unfinished()):
-                return
+                break
             self.engine.step()
+        for job in self.jobs.values():
+            job.wait_for_checkpoints()
 
     # ------------------------------------------------------------------ step participant
     def next_segments(self, budget: int, num_inference_tokens: int):
         """Each running job's next examples that fit the step's training `budget`, jobs in turn."""
+        for job in self.jobs.values():
+            job.poll_checkpoints()   # paused jobs too: their last checkpoints' events
         active = [j for j in self.jobs.values() if j.active]
         if not active:
             return []
