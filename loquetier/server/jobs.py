@@ -227,10 +227,12 @@ class JobService:
             elif ev.kind == "checkpoint":
                 step = ev.data["step"]
                 metrics = {"step": float(step)}
-                if job.losses:
-                    metrics["train_loss"] = job.losses[-1][1]
-                if job.eval_losses and job.eval_losses[-1][0] == step:
-                    metrics["valid_loss"] = job.eval_losses[-1][1]
+                # the losses of that step: the event comes once the files are written, maybe
+                # a few steps later
+                for key, losses in (("train_loss", job.losses), ("valid_loss", job.eval_losses)):
+                    value = next((v for s, v in reversed(losses) if s == step), None)
+                    if value is not None:
+                        metrics[key] = value
                 self.store.add_checkpoint(job.id, step, ev.data["name"], ev.data["path"], metrics)
                 self.store.add_event(job.id, ev.message, data=ev.data)
             else:
