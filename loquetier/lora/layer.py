@@ -126,8 +126,7 @@ class VirtualLoraLinear(nn.Module):
         r = a.shape[0]
         lo, hi = self.slice_offsets[s], self.slice_offsets[s + 1]
         R = self.max_rank
-        # non-blocking: from pinned memory (AdapterManager.add) these are DMA copies the host does not
-        # wait for, so bringing a cached adapter into a slot is not hundreds of synchronous copies
+        # from the device (AdapterManager moves an adapter in one copy) these do not wait for the host
         self.lora_a[slot, s * R:s * R + r].copy_(a, non_blocking=True)
         self.lora_b[slot, lo:hi, :r].copy_(b, non_blocking=True)
         if r < R:   # a lower rank than the slot's: the rest of the slot reads as zeros

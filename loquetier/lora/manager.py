@@ -8,7 +8,6 @@ Every adapter carries a weights version, new whenever its weights may differ fro
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +85,6 @@ class AdapterManager:
         if len(self.records) >= self.config.max_loras + self.config.max_cpu_loras:
             raise CapacityError(f"{len(self.records)} adapters are loaded, the limit is max_loras + max_cpu_loras "
                                 f"= {self.config.max_loras + self.config.max_cpu_loras}; unload one first")
-        if self.device.type == "cuda":
-            weights = _pinned(weights)
         self.records[name] = AdapterRecord(name, weights, parent=parent, source=source,
                                            last_used=next(self._clock), version=next(self._versions))
 
@@ -151,7 +148,9 @@ class AdapterManager:
             free = [victim.slot]
             self._clear(victim.slot)
         slot = free[0]
-        for (layer, module), (a, b) in rec.weights.modules.items():
+        keys = list(rec.weights.modules)
+        moved = _on_device([t for key in keys for t in rec.weights.modules[key]], self.device)
+        for (layer, module), a, b in zip(keys, moved[0::2], moved[1::2]):
             self.layers[layer][module].write_slice(slot, module, a, b, rec.weights.scale(layer, module))
         self.slot_owner[slot] = rec.name
         rec.slot = slot
@@ -208,9 +207,13 @@ class AdapterManager:
         self.dropout.set(rec.slot, 0.0)
 
 
-def _pinned(weights: AdapterWeights) -> AdapterWeights:
-    """The adapter with its CPU tensors in page-locked memory, so that copying it into a device
-    slot is asynchronous DMA (a rank-16 all-linear 8B adapter is 448 tensors)."""
-    def pin(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
-    return dataclasses.replace(weights, modules={k: (pin(a), pin(b)) for k, (a, b) in weights.modules.items()})
+
+def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The tensors on `device` through one host-to-device copy, each a view of it: a rank-16
+    all-linear adapter of an 8B model is 448 small tensors, and as many synchronous copies cost
+    far more than one of their total size. CPU tensors of one dtype only; others as they are."""
+    if (device.type == "cpu" or not tensors or any(t.device.type != "cpu" for t in tensors)
+            or any(t.dtype != tensors[0].dtype for t in tensors)):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
