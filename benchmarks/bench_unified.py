@@ -94,9 +94,10 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
     eng.stats.finished.clear()
     tok0 = sum(j.trained_tokens for j in jobs)
     kinds = {"steps": 0, "steps_train": 0, "steps_prefill": 0, "steps_decode_only": 0}
-    eng.step_observers.append(lambda info: _count_step(kinds, info))
+    step_log: list[list] = []
     graphs0 = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs is not None else 0
     t0 = time.monotonic()
+    eng.step_observers.append(lambda info: _count_step(kinds, info, step_log, t0))
     nxt = 0
     while True:
         now = time.monotonic() - t0
@@ -128,20 +129,41 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
            # why requests miss: each SLO on its own; what the steps carried; graphs captured meanwhile
            "ttft_misses": sum(s.ttft is not None and s.ttft > (eng.stats.slo_ttft or float("inf")) for s in done),
            "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done), **kinds,
-           "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0}
+           "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0,
+           **_seconds_by_kind(step_log)}
     eng.step_observers.pop()
     for job in jobs:
         job.cancel()   # frees the job's slot and optimizer state for the next configuration
     print(row, flush=True)
+    if args.step_log:
+        row["step_log"] = step_log
+        row["request_log"] = [[round(s.arrival - t0, 4), s.queue_delay, s.ttft, s.tpot, s.prompt_tokens,
+                               s.output_tokens] for s in done]
     return row
 
 
-def _count_step(kinds: dict, info: dict) -> None:
+def _count_step(kinds: dict, info: dict, step_log: list, t0: float) -> None:
+    step_log.append([round(time.monotonic() - t0, 4), info["num_decode_tokens"], info["num_prefill_tokens"],
+                     info["num_train_tokens"], round(info["time"], 5)])
     kinds["steps"] += 1
     kinds["steps_train"] += info["num_train_tokens"] > 0
     kinds["steps_prefill"] += info["num_prefill_tokens"] > 0
     kinds["steps_decode_only"] += info["num_decode_tokens"] > 0 and not info["num_prefill_tokens"] \
         and not info["num_train_tokens"]
+
+
+def _seconds_by_kind(step_log: list) -> dict:
+    """Host seconds spent in each kind of step (a step's `time` is its host time, which is the
+    step period once the GPU is the bottleneck), and the training tokens each kind carried."""
+    out = {}
+    for kind in ("train_only", "mixed", "prefill", "decode_only"):
+        out[f"s_{kind}"], out[f"tok_{kind}"] = 0.0, 0
+    for _, decode, prefill, train, seconds in step_log:
+        kind = ("prefill" if prefill else "mixed" if decode and train else "train_only" if train
+                else "decode_only")
+        out[f"s_{kind}"] += seconds
+        out[f"tok_{kind}"] += train
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def plot(rows, path):
@@ -202,6 +224,8 @@ def main():
     ap.add_argument("--train-warmup-steps", type=int, default=12)
     ap.add_argument("--no-mixed-graphs", action="store_true",
                     help="run mixed (training + decode) steps eagerly (EngineConfig.mixed_cuda_graphs=False)")
+    ap.add_argument("--step-log", action="store_true",
+                    help="keep every step's [time, decode rows, prefill tokens, training tokens, seconds] in the JSON")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
