@@ -81,12 +81,16 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
     p_lens = lognormal_lengths(n, SHAREGPT["prompt_mean"], SHAREGPT["cap"], rng)
     o_lens = lognormal_lengths(n, SHAREGPT["output_mean"], args.max_output, rng)
     duration = (arrivals[-1] + args.drain) if serve else args.train_only_seconds
-    # warm-up before the clock: mixed train + prefill + decode shapes, and the training graphs
-    for i in range(8):
-        eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), 64 + 40 * i).tolist(),
-                        SamplingParams(max_tokens=16, ignore_eos=True), f"infer{i % 4}")
-    while eng.has_unfinished():
-        eng.step()
+    # warm-up before the clock, with the jobs training (they capture their graphs anew): waves of
+    # 8, 48 and 160 requests of the replay's lengths, whose outputs end at varied lengths, so that
+    # the steps pass through every decode bucket beside training and kernels meet their shapes
+    warm = np.random.default_rng(1)
+    for wave in (8, 48, 160) if args.warmup else ():
+        for i, p_len in enumerate(lognormal_lengths(wave, SHAREGPT["prompt_mean"], SHAREGPT["cap"], warm)):
+            eng.add_request(warm.integers(10, eng.args.vocab_size - 10, p_len).tolist(),
+                            SamplingParams(max_tokens=int(warm.integers(4, 48)), ignore_eos=True), f"infer{i % 4}")
+        while eng.has_unfinished():
+            eng.step()
     for _ in range(args.train_warmup_steps if train else 0):
         eng.step()
     for job in jobs:
@@ -224,6 +228,8 @@ def main():
     ap.add_argument("--train-warmup-steps", type=int, default=12)
     ap.add_argument("--no-mixed-graphs", action="store_true",
                     help="run mixed (training + decode) steps eagerly (EngineConfig.mixed_cuda_graphs=False)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the waves of requests that warm the engine up before each replay's clock")
     ap.add_argument("--step-log", action="store_true",
                     help="keep every step's [time, decode rows, prefill tokens, training tokens, seconds] in the JSON")
     ap.add_argument("--out", default=None)

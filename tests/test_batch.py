@@ -83,15 +83,18 @@ def test_bucketed_training_batch_pads_to_bucket_sizes_and_shares_its_key():
     batch = host.to_device(torch.device("cpu"))
     assert batch.num_loss_segments == 8 and batch.loss_weights.tolist() == [0.5] * 3 + [0.0] * 5
     assert (batch.loss_targets[127:] == IGNORE_INDEX).all() and batch.ctx.lora.train_slots == (0, 1)
-    # the longest-segment bound is bucketed coarsely (at least 256) and never exceeds the tokens
+    # the longest-segment bound is bucketed coarsely (at least 512) and never exceeds the tokens
     assert batch.ctx.attn.max_loss_len == 128 and batch.ctx.lora.num_train_tokens == 128
     other = plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16, bucketed=True)
     assert other.graph_key == host.graph_key and other.sizes == host.sizes
     assert plan_mixed_batch(segs([20, 31, 12, 40]), [], slot_of, 16).graph_key != host.graph_key
-    short = plan_mixed_batch(segs([250, 250, 250, 200]), [], slot_of, 16, bucketed=True)   # longest 256
+    short = plan_mixed_batch(segs([250, 250, 250, 200]), [], slot_of, 16, bucketed=True)   # longest 512
+    shorter = plan_mixed_batch(segs([100] * 9), [], slot_of, 16, bucketed=True)
     longer = plan_mixed_batch(segs([600, 150, 100, 100]), [], slot_of, 16, bucketed=True)  # longest 1024
-    assert short.seg_cu[-1] == longer.seg_cu[-1] == 1024 and short.max_loss_len == 256
+    assert short.seg_cu[-1] == longer.seg_cu[-1] == shorter.seg_cu[-1] == 1024 and short.max_loss_len == 512
     assert longer.max_loss_len == 1024 and longer.graph_key != short.graph_key
+    # 5 or 10 segments of 1,024 tokens: one segment bucket (16 = 1,024 / 64), one key
+    assert short.num_loss_segments == shorter.num_loss_segments == 16 and shorter.graph_key == short.graph_key
 
 
 def _host_state(obj, skip=("loss_cu", "seg_cu_host", "seg_slot_host", "loss_segments", "sample_seqs", "scheduled",

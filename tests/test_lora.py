@@ -31,6 +31,7 @@ def setup(tmp_path_factory):
 def make_llm(root, **kw):
     kw.setdefault("num_kv_blocks", 512)
     kw.setdefault("block_size", 4)
+    kw.setdefault("dtype", "float32")   # the references are float32 (on a GPU "auto" would be bfloat16)
     llm = LLM(str(root / "base"), max_loras=4, max_lora_rank=16, **kw)
     for name in ADAPTERS:
         llm.load_adapter(name, root / name)
@@ -202,7 +203,8 @@ def test_bad_adapters_are_rejected_and_engine_keeps_serving(setup, tmp_path):
 
 def test_more_adapters_than_slots_swap_correctly(setup, tmp_path):
     root, hf, peft_models = setup
-    llm = LLM(str(root / "base"), max_loras=2, max_lora_rank=16, block_size=4, num_kv_blocks=256)
+    llm = LLM(str(root / "base"), max_loras=2, max_lora_rank=16, block_size=4, num_kv_blocks=256,
+              dtype="float32")
     for name in ADAPTERS:
         llm.load_adapter(name, root / name)
     prompts = [[9, 8, 7, 6], list(range(30, 45)), [120, 121]]

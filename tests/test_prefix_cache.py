@@ -39,6 +39,7 @@ PROMPTS = [SYSTEM + _tokens(n, 100 + i) for i, n in enumerate((5, 0, 12, 3, 1, 2
 
 def _llm(root, **kw):
     kw.setdefault("num_kv_blocks", 512)
+    kw.setdefault("dtype", "float32")   # compared with float32 HF greedy outputs, also on a GPU
     return LLM(str(root / "base"), block_size=BS, max_loras=4, max_lora_rank=8, **kw)
 
 

@@ -42,7 +42,8 @@ def test_cost_model_recovers_linear_costs():
 
 def test_slo_policy_is_work_conserving_and_respects_tpot():
     cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4, 0.0))
-    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=2.0, max_num_batched_tokens=2048), cm, margin=1.0)
+    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=2.0, max_num_batched_tokens=2048), cm,
+                            margin=1.0, tpot_margin=1.0)
     # idle: everything left goes to training
     assert policy.allowed_tokens(SchedulerOutput([], 2048), FakeScheduler()) == 2048
     # 100 decodes: predicted 0.01 + 0.01 = 0.02 s, so 0.03 s of a 0.05 s TPOT SLO is left for training
@@ -54,6 +55,10 @@ def test_slo_policy_is_work_conserving_and_respects_tpot():
     cm.coef[5] = 0.01
     assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(200, abs=40)
     cm.coef[5] = 0.0
+    # steering requests to 80% of the TPOT SLO leaves 0.04 - 0.02 s: 200 tokens
+    policy.tpot_margin = 0.8
+    assert policy.allowed_tokens(out, FakeScheduler()) == pytest.approx(200, abs=40)
+    policy.tpot_margin = 1.0
     # a waiting request already past its TTFT SLO: no training at all
     late = Sequence([1] * 10, SamplingParams())
     late.arrival_time -= 5.0
@@ -62,7 +67,8 @@ def test_slo_policy_is_work_conserving_and_respects_tpot():
 
 def test_slo_policy_spends_tpot_credit_of_requests_that_decoded_quickly():
     cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4, 0.0))
-    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=None, max_num_batched_tokens=4096), cm, margin=1.0)
+    policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=None, max_num_batched_tokens=4096), cm,
+                            margin=1.0, tpot_margin=1.0)
     ahead = decoding_seq()
     ahead.output_token_ids = list(range(20))          # 20 tokens in 0.2 s: 0.8 s of credit left
     ahead.first_token_time = time.monotonic() - 0.2

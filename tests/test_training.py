@@ -186,19 +186,30 @@ def test_bucketed_training_step_equals_unpadded(model_dir):
     eng.add_adapter("t", new_adapter(LoraSpec(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear",
                                               init_lora_weights="gaussian"), eng.args, 16, 0))
     state = eng.adapters.make_trainable("t")
+    # a second job that has no tokens in this step: a bucketed step runs its backward too (so that the
+    # graph key does not depend on which jobs share a step), which must add nothing to its gradients
+    eng.add_adapter("u", new_adapter(LoraSpec(r=8, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                              init_lora_weights="gaussian"), eng.args, 16, 1))
+    other = eng.adapters.make_trainable("u")
     g = torch.Generator().manual_seed(0)
     segs = [LossSegment(ids, ids[1:] + [IGNORE_INDEX], "t", True, weight=0.1 * (i + 1), dropout_seed=i)
             for i, ids in enumerate(torch.randint(3, 250, (n,), generator=g).tolist() for n in (13, 40, 7))]
-    slot_of = {None: -1, "t": eng.adapters.get("t").slot}
-    results = []
-    for bucketed in (False, True):
-        host = plan_mixed_batch(segs, [], slot_of, eng.kv.block_size, eng.adapters.dropout, bucketed=bucketed)
+    slot_of = {None: -1, "t": eng.adapters.get("t").slot, "u": eng.adapters.get("u").slot}
+    results, keys = [], []
+    for bucketed, training_slots in ((False, ()), (True, ()), (True, eng.adapters.training_slots())):
+        host = plan_mixed_batch(segs, [], slot_of, eng.kv.block_size, eng.adapters.dropout, bucketed=bucketed,
+                                training_slots=training_slots)
         state.zero_grad()
+        other.zero_grad()
         res = eng.runner.execute(host.to_device(eng.device))
         results.append((res.loss_sums[:3].clone(), state.grad.clone()))
+        keys.append(host.graph_key)
+        assert not other.grad.any()
     assert host.seg_cu[-1] == 64 and host.num_loss_segments == 8
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    assert host.train_slots == tuple(sorted(slot_of[n] for n in "tu")) and keys[2] != keys[1]
+    for res in results[1:]:
+        torch.testing.assert_close(res[0], results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res[1], results[0][1], rtol=1e-5, atol=1e-6)
     assert results[0][1].abs().sum() > 0
 
 

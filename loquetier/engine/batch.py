@@ -42,6 +42,14 @@ class LossSegment:
             self.num_targets = int((self.targets != IGNORE_INDEX).sum())
 
 
+# a bucketed step has at least (its token bucket / this) segments: one segment count per token
+# bucket for examples of this length and longer, so that the count does not multiply the graph keys
+SEGMENT_BUCKET_TOKENS = 64
+# and its longest-segment bound is at least this (or its tokens): the bound only sizes attention
+# grids, whose surplus blocks exit at once, and each distinct bound is another graph to capture
+MIN_LOSS_LEN_BUCKET = 512
+
+
 def token_bucket(n: int) -> int:
     """Padded token count of a bucketed training step: powers of two up to 1,024, then steps of
     512 up to 8,192, then of 2,048 (at most a third padding; packed micro-batches sit just under
@@ -142,9 +150,7 @@ class HostBatch:
         """The longest loss segment, as the attention kernels are told: its bucket when bucketed."""
         n = self.num_loss_segments
         longest = int(np.diff(self.seg_cu[:n + 1]).max()) if n else 0
-        # coarse (at least 256): the bound only sizes attention grids, whose surplus blocks exit at
-        # once, and each distinct bound is another graph to capture
-        return min(int(self.seg_cu[n]), count_bucket(longest, 256)) if self.bucketed else longest
+        return min(int(self.seg_cu[n]), count_bucket(longest, MIN_LOSS_LEN_BUCKET)) if self.bucketed else longest
 
     def to_device(self, device: torch.device, flat: torch.Tensor | None = None) -> MixedBatch:
         """The step's `MixedBatch` over `flat` (the device copy of `self.flat`; copied here if None).
@@ -255,25 +261,31 @@ def _bucket_padding(lengths: np.ndarray) -> tuple[int, int]:
     """(padding tokens, empty segments) that bring training segments of `lengths` to bucket sizes:
     the padding tokens form one segment, the rest of the segment bucket is empty segments."""
     n = int(lengths.sum())
-    pad = token_bucket(n) - n
+    total = token_bucket(n)
+    pad = total - n
     num_segments = len(lengths) + (pad > 0)
-    return pad, count_bucket(num_segments, 8) - num_segments
+    return pad, count_bucket(max(num_segments, total // SEGMENT_BUCKET_TOKENS), 8) - num_segments
 
 
 def plan_mixed_batch(loss_segments: list[LossSegment], scheduled: list[ScheduledSeq],
                      slot_of: dict[str | None, int], block_size: int, dropout: SlotDropout | None = None,
-                     bucketed: bool = False, decode_padding: DecodePadding | None = None) -> HostBatch:
+                     bucketed: bool = False, decode_padding: DecodePadding | None = None,
+                     training_slots: tuple[int, ...] = ()) -> HostBatch:
     """The host half of `build_mixed_batch`: every array of the step, nothing on the device yet.
 
     `bucketed` (training segments, and with `decode_padding` decode rows beside them) pads the batch
-    to bucket sizes (see HostBatch). `dropout` is the adapter manager's per-slot LoRA dropout."""
+    to bucket sizes (see HostBatch). `dropout` is the adapter manager's per-slot LoRA dropout.
+    `training_slots`: every slot that trains at all; a bucketed step runs the backward of each of
+    them (a slot without tokens this step adds zero gradients), so that which jobs happen to share
+    a step does not multiply the graph keys."""
     train = [s for s in loss_segments if s.train]
     evals = [s for s in loss_segments if not s.train]
     assert not bucketed or not evals, "evaluation steps are not bucketed"
     assert not bucketed or not scheduled or (decode_padding is not None and all(s.length == 1 for s in scheduled)), \
         "a bucketed step's inference rows are decode rows with padding"
     train_lens = np.fromiter((len(s.token_ids) for s in train), dtype=np.int64, count=len(train))
-    train_slots = tuple(sorted({slot_of[s.adapter] for s in train}))
+    train_slots = {slot_of[s.adapter] for s in train}
+    train_slots = tuple(sorted(train_slots | set(training_slots) if bucketed and train else train_slots))
     any_dropout = bool(train) and dropout is not None and bool((dropout.host[list(train_slots)] > 0).any())
     pad, n_empty = _bucket_padding(train_lens) if bucketed and train else (0, 0)
     if pad:

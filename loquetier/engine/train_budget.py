@@ -30,8 +30,13 @@ class FixedRatioPolicy:
 
 
 class SloAwarePolicy:
-    def __init__(self, config: SchedulerConfig, cost: StepCostModel, margin: float = 0.9):
-        self.config, self.cost, self.margin = config, cost, margin
+    """`margin`: the share of the time left before a request's TTFT deadline that a step may take;
+    `tpot_margin`: the share of the TPOT SLO that decoding requests are steered to on average
+    (the headroom absorbs the cost model's errors and the steps no policy shortens, like prefills)."""
+
+    def __init__(self, config: SchedulerConfig, cost: StepCostModel, margin: float = 0.9,
+                 tpot_margin: float = 0.95):
+        self.config, self.cost, self.margin, self.tpot_margin = config, cost, margin, tpot_margin
 
     def allowed_tokens(self, sched: SchedulerOutput, scheduler: Scheduler) -> int:
         budget = sched.leftover_budget
@@ -40,6 +45,8 @@ class SloAwarePolicy:
         decode = sum(1 for s in sched.scheduled if s.length == 1)
         prefill = sched.num_inference_tokens - decode
         t_inf = self.cost.predict(decode, prefill)
+        # the longest this step may take: TPOT credit (its margin is in the steered target) and
+        # a share of the time left before the oldest pending request's TTFT deadline
         limit = float("inf")
         now = time.monotonic()
         if decode and self.config.slo_tpot:
@@ -52,12 +59,12 @@ class SloAwarePolicy:
                 left = self.config.slo_ttft - oldest
                 queued = sum(s.num_tokens - s.num_computed_tokens for s in pending)
                 steps = max(1, -(-queued // max(1, self.config.max_num_batched_tokens)))
-                limit = min(limit, max(0.0, left) / steps)
+                limit = min(limit, self.margin * max(0.0, left) / steps)
         if limit == float("inf"):
             return budget
         # fill the step: as many training tokens as the tightest SLO leaves, after the fixed cost
         # of a step that trains at all
-        spare = self.margin * limit - t_inf - self.cost.train_step_cost
+        spare = limit - t_inf - self.cost.train_step_cost
         if spare <= 0:
             return 0
         return max(0, min(budget, int(spare / self.cost.train_cost_per_token)))
@@ -70,7 +77,7 @@ class SloAwarePolicy:
         A request that just got its first token has one SLO of room; one that decoded quickly
         for a while can absorb a larger training step. This is what lets training run beside
         steady decoding instead of only in idle gaps."""
-        tpot = self.config.slo_tpot
+        tpot = self.config.slo_tpot * self.tpot_margin
         rooms = (tpot * len(s.seq.output_token_ids) - (now - s.seq.first_token_time)
                  for s in sched.scheduled if s.length == 1 and s.seq.first_token_time is not None)
         return min(rooms, default=tpot)

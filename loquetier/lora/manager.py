@@ -173,6 +173,10 @@ class AdapterManager:
             rec.pins -= 1
 
     # ------------------------------------------------------------------ training
+    def training_slots(self) -> tuple[int, ...]:
+        """The device slots of the adapters being trained (each is pinned to its slot)."""
+        return tuple(sorted(r.slot for r in self.records.values() if r.trainable))
+
     def make_trainable(self, name: str) -> AdapterTrainState:
         """Pin the adapter to a slot and give it a training state (flat master weights and
         gradient buffers that every virtual layer's SMLM backward writes into)."""
