@@ -244,6 +244,9 @@ def main():
     def save(partial: bool):
         write_json(args.out, {"args": vars(args), "info": info, "rows": rows, "partial": partial})
 
+    if "train-only" in pols:   # first: the reference the co-served rows are divided by
+        rows.append(run_one(args, eng, "slo", None, False, True, args.slo_tpot))
+        save(True)
     for load in args.loads:
         for pol in pols:
             if pol in ("slo", "fixed"):
@@ -254,8 +257,6 @@ def main():
     for tpot in args.tpot_slos:
         rows.append(run_one(args, eng, "slo", args.sweep_load, True, True, tpot, sweep=True))
         save(True)
-    if "train-only" in pols:
-        rows.append(run_one(args, eng, "slo", None, False, True, args.slo_tpot))
     save(False)
     if args.plot:
         plot(rows, args.plot)
