@@ -273,7 +273,7 @@ class Engine:
             graphs = self._graph_kind(segments, sched.scheduled, keep_logits)
             host = plan_mixed_batch(segments, sched.scheduled, slot_of, self.kv.block_size, self.adapters.dropout,
                                     bucketed=graphs == "bucketed", decode_padding=self.decode_padding,
-                                    training_slots=self.adapters.training_slots())
+                                    training_slots=self.adapters.training_slots() if graphs == "bucketed" else ())
             scheduled, segments = host.scheduled, host.loss_segments
             try:
                 if graphs:

@@ -70,7 +70,8 @@ class SloAwarePolicy:
         return max(0, min(budget, int(spare / self.cost.train_cost_per_token)))
 
     def _tpot_limit(self, sched: SchedulerOutput, now: float) -> float:
-        """Longest step every decoding request can take and keep its mean TPOT within the SLO.
+        """Longest step every decoding request can take and keep its mean TPOT within
+        `tpot_margin` × the SLO.
 
         TPOT is a mean over a request's output, so the time its earlier steps left unused is
         credit: after this step a request with n outputs has n intervals, allowed n * SLO in all.
