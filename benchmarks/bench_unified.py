@@ -97,11 +97,10 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
         job.flush_logs(wait=True)
     eng.stats.finished.clear()
     tok0 = sum(j.trained_tokens for j in jobs)
-    kinds = {"steps": 0, "steps_train": 0, "steps_prefill": 0, "steps_decode_only": 0}
     step_log: list[list] = []
     graphs0 = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs is not None else 0
     t0 = time.monotonic()
-    eng.step_observers.append(lambda info: _count_step(kinds, info, step_log, t0))
+    eng.step_observers.append(lambda info: _log_step(step_log, info, t0))
     nxt = 0
     while True:
         now = time.monotonic() - t0
@@ -132,9 +131,9 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
            "train_tok_s": (sum(j.trained_tokens for j in jobs) - tok0) / wall if train else 0.0, "wall_s": wall,
            # why requests miss: each SLO on its own; what the steps carried; graphs captured meanwhile
            "ttft_misses": sum(s.ttft is not None and s.ttft > (eng.stats.slo_ttft or float("inf")) for s in done),
-           "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done), **kinds,
+           "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done),
            "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0,
-           **_seconds_by_kind(step_log)}
+           **_steps_by_kind(step_log)}
     eng.step_observers.pop()
     for job in jobs:
         job.cancel()   # frees the job's slot and optimizer state for the next configuration
@@ -146,20 +145,17 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
     return row
 
 
-def _count_step(kinds: dict, info: dict, step_log: list, t0: float) -> None:
+def _log_step(step_log: list, info: dict, t0: float) -> None:
     step_log.append([round(time.monotonic() - t0, 4), info["num_decode_tokens"], info["num_prefill_tokens"],
                      info["num_train_tokens"], round(info["time"], 5)])
-    kinds["steps"] += 1
-    kinds["steps_train"] += info["num_train_tokens"] > 0
-    kinds["steps_prefill"] += info["num_prefill_tokens"] > 0
-    kinds["steps_decode_only"] += info["num_decode_tokens"] > 0 and not info["num_prefill_tokens"] \
-        and not info["num_train_tokens"]
 
 
-def _seconds_by_kind(step_log: list) -> dict:
-    """Host seconds spent in each kind of step (a step's `time` is its host time, which is the
-    step period once the GPU is the bottleneck), and the training tokens each kind carried."""
-    out = {}
+def _steps_by_kind(step_log: list) -> dict:
+    """Steps, host seconds and training tokens of each kind of step (a step's `time` is its host
+    time, which is the step period once the GPU is the bottleneck)."""
+    out = {"steps": len(step_log), "steps_train": sum(1 for x in step_log if x[3]),
+           "steps_prefill": sum(1 for x in step_log if x[2]),
+           "steps_decode_only": sum(1 for x in step_log if x[1] and not x[2] and not x[3])}
     for kind in ("train_only", "mixed", "prefill", "decode_only"):
         out[f"s_{kind}"], out[f"tok_{kind}"] = 0.0, 0
     for _, decode, prefill, train, seconds in step_log:
