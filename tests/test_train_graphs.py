@@ -43,7 +43,10 @@ def _train(model_dir, tmp_path, graphs: bool, jobs: int, grad_accum: int, steps:
     for job in trainer.jobs.values():
         job.flush_logs(wait=True)
     torch.cuda.synchronize()
-    captured = 0 if eng.runner.train_graphs is None else len(eng.runner.train_graphs.entries)
+    graphs = eng.runner.train_graphs
+    # a capture that fails falls back to eager steps silently (a warning): count it as a failure
+    assert graphs is None or not graphs.failed, f"captures failed for layouts {list(graphs.failed)}"
+    captured = 0 if graphs is None else len(graphs.entries)
     return ({k: j.losses for k, j in trainer.jobs.items()},
             {k: j.state.master.detach().clone() for k, j in trainer.jobs.items()}, captured)
 
@@ -89,6 +92,7 @@ def _co_serve(model_dir, tmp_path, replay: bool):
                 tokens[out.request_id] = out.token_ids
     job.flush_logs(wait=True)
     # graphs of steps with decode rows: their bucketed key holds the decode bucket (batch.py)
+    assert not eng.runner.train_graphs.failed, f"captures failed for {list(eng.runner.train_graphs.failed)}"
     captured = sum(1 for key in eng.runner.train_graphs.entries if key[0] == "bucketed" and key[3] > 0)
     return [tokens.get(r) for r in rids], job.losses, job.state.master.detach().clone(), captured
 

@@ -169,33 +169,15 @@ class _SMLMFunction(torch.autograd.Function):
         meta, offs = ctx.meta, ctx.slice_offsets
         n = meta.num_train_tokens
         dy = dout[:n]
-        num_slices, d_out = len(offs) - 1, offs[-1]
-        table_rank = v_train.shape[1] // num_slices
         slice_mask = _slice_mask(offs, dy.device)
-        # One pass per trained slot over all training rows: a slot's rows are picked by a mask, not
-        # by host-side segment boundaries, so shapes depend only on the token count (graph-friendly).
-        # B is laid out block-diagonally with its scales folded in ([d_out, S*r]), so dv for every
-        # slice is one GEMM; cuBLAS accumulates the gradients in fp32 (addmm into the buffers).
-        dx = None
-        for slot, ts in ctx.train:
-            r = ts.rank
-            mask = meta.train_mask(slot, dy.dtype) if len(ctx.train) > 1 else None
-            scale = scaling[slot]                                                 # [S] fp32
-            block_scale = slice_mask * scale                                      # [d_out, S]
-            b_block = (ts.weight_b.unsqueeze(1) * block_scale.unsqueeze(2)).to(dy.dtype).reshape(d_out, -1)
-            dv = dy @ b_block                                                     # [n, S*r]
-            if mask is not None:
-                dv = dv * mask
-            ts.grad_a.addmm_(dv.t(), x_train)
-            vs = v_train.view(n, num_slices, table_rank)[:, :, :r] * scale[:, None]
-            if mask is not None:
-                vs = vs * mask.unsqueeze(2)
-            vs = vs.to(dy.dtype).reshape(n, -1)                                   # [n, S*r], scaled
-            for s in range(num_slices):
-                lo, hi = offs[s], offs[s + 1]
-                ts.grad_b[lo:hi].addmm_(dy[:, lo:hi].t(), vs[:, s * r:(s + 1) * r])
-            if ctx.needs_input_grad[0]:
-                dx = dv @ ts.weight_a if dx is None else dx.addmm_(dv, ts.weight_a)
+        # several trained slots: their rows are picked by a mask, not by host-side segment
+        # boundaries, so shapes depend only on the token count (graph-friendly)
+        if len(ctx.train) > 1:
+            dx = _backward_slots_together(dy, x_train, v_train, scaling, ctx.train, meta, offs, slice_mask,
+                                          ctx.needs_input_grad[0])
+        else:
+            dx = _backward_one_slot(dy, x_train, v_train, scaling, ctx.train[0], offs, slice_mask,
+                                    ctx.needs_input_grad[0])
         if dx is not None:
             if meta.any_dropout:   # the same mask again: the op is linear in x
                 dx = lora_dropout(dx, n, meta.dropout_keys, meta.token_slot, meta.slot_dropout, ctx.salt, ctx.backend,
@@ -203,6 +185,63 @@ class _SMLMFunction(torch.autograd.Function):
             if ctx.num_rows > n:   # inference / evaluation rows get no gradient
                 dx = torch.nn.functional.pad(dx, (0, 0, 0, ctx.num_rows - n))
         return dx, dout, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _backward_one_slot(dy, x_train, v_train, scaling, slot_train, offs, slice_mask, needs_dx):
+    """The LoRA gradients of one trained slot, whose rows are every training row."""
+    n, num_slices, d_out = dy.shape[0], len(offs) - 1, offs[-1]
+    table_rank = v_train.shape[1] // num_slices
+    slot, ts = slot_train
+    r = ts.rank
+    scale = scaling[slot]                                                         # [S] fp32
+    block_scale = slice_mask * scale                                              # [d_out, S]
+    # B laid out block-diagonally with its scales folded in ([d_out, S*r]): dv for every slice is
+    # one GEMM; cuBLAS accumulates the gradients in fp32 (addmm into the buffers)
+    b_block = (ts.weight_b.unsqueeze(1) * block_scale.unsqueeze(2)).to(dy.dtype).reshape(d_out, -1)
+    dv = dy @ b_block                                                             # [n, S*r]
+    ts.grad_a.addmm_(dv.t(), x_train)
+    vs = (v_train.view(n, num_slices, table_rank)[:, :, :r] * scale[:, None]).to(dy.dtype).reshape(n, -1)
+    for s in range(num_slices):
+        lo, hi = offs[s], offs[s + 1]
+        ts.grad_b[lo:hi].addmm_(dy[:, lo:hi].t(), vs[:, s * r:(s + 1) * r])
+    return dv @ ts.weight_a if needs_dx else None
+
+
+def _backward_slots_together(dy, x_train, v_train, scaling, train, meta, offs, slice_mask, needs_dx):
+    """The LoRA gradients of K trained slots in the GEMMs of one: every slot's B (and A) side by side,
+    padded to the largest rank, and a [rows, K] mask that keeps each row's own slot. A pass per slot
+    would read the step's activations K times; here they are read once, for the cost of wider GEMMs.
+    Shapes depend only on the token count and the slots' ranks (graph-friendly)."""
+    n, num_slices, d_out = dy.shape[0], len(offs) - 1, offs[-1]
+    table_rank = v_train.shape[1] // num_slices
+    K, r_max = len(train), max(ts.rank for _, ts in train)
+    slots = [slot for slot, _ in train]
+    mask = torch.cat([meta.train_mask(slot, dy.dtype) for slot in slots], 1)       # [n, K]
+    # rows picked one by one (views), not `scaling[slots]`: indexing with a host list copies the
+    # index to the device, which CUDA graph capture refuses (the step would then run eagerly)
+    scale = torch.stack([scaling[slot] for slot in slots])                        # [K, S] fp32
+    b_all = dy.new_zeros(d_out, K, num_slices, r_max)
+    a_all = dy.new_zeros(K, num_slices, r_max, x_train.shape[1]) if needs_dx else None
+    for k, (_, ts) in enumerate(train):
+        r = ts.rank
+        b_all[:, k, :, :r] = ts.weight_b.unsqueeze(1) * (slice_mask * scale[k]).unsqueeze(2)
+        if needs_dx:
+            a_all[k, :, :r] = ts.weight_a.view(num_slices, r, -1)
+    dv = (dy @ b_all.view(d_out, -1)).view(n, K, -1) * mask.unsqueeze(2)          # [n, K, S*r_max]
+    dv = dv.view(n, -1)
+    grad_a = (dv.t() @ x_train).view(K, num_slices, r_max, -1)
+    # each row's shrink output is its own slot's: masked and scaled per slot, [n, S, K, r_max]
+    v = v_train.view(n, num_slices, table_rank)
+    v = v[:, :, :r_max] if table_rank >= r_max else torch.nn.functional.pad(v, (0, r_max - table_rank))
+    vs = (v.unsqueeze(2) * scale.t().unsqueeze(0).unsqueeze(3) * mask.view(n, 1, K, 1)).to(dy.dtype)
+    for s in range(num_slices):
+        lo, hi = offs[s], offs[s + 1]
+        grad_b = (dy[:, lo:hi].t() @ vs[:, s].reshape(n, -1)).view(hi - lo, K, r_max)
+        for k, (_, ts) in enumerate(train):
+            ts.grad_b[lo:hi].add_(grad_b[:, k, :ts.rank])
+    for k, (_, ts) in enumerate(train):
+        ts.grad_a.view(num_slices, ts.rank, -1).add_(grad_a[k, :, :ts.rank])
+    return dv @ a_all.view(-1, x_train.shape[1]) if needs_dx else None
 
 
 @functools.lru_cache(maxsize=64)
