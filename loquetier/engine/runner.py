@@ -89,7 +89,7 @@ class ModelRunner:
         try:
             graphs.capture()
         except Exception as e:  # a driver/compiler problem must not stop the engine from serving
-            logging.getLogger("loquetier").warning("CUDA graph capture failed (%s); decoding eagerly", e)
+            logging.getLogger("loquetier").warning("CUDA graph capture failed (%s); decoding eagerly", e, exc_info=True)
             torch.cuda.synchronize()
             return
         self.graphs = graphs

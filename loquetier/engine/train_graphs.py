@@ -95,7 +95,7 @@ class TrainGraphs:
                 # the batch's views and int32 copies are made inside the graph: a replay refreshes them
                 outputs = self.train_fn(host.to_device(self.device, flat))
         except Exception as e:   # a capture problem must not stop training: this layout stays eager
-            logging.getLogger("loquetier").warning("training step capture failed (%s); running it eagerly", e)
+            logging.getLogger("loquetier").warning("training step capture failed (%s); running it eagerly", e, exc_info=True)
             self.failed.add(key)
             torch.cuda.synchronize()
             return None
