@@ -73,6 +73,8 @@ def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
     from torch.profiler import profile as torch_profile
     torch.cuda.synchronize()
     tok0 = trainer.scheduled_tokens if trainer else 0
+    graphs = eng.runner.train_graphs
+    replays0 = graphs.replays if graphs is not None else 0
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             with record_function("engine.step"):
@@ -83,6 +85,8 @@ def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
     if trainer is not None:
         row["train_tokens_per_step"] = (trainer.scheduled_tokens - tok0) / steps
+        # steps of the window that replayed a training graph (the rest ran eagerly)
+        row["graph_replays"] = graphs.replays - replays0 if graphs is not None else 0
     rows.append(row)
     print(row, flush=True)
 
@@ -146,7 +150,7 @@ def main():
             "argv": sys.argv}
     write_json(args.out, {"info": info, "rows": rows})
     print(table(rows, ["kind", "wall_ms_per_step", "host_ms_per_step", "gpu_ms_per_step", "gpu_busy",
-                       "train_tokens_per_step", "device_events_per_step"]))
+                       "train_tokens_per_step", "graph_replays", "device_events_per_step"]))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class TrainGraphs:
         self.seen: dict[tuple, int] = {}
         self.failed: set[tuple] = set()
         self.pool = None
+        self.replays = 0   # steps that ran as a replay (benchmarks report it)
 
     def clear(self) -> None:
         """Forget every graph (their memory goes back) and every count of repeated layouts."""
@@ -82,6 +83,7 @@ class TrainGraphs:
         self.entries.move_to_end(key)
         entry.flat.copy_(torch.from_numpy(host.flat).pin_memory(), non_blocking=True)
         entry.graph.replay()
+        self.replays += 1
         return entry.outputs
 
     def _capture(self, key, host: HostBatch) -> _Entry | None:
