@@ -9,7 +9,8 @@ into `--micro-batch-tokens`):
 For each kind, K consecutive steps run under the profiler with no sync between them. busy = the
 union of the GPU's kernel and copy intervals over the window from the first step's start to the last
 kernel's end. Also: wall time and host (CPU) time per step. A busy fraction far below 1 means the
-GPU waits for the host.
+GPU waits for the host. A graph window starts once `--warmup-quiet` steps in a row replayed, and
+its row counts the window's replays, captures and eager steps (a capture costs several replays).
 """
 
 from __future__ import annotations
@@ -68,13 +69,30 @@ def busy_fraction(prof, steps: int) -> dict:
             "device_events_per_step": len(dev) / steps}
 
 
+def _graph_counts(graphs) -> dict:
+    names = ("replays", "captures", "eager")
+    return {f"graph_{n}": getattr(graphs, n) if graphs is not None else 0 for n in names}
+
+
+def warm_up(eng, quiet_steps: int = 16, max_steps: int = 300) -> None:
+    """Step until `quiet_steps` steps in a row replayed captured graphs: a profiled window must
+    not hold the first sightings or captures of its layouts (each costs several replays)."""
+    graphs, quiet = eng.runner.train_graphs, 0
+    for _ in range(max_steps):
+        before = graphs.replays if graphs is not None else 0
+        eng.step()
+        quiet = quiet + 1 if graphs is not None and graphs.replays > before else 0
+        if quiet >= quiet_steps:
+            return
+
+
 def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
     torch.cuda.synchronize()
     tok0 = trainer.scheduled_tokens if trainer else 0
     graphs = eng.runner.train_graphs
-    replays0 = graphs.replays if graphs is not None else 0
+    counts0 = _graph_counts(graphs)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             with record_function("engine.step"):
@@ -85,8 +103,9 @@ def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
     if trainer is not None:
         row["train_tokens_per_step"] = (trainer.scheduled_tokens - tok0) / steps
-        # steps of the window that replayed a training graph (the rest ran eagerly)
-        row["graph_replays"] = graphs.replays - replays0 if graphs is not None else 0
+        # what the window's steps were: replays of graphs captured before it, captures, eager runs
+        after = _graph_counts(graphs)
+        row.update({k: after[k] - counts0[k] for k in after})
     rows.append(row)
     print(row, flush=True)
 
@@ -100,7 +119,8 @@ def main():
     ap.add_argument("--mixed-train-tokens", type=int, default=1024)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--mixed-warmup", type=int, default=24, help="mixed steps run before the profiled ones")
+    ap.add_argument("--warmup-quiet", type=int, default=16,
+                    help="before a graph window, step until this many steps in a row replayed")
     ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed steps run eagerly")
     ap.add_argument("--top", default="", help="print the top kernels of these kinds")
     ap.add_argument("--out", default=None)
@@ -117,8 +137,7 @@ def main():
     job = TrainingJob("j0", spec, alpaca_like(4000, eng.args.vocab_size, seed=0), [], eng)
     trainer.jobs["j0"] = job
     rows: list[dict] = []
-    for _ in range(12):   # captures of the buckets seen
-        eng.step()
+    warm_up(eng, args.warmup_quiet)
     if "train-graph" in kinds:
         profile(eng, "train-graph", args.steps, rows, trainer)
     if "train-eager" in kinds:
@@ -143,14 +162,14 @@ def main():
             profile(eng, "decode", args.steps, rows)
         if "mixed" in kinds:
             job.status = JobStatus.RUNNING
-            for _ in range(args.mixed_warmup):   # captures of the buckets seen
-                eng.step()
+            warm_up(eng, args.warmup_quiet)
             profile(eng, "mixed", args.steps, rows, trainer)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "argv": sys.argv}
     write_json(args.out, {"info": info, "rows": rows})
     print(table(rows, ["kind", "wall_ms_per_step", "host_ms_per_step", "gpu_ms_per_step", "gpu_busy",
-                       "train_tokens_per_step", "graph_replays", "device_events_per_step"]))
+                       "train_tokens_per_step", "graph_replays", "graph_captures", "graph_eager",
+                       "device_events_per_step"]))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ class TrainGraphs:
         self.seen: dict[tuple, int] = {}
         self.failed: set[tuple] = set()
         self.pool = None
-        self.replays = 0   # steps that ran as a replay (benchmarks report it)
+        # what became of each step (benchmarks report them): replayed a graph captured earlier,
+        # captured (and replayed) now, or ran eagerly
+        self.replays = self.captures = self.eager = 0
 
     def clear(self) -> None:
         """Forget every graph (their memory goes back) and every count of repeated layouts."""
@@ -71,19 +73,24 @@ class TrainGraphs:
         entry = self.entries.get(key)
         if entry is None:
             if key in self.failed:
+                self.eager += 1
                 return None
             if len(self.seen) > MAX_SEEN:   # layouts that never repeat (exact keys of varied data)
                 self.seen.clear()
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= CAPTURE_AFTER:
+                self.eager += 1
                 return None
             entry = self._capture(key, host)
             if entry is None:
+                self.eager += 1
                 return None
+            self.captures += 1
+        else:
+            self.replays += 1
         self.entries.move_to_end(key)
         entry.flat.copy_(torch.from_numpy(host.flat).pin_memory(), non_blocking=True)
         entry.graph.replay()
-        self.replays += 1
         return entry.outputs
 
     def _capture(self, key, host: HostBatch) -> _Entry | None:
