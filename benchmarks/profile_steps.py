@@ -104,8 +104,9 @@ def profile(eng, kind: str, steps: int, rows: list, trainer=None) -> None:
     if trainer is not None:
         row["train_tokens_per_step"] = (trainer.scheduled_tokens - tok0) / steps
         # what the window's steps were: replays of graphs captured before it, captures, eager runs
-        after = _graph_counts(graphs)
-        row.update({k: after[k] - counts0[k] for k in after})
+        if graphs is not None:   # (train-eager runs with the graphs taken away)
+            after = _graph_counts(graphs)
+            row.update({k: after[k] - counts0[k] for k in after})
     rows.append(row)
     print(row, flush=True)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of benchmarks/RESULTS.md, in calls that each fit the device tool's 10-minute limit.
+# Every GPU figure of benchmarks/RESULTS.md, in parts that each run within 10 minutes.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
 #   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-serve | unified-sweep  (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
