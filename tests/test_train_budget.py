@@ -40,6 +40,31 @@ def test_cost_model_recovers_linear_costs():
     assert cm.train_step_cost == pytest.approx(0.015, rel=0.1)
 
 
+def test_cost_model_window_equals_a_fit_of_its_last_samples():
+    """The running sums over the sliding window (samples entering and leaving, and the periodic
+    rebuild) give the ridge fit computed from scratch over the samples still in the window."""
+    import numpy as np
+    window = 32
+    cm = StepCostModel(window=window)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(3 * window + 5):
+        d, p, t, e = (int(v) for v in rng.integers(0, [64, 700, 900, 200]))
+        t *= i % 3 > 0
+        y = 0.003 + 1e-4 * d + 2e-5 * p + 1.5e-4 * t + 3e-5 * e + 0.01 * (t > 0) + float(rng.normal(0, 1e-3))
+        cm.observe({"time": y, "num_decode_tokens": d, "num_prefill_tokens": p, "num_train_tokens": t,
+                    "num_eval_tokens": e})
+        rows.append(([1.0, d, p, t, e, float(t > 0)], y))
+    cm.fit()
+    X = np.array([r[0] for r in rows[-window:]])
+    y = np.array([r[1] for r in rows[-window:]])
+    scale = np.maximum(np.abs(X).mean(0), 1e-9)
+    lam = 1e-3 * window
+    ref = np.linalg.solve(X.T @ X + lam * np.diag(scale ** 2), X.T @ y + lam * scale ** 2 * cm.prior).clip(min=0)
+    np.testing.assert_allclose(cm.coef, ref, rtol=1e-9, atol=1e-12)
+    assert len(cm.samples) == window
+
+
 def test_slo_policy_is_work_conserving_and_respects_tpot():
     cm = StepCostModel(prior=(0.01, 1e-4, 1e-4, 1e-4, 1e-4, 0.0))
     policy = SloAwarePolicy(SchedulerConfig(slo_tpot=0.05, slo_ttft=2.0, max_num_batched_tokens=2048), cm,
