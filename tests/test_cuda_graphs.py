@@ -107,3 +107,27 @@ def test_bias_and_grammar_with_captured_graphs_on_gpu(tmp_path):
     outs = llm.generate(["Hello", "The answer", "A pet:", "Hi"], _controlled_params())
     assert replays and max(replays) == 4
     _check_controlled(outs)
+
+
+def test_collector_is_paused_during_capture_and_restored():
+    """Captures run with the cyclic collector off (a collection inside one could free CUDA
+    resources and invalidate it); afterwards it is back as it was, also after an error, and a
+    collector the caller had turned off stays off."""
+    import gc
+
+    from loquetier.engine.graph_capture import collector_paused
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with collector_paused():
+            raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

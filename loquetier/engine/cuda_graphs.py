@@ -19,6 +19,7 @@ import torch
 
 from ..kernels.smlm import LoraBatchMeta
 from .context import AttentionMeta, BatchContext
+from .graph_capture import collector_paused
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 SEGMENT_MIN_BATCH = 32   # kernel benchmark (H100): segments beat per-token gather from ~32 tokens
@@ -72,7 +73,7 @@ class DecodeGraphs:
                     self._forward(flat, bucket, with_lora)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with collector_paused(), torch.cuda.graph(graph, pool=self.pool):
                     logits = self._forward(flat, bucket, with_lora)
                 if self.pool is None:
                     self.pool = graph.pool()

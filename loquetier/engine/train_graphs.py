@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import HostBatch
+from .graph_capture import collector_paused
 
 CAPTURE_AFTER = 1   # eager runs of one layout before it is captured (it warms up kernels)
 # bucketed mixed steps see a few dozen keys (training and decode buckets, trained adapters); the
@@ -100,7 +101,7 @@ class TrainGraphs:
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with collector_paused(), torch.cuda.graph(graph, pool=self.pool):
                 # the batch's views and int32 copies are made inside the graph: a replay refreshes them
                 outputs = self.train_fn(host.to_device(self.device, flat))
         except Exception as e:   # a capture problem must not stop training: this layout stays eager
