@@ -9,8 +9,8 @@ into `--micro-batch-tokens`):
 For each kind, K consecutive steps run under the profiler with no sync between them. busy = the
 union of the GPU's kernel and copy intervals over the window from the first step's start to the last
 kernel's end. Also: wall time and host (CPU) time per step. A busy fraction far below 1 means the
-GPU waits for the host. A graph window starts once `--warmup-quiet` steps in a row replayed, and
-its row counts the window's replays, captures and eager steps (a capture costs several replays).
+GPU waits for the host. A window starts once `--warmup-quiet` steps in a row captured no graph and
+ran no layout eagerly, and its row counts the window's replays, captures and eager steps.
 """
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ def _graph_counts(graphs) -> dict:
 
 
 def warm_up(eng, quiet_steps: int = 16, max_steps: int = 300) -> None:
-    """Step until `quiet_steps` steps in a row replayed captured graphs: a profiled window must
-    not hold the first sightings or captures of its layouts (each costs several replays)."""
+    """Step until `quiet_steps` steps in a row neither captured a graph nor saw a layout for the
+    first time: a profiled window must not hold those (each costs several replays). Steps that
+    never go through the training graphs (mixed graphs off) are quiet from the start."""
     graphs, quiet = eng.runner.train_graphs, 0
     for _ in range(max_steps):
-        before = graphs.replays if graphs is not None else 0
+        before = _graph_counts(graphs)
         eng.step()
-        quiet = quiet + 1 if graphs is not None and graphs.replays > before else 0
+        after = _graph_counts(graphs)
+        settled = after["graph_captures"] == before["graph_captures"] and after["graph_eager"] == before["graph_eager"]
+        quiet = quiet + 1 if settled else 0
         if quiet >= quiet_steps:
             return
 
@@ -121,7 +124,7 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup-quiet", type=int, default=16,
-                    help="before a graph window, step until this many steps in a row replayed")
+                    help="before a window, step until this many steps in a row captured nothing and ran nothing eagerly")
     ap.add_argument("--no-mixed-graphs", action="store_true", help="mixed steps run eagerly")
     ap.add_argument("--top", default="", help="print the top kernels of these kinds")
     ap.add_argument("--out", default=None)
