@@ -14,6 +14,7 @@ over the three loads, then `--policies fixed --tpot-slos ...`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,15 @@ def main():
                     help="keep every step's [time, decode rows, prefill tokens, training tokens, seconds] in the JSON")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: plot the rows of earlier --out files (parts run in separate GPU calls) "
+                         "into --plot")
     args = ap.parse_args()
+    if args.plot_from:
+        rows = [r for path in args.plot_from for r in json.load(open(path))["rows"]]
+        plot(rows, args.plot or "unified.png")
+        print(table(rows, ["policy", "load", "slo_tpot", "slo_attain", "tpot_p50", "train_tok_s"]))
+        return
     rows = []
     eng = make_engine(args)
     pols = args.policies.split(",")
