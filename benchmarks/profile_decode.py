@@ -1,7 +1,8 @@
 """Where a decode step's time goes: CUDA-graph replay times of the base and LoRA decode forwards
 (Llama-3-8B shape, random bf16, context 512) for each SMLM layout, then the top kernels of one
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
-bucket (the old layout) or capped at slots + 2.
+bucket (the old layout) or capped at slots + 2; the folded layers' deltas added by the row-tile
+kernels (the default) or by the per-row add + RMSNorm and per-segment SiLU kernels.
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_adapter  # noqa: E402
+from common import random_adapter, start_decoding, steady_step_seconds  # noqa: E402
 
 from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig  # noqa: E402
@@ -38,6 +39,50 @@ def replay_ms(graph, n=50) -> float:
     return statistics.median(times)
 
 
+def engine_steps(eng, names, batch: int, context: int, steps: int, rng) -> list[dict]:
+    """Steady decode through `Engine.step()` (asynchronous scheduling, the engine's own graphs) with
+    0 and 4 adapters, each replay bracketed by CUDA events: how long a step takes, how much of it is
+    the metadata copy + replay, and how long the GPU spends between replays (sampling, the token
+    copies, and any time it waits for the host)."""
+    graphs = eng.runner.graphs
+    marks = []
+    real_run = graphs.run
+
+    def timed_run(*a, **k):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = real_run(*a, **k)
+        end.record()
+        marks.append((start, end))
+        return out
+
+    graphs.run = timed_run
+    out = []
+    try:
+        for n_ad in (0, 4):
+            for i in range(batch):
+                eng.add_request(rng.integers(10, eng.args.vocab_size - 10, context).tolist(),
+                                SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True),
+                                None if n_ad == 0 else names[i % n_ad])
+            start_decoding(eng)
+            marks.clear()
+            wall = steady_step_seconds(eng, steps, "cuda")
+            replay = [a.elapsed_time(b) for a, b in marks]
+            between = [b0.elapsed_time(a1) for (_, b0), (a1, _) in zip(marks, marks[1:])]
+            row = {"section": "engine-steps", "batch": batch, "adapters": n_ad, "steps": steps,
+                   "replays": len(marks), "step_ms": wall * 1e3, "replay_ms": statistics.median(replay),
+                   "between_replays_ms": statistics.median(between)}
+            out.append(row)
+            print(row, flush=True)
+            for rid in list(eng.requests):
+                eng.abort(rid)
+            while eng.has_unfinished():
+                eng.step()
+    finally:
+        graphs.run = real_run
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64])
@@ -46,6 +91,11 @@ def main():
     ap.add_argument("--norm-configs", default="",
                     help="also time the folded variant with these add-RMSNorm launch configs, CHUNKxWARPS,... "
                          "(e.g. 1024x8,512x4,4096x16)")
+    ap.add_argument("--tile-configs", default="",
+                    help="also time the row-tile kernels with these tile sizes, MxNORM_NxSILU_N,... (e.g. 16x256x128)")
+    ap.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64],
+                    help="then time Engine.step() at these batches with the engine's own graphs ('' for none)")
+    ap.add_argument("--engine-steps", type=int, default=40)
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--device", default="cuda",
                     help="cpu: a smoke test of this script (graphs run eagerly; needs TRITON_INTERPRET=1)")
@@ -56,7 +106,7 @@ def main():
         cuda_graphs=False, lora_backend="auto" if cuda else "triton",  # this script captures its own graphs
         cache=CacheConfig(memory_budget_bytes=8 << 30 if cuda else 64 << 20),
         lora=LoraConfig(max_loras=4, max_lora_rank=16),
-        scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(args.batches))))
+        scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(args.batches + args.engine_batches))))
     names = []
     for i in range(4):
         eng.add_adapter(f"a{i}", random_adapter(eng, seed=100 + i))
@@ -64,13 +114,22 @@ def main():
     rng = np.random.default_rng(0)
     kv = eng.kv
     max_blocks = -(-eng.max_model_len // kv.block_size)
-    variants = {"unfolded, bucket-long segments": ("never", None, None),
-                "unfolded, slots+2 segments": ("never", 6, None),
-                "folded, slots+2 segments": ("always", 6, None)}
+    # label -> (fold_shrink, max segments, fused_triton constants to set); constants not named keep
+    # their defaults
+    no_tiles = {"LORA_TILE_MIN_ROWS": 1 << 30}
+    variants = {"unfolded, bucket-long segments": ("never", None, no_tiles),
+                "unfolded, slots+2 segments": ("never", 6, no_tiles),
+                "folded, slots+2 segments": ("always", 6, no_tiles),
+                "folded, row tiles": ("always", 6, {})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
-        variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, (chunk, warps))
-    default_norm = (fused_triton.ADD_NORM_CHUNK, fused_triton.ADD_NORM_NUM_WARPS)
+        variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, {**no_tiles, "ADD_NORM_CHUNK": chunk,
+                                                                        "ADD_NORM_NUM_WARPS": warps})
+    for cfg in filter(None, args.tile_configs.split(",")):
+        m, n_norm, n_silu = (int(x) for x in cfg.split("x"))
+        variants[f"folded, row tiles {m}x{n_norm}x{n_silu}"] = ("always", 6, {
+            "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu})
+    defaults = {name: getattr(fused_triton, name) for _, _, consts in variants.values() for name in consts}
     rows = []
     for batch in args.batches:
         adapters = [names[i % 4] for i in range(batch)]
@@ -83,9 +142,10 @@ def main():
         slot_of = {None: -1, **eng.adapters.activate(set(adapters))}
         seqs, arrays = eng.runner.decode_metadata(sched.scheduled, slot_of, kv.block_size)
         base_arrays = arrays[:3] + (np.full_like(arrays[3], -1),) + arrays[4:]
-        for label, (fold, max_segments, norm) in variants.items():
+        for label, (fold, max_segments, consts) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
-            fused_triton.ADD_NORM_CHUNK, fused_triton.ADD_NORM_NUM_WARPS = norm or default_norm
+            for name, value in {**defaults, **consts}.items():
+                setattr(fused_triton, name, value)
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
                                   max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
@@ -100,7 +160,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label in ("unfolded, bucket-long segments", "folded, slots+2 segments"):
+            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, row tiles"):
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -114,9 +174,21 @@ def main():
         for rid in list(eng.requests):
             eng.abort(rid)
         eng.step()
+    if cuda and args.engine_batches:
+        eng.model.set_lora_fold_shrink("auto")
+        for name, value in defaults.items():
+            setattr(fused_triton, name, value)
+        eng.runner.enable_graphs(eng.kv, eng.max_model_len, max(args.engine_batches), eng.config.lora.max_loras)
+        for batch in args.engine_batches:
+            rows += engine_steps(eng, names, batch, args.context, args.engine_steps, rng)
     print("\nbatch | variant | base ms | 4 adapters ms | ratio")
     for r in rows:
-        print(f"{r['batch']} | {r['variant']} | {r['base_ms']:.2f} | {r['lora_ms']:.2f} | {r['ratio']:.3f}")
+        if "variant" in r:
+            print(f"{r['batch']} | {r['variant']} | {r['base_ms']:.2f} | {r['lora_ms']:.2f} | {r['ratio']:.3f}")
+    print("\nbatch | adapters | Engine.step ms | copy + replay ms | GPU between replays ms")
+    for r in rows:
+        if r.get("section") == "engine-steps":
+            print(f"{r['batch']} | {r['adapters']} | {r['step_ms']:.2f} | {r['replay_ms']:.2f} | {r['between_replays_ms']:.2f}")
 
 
 if __name__ == "__main__":

@@ -58,13 +58,25 @@ def delta_ref(out, delta):
 
 
 SLOTS = [0, -1, 2, 1, 1, -1, 0]
+SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
+
+
+@pytest.fixture(params=["tile", "row"])
+def lora_path(request, monkeypatch):
+    """The row-tile kernels (any batch from LORA_TILE_MIN_ROWS rows) or the per-row / per-segment ones
+    below it; the norm's row loop cut to 1,024 columns so that 2,500 takes three passes."""
+    monkeypatch.setattr(fused_triton, "NORM_ROW_CHUNK", 1024)
+    if request.param == "row":
+        monkeypatch.setattr(fused_triton, "LORA_TILE_MIN_ROWS", 1 << 30)
+    return request.param
 
 
 @pytest.mark.parametrize("width", [40, 2500])   # 2500: three chunks, the last one partial
 @pytest.mark.parametrize("with_delta,with_residual", [(True, True), (False, True), (True, False)])
-def test_add_rms_norm_matches_reference(width, with_delta, with_residual, poisoned_empty):
-    out, delta = folded_output(SLOTS, [width])
-    residual = torch.randn(len(SLOTS), width, device=DEVICE) if with_residual else None
+@pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS], ids=["mixed", "sorted-runs"])
+def test_add_rms_norm_matches_reference(width, with_delta, with_residual, slots, lora_path, poisoned_empty):
+    out, delta = folded_output(slots, [width])
+    residual = torch.randn(len(slots), width, device=DEVICE) if with_residual else None
     weight = torch.rand(width, device=DEVICE) + 0.5
     out0 = out.clone()
     y, h = fused_triton.add_rms_norm(out, delta if with_delta else None, residual, weight, EPS)
@@ -76,12 +88,9 @@ def test_add_rms_norm_matches_reference(width, with_delta, with_residual, poison
     assert torch.equal(out, out0)  # the GEMM output is read, never written
 
 
-SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
-
-
 @pytest.mark.parametrize("slots", ["per_token", "segments"])
 @pytest.mark.parametrize("inter", [40, 600])
-def test_silu_and_mul_lora_matches_reference(inter, slots, poisoned_empty):
+def test_silu_and_mul_lora_matches_reference(inter, slots, lora_path, poisoned_empty):
     segmented = slots == "segments"
     gate_up, delta = folded_output(SORTED_SLOTS if segmented else SLOTS, [inter, inter], segments=segmented)
     assert (delta.meta.max_seg_len > 1) == segmented

@@ -201,6 +201,14 @@ ADD_NORM_NUM_WARPS = 8
 SILU_LORA_BLOCK = 256           # per-token path (every segment one token)
 SILU_LORA_SEG_BLOCK_M = 16      # segment path: a tile of one segment's tokens shares each B tile
 SILU_LORA_SEG_BLOCK_N = 64
+# Row-tile path (`_tile_lora_delta`): tiles of consecutive rows, any slot mix, addressed by token_slot
+# alone. Used from LORA_TILE_MIN_ROWS rows up; the add + norm then runs as two kernels (the add over
+# tiles of the whole grid, the norm per row), not one program per row that reads its slot's whole B.
+LORA_TILE_MIN_ROWS = 2
+LORA_TILE_M = 16
+ADD_NORM_TILE_N = 128
+SILU_LORA_TILE_N = 64
+NORM_ROW_CHUNK = 4096
 
 
 @triton.jit
@@ -255,6 +263,76 @@ def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, sc
         tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tile_lora_delta(acc, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+                     s: tl.constexpr, col0, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                     RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + each row's own slot's scaling[l, s] * v[row, slice s of l] @ lora_b[l, col0 + cols]^T.
+
+    The tile's rows may use any slots (-1: none). One small tl.dot per slot present, over only that
+    slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two slots
+    per tile, and the B tile a slot needs is read once per tile, not once per row."""
+    slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
+    lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
+    hi = tl.max(slots, axis=0)
+    offs_r = tl.arange(0, RANK_PAD)
+    mask_r = offs_r < rank
+    for slot in range(lo, hi + 1):
+        rows = slots == slot
+        if tl.max(rows.to(tl.int32), axis=0) > 0:
+            v = tl.load(v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + s * rank + offs_r[None, :],
+                        mask=rows[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(b_ptr + slot * stride_bl + (col0 + offs_n[None, :]) * stride_bn + offs_r[:, None],
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)     # [RANK_PAD, BLOCK_N]
+            acc += tl.load(scaling_ptr + slot * stride_sl + s) * tl.dot(v, b, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, n, width,
+                           num_chunks, stride_out, stride_res, stride_v, stride_vl, stride_bl, stride_bn, stride_sl,
+                           rank, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
+                           HAS_RES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # h = residual + (out + delta) over a [BLOCK_M, BLOCK_N] tile; each row's sum of h^2 over the tile
+    # goes to sq[row, column tile], for the norm kernel to add up
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < n
+    mask_n = offs_n < width
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    dt = h_ptr.dtype.element_ty
+    o = tl.load(out_ptr + rows * stride_out + offs_n[None, :], mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + rows * stride_res + offs_n[None, :], mask=mask, other=0.0)
+    d = _tile_lora_delta(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), offs_m, mask_m, offs_n, mask_n, v_ptr,
+                         b_ptr, scaling_ptr, token_slot_ptr, 0, 0, stride_v, stride_vl, stride_bl, stride_bn,
+                         stride_sl, rank, RANK_PAD, DOT_PRECISION)
+    h = (o.to(tl.float32) + d).to(dt)
+    if HAS_RES:
+        h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)
+    tl.store(h_ptr + rows * width + offs_n[None, :], h, mask=mask)
+    hf = h.to(tl.float32)
+    tl.store(sq_ptr + offs_m * num_chunks + tl.program_id(1), tl.sum(hf * hf, axis=1), mask=mask_m)
+
+
+@triton.jit
+def _rms_norm_from_sumsq_kernel(h_ptr, sq_ptr, w_ptr, y_ptr, width, num_chunks, eps, CHUNK: tl.constexpr,
+                                CHUNKS_PAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, CHUNKS_PAD)
+    sq = tl.load(sq_ptr + row * num_chunks + offs_c, mask=offs_c < num_chunks, other=0.0)
+    rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / width + eps)
+    dt = h_ptr.dtype.element_ty
+    for c in range(0, width, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < width
+        h = tl.load(h_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = (h * rstd).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
     """Kernel arguments of a pending LoRA delta (`dummy` pointers, never read, without one)."""
     if delta is None:
@@ -278,7 +356,18 @@ def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight
     if residual is not None:
         assert residual.shape == out.shape and residual.stride(1) == 1
     v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 1, out)
-    if n:
+    if n and delta is not None and n >= LORA_TILE_MIN_ROWS:
+        chunks = triton.cdiv(width, ADD_NORM_TILE_N)
+        sq = torch.empty(n, chunks, dtype=torch.float32, device=out.device)
+        _add_lora_sumsq_kernel[(triton.cdiv(n, LORA_TILE_M), chunks)](
+            out, residual if residual is not None else out, h, sq, v, b, scaling, token_slot, n, width, chunks,
+            out.stride(0), residual.stride(0) if residual is not None else 0, s_v, s_vl, s_bl, s_bn, s_sl, rank,
+            BLOCK_M=LORA_TILE_M, BLOCK_N=ADD_NORM_TILE_N, RANK_PAD=rank_pad, HAS_RES=residual is not None,
+            DOT_PRECISION=_dot_precision(out.dtype), num_warps=4)
+        _rms_norm_from_sumsq_kernel[(n,)](h, sq, weight, y, width, chunks, eps,
+                                          CHUNK=min(NORM_ROW_CHUNK, triton.next_power_of_2(width)),
+                                          CHUNKS_PAD=triton.next_power_of_2(chunks), num_warps=ADD_NORM_NUM_WARPS)
+    elif n:
         _add_rms_norm_kernel[(n,)](
             out, residual if residual is not None else out, weight, y, h, v, b, scaling, token_slot,
             width, eps, out.stride(0), residual.stride(0) if residual is not None else 0,
@@ -345,6 +434,30 @@ def _silu_and_mul_lora_segment_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, s
              mask=mask)
 
 
+@triton.jit
+def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, n, inter, stride_x,
+                                   stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < n
+    mask_n = offs_n < inter
+    mask = mask_m[:, None] & mask_n[None, :]
+    dt = x_ptr.dtype.element_ty
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]
+    gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
+    gate = _tile_lora_delta(gate, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 0, 0,
+                            stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, DOT_PRECISION)
+    up = _tile_lora_delta(up, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 1, inter,
+                          stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, DOT_PRECISION)
+    gate = gate.to(dt).to(tl.float32)
+    up = up.to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (act * up).to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
 def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
     """silu(gate) * up of `gate_up` [N, 2*inter] (a strided view is fine) plus a pending two-slice
     (gate, up) `LoraDelta`, in one kernel; no autograd. Like the SMLM expand, segments longer than
@@ -355,7 +468,13 @@ def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
     y = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
     v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 2, gate_up)
     meta = delta.meta
-    if n and meta.max_seg_len > GATHER_MAX_SEG_LEN:
+    if n >= LORA_TILE_MIN_ROWS:
+        grid = (triton.cdiv(n, LORA_TILE_M), triton.cdiv(inter, SILU_LORA_TILE_N))
+        _silu_and_mul_lora_tile_kernel[grid](
+            gate_up, y, v, b, scaling, token_slot, n, inter, gate_up.stride(0), s_v, s_vl, s_bl, s_bn, s_sl, rank,
+            BLOCK_M=LORA_TILE_M, BLOCK_N=SILU_LORA_TILE_N, RANK_PAD=rank_pad,
+            DOT_PRECISION=_dot_precision(gate_up.dtype), num_warps=4)
+    elif n and meta.max_seg_len > GATHER_MAX_SEG_LEN:
         num_segments = meta.seg_slot.numel()
         grid = (_segment_grid_rows(n, num_segments, SILU_LORA_SEG_BLOCK_M), triton.cdiv(inter, SILU_LORA_SEG_BLOCK_N))
         _silu_and_mul_lora_segment_kernel[grid](
