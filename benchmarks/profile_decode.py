@@ -120,7 +120,8 @@ def main():
     variants = {"unfolded, bucket-long segments": ("never", None, no_tiles),
                 "unfolded, slots+2 segments": ("never", 6, no_tiles),
                 "folded, slots+2 segments": ("always", 6, no_tiles),
-                "folded, row tiles": ("always", 6, {})}
+                "folded, row tiles": ("always", 6, {}),
+                "folded, row tiles, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, {**no_tiles, "ADD_NORM_CHUNK": chunk,

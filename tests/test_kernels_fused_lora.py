@@ -61,19 +61,21 @@ SLOTS = [0, -1, 2, 1, 1, -1, 0]
 SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
 
 
-@pytest.fixture(params=["tile", "row"])
+@pytest.fixture(params=["tile", "row", "tile-base"])
 def lora_path(request, monkeypatch):
     """The row-tile kernels (any batch from LORA_TILE_MIN_ROWS rows) or the per-row / per-segment ones
-    below it; the norm's row loop cut to 1,024 columns so that 2,500 takes three passes."""
+    below it; "tile-base": add + RMSNorm without a delta through the tiled kernels too. The norm's
+    row loop is cut to 1,024 columns so that 2,500 takes three passes."""
     monkeypatch.setattr(fused_triton, "NORM_ROW_CHUNK", 1024)
     if request.param == "row":
         monkeypatch.setattr(fused_triton, "LORA_TILE_MIN_ROWS", 1 << 30)
+    monkeypatch.setattr(fused_triton, "ADD_NORM_SPLIT_BASE", request.param == "tile-base")
     return request.param
 
 
 @pytest.mark.parametrize("width", [40, 2500])   # 2500: three chunks, the last one partial
 @pytest.mark.parametrize("with_delta,with_residual", [(True, True), (False, True), (True, False)])
-@pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS], ids=["mixed", "sorted-runs"])
+@pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS, [2]], ids=["mixed", "sorted-runs", "one-row"])
 def test_add_rms_norm_matches_reference(width, with_delta, with_residual, slots, lora_path, poisoned_empty):
     out, delta = folded_output(slots, [width])
     residual = torch.randn(len(slots), width, device=DEVICE) if with_residual else None

@@ -204,7 +204,9 @@ SILU_LORA_SEG_BLOCK_N = 64
 # Row-tile path (`_tile_lora_delta`): tiles of consecutive rows, any slot mix, addressed by token_slot
 # alone. Used from LORA_TILE_MIN_ROWS rows up; the add + norm then runs as two kernels (the add over
 # tiles of the whole grid, the norm per row), not one program per row that reads its slot's whole B.
-LORA_TILE_MIN_ROWS = 2
+LORA_TILE_MIN_ROWS = 1
+# the same two kernels for add + RMSNorm without a delta (else one program per row)
+ADD_NORM_SPLIT_BASE = False
 LORA_TILE_M = 16
 ADD_NORM_TILE_N = 128
 SILU_LORA_TILE_N = 64
@@ -264,35 +266,45 @@ def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, sc
 
 
 @triton.jit
-def _tile_lora_delta(acc, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
-                     s: tl.constexpr, col0, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                     RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + each row's own slot's scaling[l, s] * v[row, slice s of l] @ lora_b[l, col0 + cols]^T.
+def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+                     col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
+    offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
+    acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
 
-    The tile's rows may use any slots (-1: none). One small tl.dot per slot present, over only that
-    slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two slots
-    per tile, and the B tile a slot needs is read once per tile, not once per row."""
+    The tile's rows may use any slots (-1: none). One small tl.dot per slot present (and slice), over
+    only that slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two
+    slots per tile, and a slot's B tile is read once per tile, not once per row. Both slices' loads are
+    issued in the same iteration, so a sorted tile waits for one round trip, not two."""
     slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
     lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
     hi = tl.max(slots, axis=0)
     offs_r = tl.arange(0, RANK_PAD)
     mask_r = offs_r < rank
+    mask_b = mask_r[:, None] & mask_n[None, :]
     for slot in range(lo, hi + 1):
         rows = slots == slot
         if tl.max(rows.to(tl.int32), axis=0) > 0:
-            v = tl.load(v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + s * rank + offs_r[None, :],
-                        mask=rows[:, None] & mask_r[None, :], other=0.0)
-            b = tl.load(b_ptr + slot * stride_bl + (col0 + offs_n[None, :]) * stride_bn + offs_r[:, None],
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)     # [RANK_PAD, BLOCK_N]
-            acc += tl.load(scaling_ptr + slot * stride_sl + s) * tl.dot(v, b, input_precision=DOT_PRECISION)
-    return acc
+            mask_v = rows[:, None] & mask_r[None, :]
+            v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
+            b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
+            v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
+            b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
+            if TWO_SLICES:
+                v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
+                b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
+            acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
+            if TWO_SLICES:
+                acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
+    return acc0, acc1
 
 
 @triton.jit
 def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, n, width,
                            num_chunks, stride_out, stride_res, stride_v, stride_vl, stride_bl, stride_bn, stride_sl,
                            rank, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
-                           HAS_RES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # h = residual + (out + delta) over a [BLOCK_M, BLOCK_N] tile; each row's sum of h^2 over the tile
     # goes to sq[row, column tile], for the norm kernel to add up
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,10 +317,13 @@ def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scalin
     o = tl.load(out_ptr + rows * stride_out + offs_n[None, :], mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + rows * stride_res + offs_n[None, :], mask=mask, other=0.0)
-    d = _tile_lora_delta(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), offs_m, mask_m, offs_n, mask_n, v_ptr,
-                         b_ptr, scaling_ptr, token_slot_ptr, 0, 0, stride_v, stride_vl, stride_bl, stride_bn,
-                         stride_sl, rank, RANK_PAD, DOT_PRECISION)
-    h = (o.to(tl.float32) + d).to(dt)
+    h = o
+    if HAS_LORA:
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        d, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr,
+                                token_slot_ptr, 0, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                                RANK_PAD, False, DOT_PRECISION)
+        h = (o.to(tl.float32) + d).to(dt)
     if HAS_RES:
         h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)
     tl.store(h_ptr + rows * width + offs_n[None, :], h, mask=mask)
@@ -356,14 +371,14 @@ def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight
     if residual is not None:
         assert residual.shape == out.shape and residual.stride(1) == 1
     v, b, scaling, token_slot, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad = _delta_args(delta, 1, out)
-    if n and delta is not None and n >= LORA_TILE_MIN_ROWS:
+    if n and n >= LORA_TILE_MIN_ROWS and (delta is not None or (ADD_NORM_SPLIT_BASE and residual is not None)):
         chunks = triton.cdiv(width, ADD_NORM_TILE_N)
         sq = torch.empty(n, chunks, dtype=torch.float32, device=out.device)
         _add_lora_sumsq_kernel[(triton.cdiv(n, LORA_TILE_M), chunks)](
             out, residual if residual is not None else out, h, sq, v, b, scaling, token_slot, n, width, chunks,
             out.stride(0), residual.stride(0) if residual is not None else 0, s_v, s_vl, s_bl, s_bn, s_sl, rank,
             BLOCK_M=LORA_TILE_M, BLOCK_N=ADD_NORM_TILE_N, RANK_PAD=rank_pad, HAS_RES=residual is not None,
-            DOT_PRECISION=_dot_precision(out.dtype), num_warps=4)
+            HAS_LORA=delta is not None, DOT_PRECISION=_dot_precision(out.dtype), num_warps=4)
         _rms_norm_from_sumsq_kernel[(n,)](h, sq, weight, y, width, chunks, eps,
                                           CHUNK=min(NORM_ROW_CHUNK, triton.next_power_of_2(width)),
                                           CHUNKS_PAD=triton.next_power_of_2(chunks), num_warps=ADD_NORM_NUM_WARPS)
@@ -447,10 +462,9 @@ def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, toke
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]
     gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
-    gate = _tile_lora_delta(gate, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 0, 0,
-                            stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, DOT_PRECISION)
-    up = _tile_lora_delta(up, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, 1, inter,
-                          stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, DOT_PRECISION)
+    gate, up = _tile_lora_delta(gate, up, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+                                inter, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, True,
+                                DOT_PRECISION)
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
