@@ -1,7 +1,8 @@
 """GPU benchmark of the engine against HF transformers + PEFT, side by side in one run.
 
 Model: Llama-3-8B shape with random bf16 weights made on the GPU (no download). Adapters: rank 16,
-alpha 32, all seven projections. Sections: ceilings, decode, e2e, peft (training: bench_train.py).
+alpha 32, all seven projections. Sections: ceilings, decode, e2e, peft (training: bench_train.py),
+and on a GPU replays (decode-graph replay time against step time inside this engine, `--replay-windows`).
 Prints a table last
 and writes JSON (`--out`). CPU smoke test: `--model random:tiny --device cpu --quick`.
 """
@@ -227,6 +228,10 @@ def main():
     ap.add_argument("--no-train-graphs", action="store_true", help="training steps run eagerly (no captured graphs)")
     ap.add_argument("--no-async-ab", action="store_true",
                     help="decode: measure with asynchronous scheduling only (no run with it off)")
+    ap.add_argument("--replay-windows", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="section replays: windows of this many decode steps at --replay-batch (default 20,40,20), "
+                         "each replay bracketed by CUDA events (profile_decode.engine_steps), 0 then 4 adapters")
+    ap.add_argument("--replay-batch", type=int, default=64)
     ap.add_argument("--kv-gib", type=float, default=24, help="KV cache per GPU")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     ap.add_argument("--out", default=None)
@@ -235,6 +240,7 @@ def main():
     if args.quick:
         args.batches, args.peft_batches, args.context, args.decode_steps = [1, 4], [2], 16, 3
         args.e2e_requests, args.peft_e2e_requests = 6, 3
+        args.kv_gib = min(args.kv_gib, 0.05)   # the default would allocate 24 GiB of host memory
     sections = args.sections.split(",")
     results: list[dict] = []
     info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
@@ -244,11 +250,16 @@ def main():
     info.update(ceil)
     print(info, flush=True)
     prompts, o_lens = [], []
-    if "decode" in sections or "e2e" in sections:
+    if "decode" in sections or "e2e" in sections or "replays" in sections:
         llm = make_llm(args, kv_bytes=int(args.kv_gib * 2**30))
         names = add_adapters(llm)
         if "decode" in sections:
             bench_decode(args, llm, names, ceil, results)
+        if "replays" in sections:
+            from profile_decode import engine_steps
+            rng = np.random.default_rng(0)
+            for steps in args.replay_windows or [20, 40, 20]:
+                results += engine_steps(llm.engine, names, args.replay_batch, args.context, steps, rng)
         if "e2e" in sections:
             prompts, o_lens = bench_e2e(args, llm, names, results)
         llm.close()
