@@ -2,7 +2,8 @@
 (Llama-3-8B shape, random bf16, context 512) for each SMLM layout, then the top kernels of one
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
 bucket (the old layout) or capped at slots + 2; the folded layers' deltas added by the row-tile
-kernels (the default) or by the per-row add + RMSNorm and per-segment SiLU kernels.
+kernels (the default) or by the per-row add + RMSNorm and per-segment SiLU kernels; the q/k/v
+expand through row tiles too (smlm_triton.EXPAND_ROW_TILES, off by default).
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -24,7 +25,7 @@ from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig  # noqa: E402
 from loquetier.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from loquetier.engine.engine import Engine  # noqa: E402
-from loquetier.kernels import fused_triton  # noqa: E402
+from loquetier.kernels import fused_triton, smlm_triton  # noqa: E402
 
 
 def replay_ms(graph, n=50) -> float:
@@ -121,7 +122,8 @@ def main():
                 "unfolded, slots+2 segments": ("never", 6, no_tiles),
                 "folded, slots+2 segments": ("always", 6, no_tiles),
                 "folded, row tiles": ("always", 6, {}),
-                "folded, row tiles, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True})}
+                "folded, row tiles, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
+                "folded, row tiles, q/k/v expand too": ("always", 6, {"smlm_triton.EXPAND_ROW_TILES": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, {**no_tiles, "ADD_NORM_CHUNK": chunk,
@@ -130,7 +132,13 @@ def main():
         m, n_norm, n_silu = (int(x) for x in cfg.split("x"))
         variants[f"folded, row tiles {m}x{n_norm}x{n_silu}"] = ("always", 6, {
             "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu})
-    defaults = {name: getattr(fused_triton, name) for _, _, consts in variants.values() for name in consts}
+    modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton}
+
+    def target(name):   # "NAME" is a fused_triton constant, "module.NAME" one of that module
+        module, _, attr = name.rpartition(".")
+        return modules[module or "fused_triton"], attr
+
+    defaults = {name: getattr(*target(name)) for _, _, consts in variants.values() for name in consts}
     rows = []
     for batch in args.batches:
         adapters = [names[i % 4] for i in range(batch)]
@@ -146,7 +154,7 @@ def main():
         for label, (fold, max_segments, consts) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
             for name, value in {**defaults, **consts}.items():
-                setattr(fused_triton, name, value)
+                setattr(*target(name), value)
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
                                   max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
@@ -161,7 +169,8 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, row tiles"):
+            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, row tiles",
+                                                                "folded, row tiles, q/k/v expand too"):
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -178,7 +187,7 @@ def main():
     if cuda and args.engine_batches:
         eng.model.set_lora_fold_shrink("auto")
         for name, value in defaults.items():
-            setattr(fused_triton, name, value)
+            setattr(*target(name), value)
         eng.runner.enable_graphs(eng.kv, eng.max_model_len, max(args.engine_batches), eng.config.lora.max_loras)
         for batch in args.engine_batches:
             rows += engine_steps(eng, names, batch, args.context, args.engine_steps, rng)

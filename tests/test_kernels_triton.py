@@ -104,13 +104,21 @@ def test_shrink_matches_reference(name, path, monkeypatch):
     assert (v[token_slot < 0] == 0).all()
 
 
-@pytest.mark.parametrize("path", ["segment", "gather"])
+EXPAND_PATHS = ["segment", "gather", "row_tiles"]   # row_tiles: tiles of tokens with any slot mix
+
+
+def _expand_path(path, max_len, monkeypatch):
+    monkeypatch.setattr(smlm_triton, "EXPAND_ROW_TILES", path == "row_tiles")
+    return 1 if path == "gather" else max(max_len, 2)
+
+
+@pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
+def test_expand_reads_own_slot_from_every_slots_shrink(name, path, monkeypatch):
     """v_slot_stride = S*R: v holds every slot's shrink (the folded base GEMM's extra columns, a
     strided view); each token must add the delta of its own slot only."""
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
-    max_len = 1 if path == "gather" else max(max_len, 2)
+    max_len = _expand_path(path, max_len, monkeypatch)
     num_slots, rows = a.shape[0], a.shape[1]
     d_out = offsets[-1]
     y_aug = torch.cat([torch.randn(x.shape[0], d_out, device=DEVICE), x @ a.reshape(-1, a.shape[2]).t()], 1)
@@ -122,11 +130,11 @@ def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
     assert torch.equal(v_all, v0) and v_all.shape[1] == num_slots * rows
 
 
-@pytest.mark.parametrize("path", ["segment", "gather"])
+@pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_matches_reference_and_touches_only_its_columns(name, path):
+def test_expand_matches_reference_and_touches_only_its_columns(name, path, monkeypatch):
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
-    max_len = 1 if path == "gather" else max(max_len, 2)
+    max_len = _expand_path(path, max_len, monkeypatch)
     v = shrink_ref(x, a, token_slot)
     d_out = offsets[-1]
     # y is a strided view into a wider, poisoned buffer: columns outside it must stay NaN.
@@ -292,7 +300,7 @@ def _lengths(name):
 
 @needs_gpu
 @pytest.mark.parametrize("name", ["decode_32", "prefill_4x512", "mixed", "train_2048"])
-def test_smlm_bf16_realistic(name):
+def test_smlm_bf16_realistic(name, monkeypatch):
     torch.manual_seed(0)
     lengths, slots = _lengths(name)
     offsets = (0, 4096, 5120, 6144)  # fused q/k/v
@@ -314,10 +322,12 @@ def test_smlm_bf16_realistic(name):
         vs = v.float()[:, s * 16:(s + 1) * 16]
         delta[:, lo:hi] = torch.einsum("tor,tr->to", b.float()[idx, lo:hi], vs) * scaling[idx, s:s + 1]
     y_ref = y0.float() + delta * has
-    y = y0.clone()
-    smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len)
-    assert rel_err(y - y0.float(), y_ref - y0.float()) < 2e-2
-    assert torch.equal(y[token_slot < 0], y0[token_slot < 0])
+    for row_tiles in (False, True):
+        monkeypatch.setattr(smlm_triton, "EXPAND_ROW_TILES", row_tiles)
+        y = y0.clone()
+        smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len)
+        assert rel_err(y - y0.float(), y_ref - y0.float()) < 2e-2
+        assert torch.equal(y[token_slot < 0], y0[token_slot < 0])
 
 
 @needs_gpu

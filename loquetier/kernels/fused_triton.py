@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .smlm_triton import GATHER_MAX_SEG_LEN, _dot_precision, _seg_pad, _segment_grid_rows, _segment_tile
+from .smlm_triton import (GATHER_MAX_SEG_LEN, _dot_precision, _seg_pad, _segment_grid_rows, _segment_tile,
+                          _tile_lora_delta)
 
 # silu_and_mul: a [BLOCK] slice of one row per program, 16-byte loads of 16-bit values per thread.
 SILU_BLOCK = 1024
@@ -263,41 +264,6 @@ def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, sc
         normed = (h * rstd).to(dt).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
-                     col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
-    offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
-    acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
-
-    The tile's rows may use any slots (-1: none). One small tl.dot per slot present (and slice), over
-    only that slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two
-    slots per tile, and a slot's B tile is read once per tile, not once per row. Both slices' loads are
-    issued in the same iteration, so a sorted tile waits for one round trip, not two."""
-    slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
-    lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
-    hi = tl.max(slots, axis=0)
-    offs_r = tl.arange(0, RANK_PAD)
-    mask_r = offs_r < rank
-    mask_b = mask_r[:, None] & mask_n[None, :]
-    for slot in range(lo, hi + 1):
-        rows = slots == slot
-        if tl.max(rows.to(tl.int32), axis=0) > 0:
-            mask_v = rows[:, None] & mask_r[None, :]
-            v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
-            b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
-            v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
-            b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
-            if TWO_SLICES:
-                v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
-                b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
-            acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
-            if TWO_SLICES:
-                acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
-    return acc0, acc1
 
 
 @triton.jit

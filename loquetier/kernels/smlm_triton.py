@@ -47,6 +47,12 @@ EXPAND_NUM_STAGES = 3
 # tiles x splits reach SHRINK_WAVES waves of SMs: small batches are latency-, not bandwidth-bound.
 SHRINK_SPLIT_K_MAX = 16
 SHRINK_WAVES = 2
+# Row-tile path (`_tile_lora_delta`: tiles of consecutive tokens, any slot mix, addressed by token_slot
+# alone, one B tile per slot present in a tile). Off until measured against the two paths on the GPU
+# (benchmarks/profile_decode.py has it as a variant); the fused add-norm / SiLU kernels use it already.
+EXPAND_ROW_TILES = False
+EXPAND_TILE_M = 16
+EXPAND_TILE_N = 128
 # Gather path (decode).
 SHRINK_GATHER_BLOCK_N_MAX = 16
 SHRINK_GATHER_BLOCK_K = 512
@@ -310,6 +316,67 @@ def _expand_segment_kernel(
 
 
 @triton.jit
+def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+                     col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
+    offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
+    acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
+
+    The tile's rows may use any slots (-1: none). One small tl.dot per slot present (and slice), over
+    only that slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two
+    slots per tile, and a slot's B tile is read once per tile, not once per row. Both slices' loads are
+    issued in the same iteration, so a sorted tile waits for one round trip, not two."""
+    slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
+    lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
+    hi = tl.max(slots, axis=0)
+    offs_r = tl.arange(0, RANK_PAD)
+    mask_r = offs_r < rank
+    mask_b = mask_r[:, None] & mask_n[None, :]
+    for slot in range(lo, hi + 1):
+        rows = slots == slot
+        if tl.max(rows.to(tl.int32), axis=0) > 0:
+            mask_v = rows[:, None] & mask_r[None, :]
+            v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
+            b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
+            v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
+            b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
+            if TWO_SLICES:
+                v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
+                b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
+            acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
+            if TWO_SLICES:
+                acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _expand_tile_kernel(
+    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+    num_tokens, rank,
+    T1, T2, T3, O1, O2, O3, O4,
+    stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid: (tile of BLOCK_M consecutive tokens, any slots; output tile of some slice)
+    pid_n = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_tokens
+    s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
+    offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < o_hi
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # slice s: its rank columns of v and its scale
+    delta, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr + s * rank, b_ptr,
+                                scaling_ptr + s, token_slot_ptr, 0, stride_vm, stride_vl, stride_bl, stride_bn,
+                                stride_sl, rank, RANK_PAD, False, DOT_PRECISION)
+    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
 def _expand_gather_kernel(
     y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
     rank,
@@ -382,7 +449,14 @@ def expand_(
     if num_tokens == 0:
         return y
     rank_pad = _rank_pad(rank)
-    if max_seg_len <= GATHER_MAX_SEG_LEN:
+    if EXPAND_ROW_TILES:
+        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_TILE_N)
+        _expand_tile_kernel[(triton.cdiv(num_tokens, EXPAND_TILE_M), total_tiles)](
+            y, v, lora_b, scaling, token_slot, num_tokens, rank, *tiles, *bounds,
+            y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
+            BLOCK_M=EXPAND_TILE_M, BLOCK_N=EXPAND_TILE_N, RANK_PAD=rank_pad, DOT_PRECISION=_dot_precision(v.dtype),
+            num_warps=4)
+    elif max_seg_len <= GATHER_MAX_SEG_LEN:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
             y, v, lora_b, scaling, token_slot, rank, *tiles, *bounds,
