@@ -148,6 +148,33 @@ def test_expand_matches_reference_and_touches_only_its_columns(name, path, monke
     assert big[:, :5].isnan().all() and big[:, 5 + d_out:].isnan().all()
 
 
+@pytest.mark.parametrize("path", ["segment", "gather", "segment_split", "row_tiles"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_slot_ranks_skip_the_padding(name, path, monkeypatch):
+    """With each slot's rank given, the kernels read no rank past it: the padding (zeros in a real
+    table) is poisoned with NaN here, and shrink and expand still match the reference on clean weights."""
+    x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
+    num_slices, rank = len(offsets) - 1, b.shape[2]
+    ranks = [rank, rank // 2, rank, 3]            # _case's slot ranks: the table is zero past them
+    a_bad, b_bad = a.clone(), b.clone()
+    for slot, r in enumerate(ranks):
+        for s in range(num_slices):
+            a_bad[slot, s * rank + r:(s + 1) * rank] = float("nan")
+        b_bad[slot, :, r:] = float("nan")
+    slot_rank = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    shrink_len = 1 if path == "gather" else max(max_len, 2)
+    monkeypatch.setattr(smlm_triton, "SHRINK_WAVES", 1000 if path.endswith("split") else 0)
+    if path.endswith("split"):
+        monkeypatch.setattr(smlm_triton, "SHRINK_BLOCK_K", 16)
+    v = smlm_triton.shrink(x, a_bad, seg_cu, seg_slot, token_slot, shrink_len, slot_rank=slot_rank, table_rank=rank)
+    torch.testing.assert_close(v, shrink_ref(x, a, token_slot), rtol=1e-5, atol=1e-5)
+    expand_len = _expand_path(path if path in EXPAND_PATHS else "segment", max_len, monkeypatch)
+    y0 = torch.randn(x.shape[0], offsets[-1], device=DEVICE)
+    y = y0.clone()
+    smlm_triton.expand_(y, v, b_bad, scaling, offsets, seg_cu, seg_slot, token_slot, expand_len, slot_rank=slot_rank)
+    torch.testing.assert_close(y, expand_ref(y0, v, b, scaling, offsets, token_slot), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_smlm_training_backward_matches_per_token_autograd(dropout):
     """The SMLM autograd node (the engine's training path) against plain per-token autograd: dx of

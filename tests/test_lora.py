@@ -43,10 +43,12 @@ def ref_logits(model, prompt):
         return model(input_ids=torch.tensor([prompt])).logits[0]
 
 
-@pytest.mark.parametrize("fold", ["never", "always"])
-def test_mixed_batch_logits_match_peft(setup, fold):
+@pytest.mark.parametrize("fold,backend", [("never", "auto"), ("always", "auto"), ("never", "triton")])
+def test_mixed_batch_logits_match_peft(setup, fold, backend):
+    """backend "triton": the SMLM kernels (interpreted on a CPU), which skip each slot's zero padding
+    past its rank (ranks 4, 8 and 16 in a rank-16 table)."""
     root, hf, peft_models = setup
-    llm = make_llm(root, lora_fold_shrink=fold)
+    llm = make_llm(root, lora_fold_shrink=fold, lora_backend=backend)
     g = torch.Generator().manual_seed(3)
     names = ["a", None, "b", "c", "a", None, "c", "b"]
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 11, 1, 23, 9, 2, 17, 30)]
@@ -201,10 +203,11 @@ def test_bad_adapters_are_rejected_and_engine_keeps_serving(setup, tmp_path):
     assert after == before
 
 
-def test_more_adapters_than_slots_swap_correctly(setup, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "triton"])   # triton: slot ranks follow every swap
+def test_more_adapters_than_slots_swap_correctly(setup, tmp_path, backend):
     root, hf, peft_models = setup
     llm = LLM(str(root / "base"), max_loras=2, max_lora_rank=16, block_size=4, num_kv_blocks=256,
-              dtype="float32")
+              dtype="float32", lora_backend=backend)
     for name in ADAPTERS:
         llm.load_adapter(name, root / name)
     prompts = [[9, 8, 7, 6], list(range(30, 45)), [120, 121]]

@@ -83,19 +83,22 @@ def expand_ref_(y: torch.Tensor, v: torch.Tensor, lora_b: torch.Tensor, scaling:
     return y
 
 
-def shrink(x, lora_a, meta: LoraBatchMeta, backend: str = "auto"):
+def shrink(x, lora_a, meta: LoraBatchMeta, backend: str = "auto", slot_rank: torch.Tensor | None = None,
+           table_rank: int = 0):
+    """`slot_rank` (int32 [L], with the table's rank R): the kernels skip each slot's zero padding."""
     if use_triton(x, backend):
         from .smlm_triton import shrink as shrink_triton
-        return shrink_triton(x, lora_a, meta.seg_cu, meta.seg_slot, meta.token_slot, meta.max_seg_len)
+        return shrink_triton(x, lora_a, meta.seg_cu, meta.seg_slot, meta.token_slot, meta.max_seg_len,
+                             slot_rank=slot_rank, table_rank=table_rank)
     return shrink_ref(x, lora_a, meta)
 
 
 def expand_(y, v, lora_b, scaling, slice_offsets, meta: LoraBatchMeta, backend: str = "auto",
-            v_slot_stride: int = 0):
+            v_slot_stride: int = 0, slot_rank: torch.Tensor | None = None):
     if use_triton(y, backend):
         from .smlm_triton import expand_ as expand_triton
         return expand_triton(y, v, lora_b, scaling, slice_offsets, meta.seg_cu, meta.seg_slot,
-                             meta.token_slot, meta.max_seg_len, v_slot_stride)
+                             meta.token_slot, meta.max_seg_len, v_slot_stride, slot_rank)
     return expand_ref_(y, v, lora_b, scaling, slice_offsets, meta, v_slot_stride)
 
 
@@ -145,17 +148,17 @@ class _SMLMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, lora_a, lora_b, scaling, slice_offsets, meta, train, salt, backend, anchor,
-                shrink_reduce, col_offset):
+                shrink_reduce, col_offset, slot_rank):
         n_train = meta.num_train_tokens
         x_lora = x
         if meta.any_dropout:
             x_lora = lora_dropout(x, n_train, meta.dropout_keys, meta.token_slot, meta.slot_dropout, salt, backend,
                                   col_offset)
-        v = shrink(x_lora, lora_a, meta, backend)
+        v = shrink(x_lora, lora_a, meta, backend, slot_rank, lora_b.shape[2])
         if shrink_reduce is not None:
             shrink_reduce(v)
         # y is the base GEMM's fresh output (its own backward does not need it): add in place
-        expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
+        expand_(y, v, lora_b, scaling, slice_offsets, meta, backend, slot_rank=slot_rank)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x_lora[:n_train], v[:n_train], scaling)
         ctx.meta, ctx.train, ctx.slice_offsets, ctx.salt, ctx.backend = meta, train, slice_offsets, salt, backend
@@ -184,7 +187,7 @@ class _SMLMFunction(torch.autograd.Function):
                                   ctx.col_offset)
             if ctx.num_rows > n:   # inference / evaluation rows get no gradient
                 dx = torch.nn.functional.pad(dx, (0, 0, 0, ctx.num_rows - n))
-        return dx, dout, None, None, None, None, None, None, None, None, None, None, None
+        return dx, dout, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _backward_one_slot(dy, x_train, v_train, scaling, slot_train, offs, slice_mask, needs_dx):
@@ -256,7 +259,7 @@ def _slice_mask(slice_offsets: tuple[int, ...], device: torch.device) -> torch.T
 def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
          scaling: torch.Tensor, slice_offsets: tuple[int, ...], meta: LoraBatchMeta,
          train: tuple[tuple[int, TrainSlot], ...] = (), salt: int = 0, backend: str = "auto",
-         shrink_reduce=None, col_offset: int = 0) -> torch.Tensor:
+         shrink_reduce=None, col_offset: int = 0, slot_rank: torch.Tensor | None = None) -> torch.Tensor:
     """Return y + each segment's `scale * (x A^T) B^T`.
 
     Without trained slots (or with grad disabled) the delta is added into `y` in place and no
@@ -266,12 +269,13 @@ def smlm(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
 
     Tensor parallelism (row-parallel layers): `shrink_reduce` sums the shrink over ranks in place;
     `col_offset` is this rank's first input column (dropout masks hash global columns).
+    `slot_rank` (int32 [L], optional): each slot's rank; the kernels read no padding past it.
     """
     if not train or not torch.is_grad_enabled():
-        v = shrink(x, lora_a, meta, backend)
+        v = shrink(x, lora_a, meta, backend, slot_rank, lora_b.shape[2])
         if shrink_reduce is not None:
             shrink_reduce(v)
-        return expand_(y, v, lora_b, scaling, slice_offsets, meta, backend)
+        return expand_(y, v, lora_b, scaling, slice_offsets, meta, backend, slot_rank=slot_rank)
     assert meta.grad_anchor is not None, "a training step needs LoraBatchMeta.grad_anchor"
     return _SMLMFunction.apply(x, y, lora_a, lora_b, scaling, slice_offsets, meta, train, salt, backend,
-                               meta.grad_anchor, shrink_reduce, col_offset)
+                               meta.grad_anchor, shrink_reduce, col_offset, slot_rank)

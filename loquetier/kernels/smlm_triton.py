@@ -59,6 +59,11 @@ SHRINK_GATHER_BLOCK_K = 512
 EXPAND_GATHER_BLOCK_N = 128
 
 
+def _ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """`t`, or for an optional input the kernel does not read (its flag off) any tensor as its pointer."""
+    return dummy if t is None else t
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise run as tf32 on GPU; 16-bit inputs ignore this.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -106,13 +111,22 @@ def _segment_grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
 # --------------------------------------------------------------------------- shrink
 
 
+@triton.jit
+def _live_rows(mask_n, offs_n, slot, slot_rank_ptr, rank, HAS_SLOT_RANK: tl.constexpr):
+    """Rows of A (or ranks of v) that hold weights: row n of slice n // R is rank n % R, and ranks at
+    or past the slot's own (`slot_rank[slot]`, zero padding) need not be read."""
+    if HAS_SLOT_RANK:
+        mask_n = mask_n & ((offs_n % rank) < tl.load(slot_rank_ptr + slot))
+    return mask_n
+
+
 @triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _shrink_segment_kernel(
-    x_ptr, a_ptr, out_ptr, seg_cu_ptr, seg_slot_ptr,
-    d_in, num_rows, num_segments, k_per_split,  # num_rows = S*R
+    x_ptr, a_ptr, out_ptr, seg_cu_ptr, seg_slot_ptr, slot_rank_ptr,
+    d_in, num_rows, rank, num_segments, k_per_split,  # num_rows = S*R, rank = R
     stride_xm, stride_al, stride_an, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
 ):
     # grid: (token tile of some segment, tile of the S*R outputs, split of d_in).
     # With several splits, out is an fp32 workspace [splits, N, S*R] that _sum_splits_kernel reduces.
@@ -129,14 +143,16 @@ def _shrink_segment_kernel(
     mask_n = offs_n < num_rows
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if slot >= 0:  # slot -1: the rows are written as zeros
+        mask_a = _live_rows(mask_n, offs_n, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
         k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, d_in)
+        # a tile of padding rows only (ranks past the slot's own) reads nothing and writes zeros
+        k_end = tl.where(tl.max(mask_a.to(tl.int32), axis=0) > 0, tl.minimum(k_start + k_per_split, d_in), k_start)
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k_start + offs_k[None, :]
         a_ptrs = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :] * stride_an + k_start + offs_k[:, None]
         for k in range(k_start, k_end, BLOCK_K):
             mask_k = offs_k < k_end - k
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_a[None, :], other=0.0)  # [BK, BN]
             acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
@@ -146,10 +162,10 @@ def _shrink_segment_kernel(
 
 @triton.jit
 def _shrink_gather_kernel(
-    x_ptr, a_ptr, out_ptr, token_slot_ptr,
-    d_in, num_rows, k_per_split,
+    x_ptr, a_ptr, out_ptr, token_slot_ptr, slot_rank_ptr,
+    d_in, num_rows, rank, k_per_split,
     stride_xm, stride_al, stride_an, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
 ):
     # grid: (token, tile of the S*R outputs, split of d_in); one GEMV per token.
     # With several splits, out is an fp32 workspace [splits, N, S*R] that _sum_splits_kernel reduces.
@@ -162,14 +178,15 @@ def _shrink_gather_kernel(
     mask_n = offs_n < num_rows
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if slot >= 0:
+        mask_a = _live_rows(mask_n, offs_n, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
         k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, d_in)
+        k_end = tl.where(tl.max(mask_a.to(tl.int32), axis=0) > 0, tl.minimum(k_start + k_per_split, d_in), k_start)
         x_ptrs = x_ptr + t.to(tl.int64) * stride_xm + k_start + offs_k
         a_ptrs = a_ptr + slot.to(tl.int64) * stride_al + offs_n[:, None] * stride_an + k_start + offs_k[None, :]
         for k in range(k_start, k_end, BLOCK_K):
             mask_k = offs_k < k_end - k
             x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
-            a = tl.load(a_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+            a = tl.load(a_ptrs, mask=mask_a[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
             acc += a.to(tl.float32) * x[None, :]
             x_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
@@ -218,15 +235,20 @@ def shrink(
     token_slot: torch.Tensor,
     max_seg_len: int,
     out: torch.Tensor | None = None,
+    slot_rank: torch.Tensor | None = None,
+    table_rank: int = 0,
 ) -> torch.Tensor:
     """v[t] = lora_a[slot(t)] @ x[t] for all tokens in one launch; [N, S*R] in x.dtype, 0 where slot -1.
 
-    ``out`` (optional, [N, S*R], unit last stride) is written instead of a new tensor.
+    ``out`` (optional, [N, S*R], unit last stride) is written instead of a new tensor. ``slot_rank``
+    (optional, int32 [L]) with ``table_rank`` R: each slot's rank; the zero rows past it are not read.
     """
     assert x.dim() == 2 and lora_a.dim() == 3 and x.shape[1] == lora_a.shape[2]
     assert x.stride(1) == 1 and lora_a.stride(2) == 1 and x.dtype == lora_a.dtype
     num_tokens, d_in = x.shape
     num_rows = lora_a.shape[1]
+    rank = table_rank or num_rows
+    assert slot_rank is None or (table_rank > 0 and num_rows % table_rank == 0 and slot_rank.dtype == torch.int32)
     if out is None:
         out = torch.empty(num_tokens, num_rows, dtype=x.dtype, device=x.device)
     assert out.shape == (num_tokens, num_rows) and out.stride(1) == 1
@@ -246,17 +268,18 @@ def shrink(
     split_stride = 0 if split_k == 1 else part.stride(0)
     if gather:
         _shrink_gather_kernel[(num_tokens, row_tiles, split_k)](
-            x, lora_a, part, token_slot, d_in, num_rows, k_per_split,
+            x, lora_a, part, token_slot, _ptr_or(slot_rank, token_slot), d_in, num_rows, rank, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
-            BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_N=block_n, BLOCK_K=block_k, HAS_SLOT_RANK=slot_rank is not None,
         )
     else:
         _shrink_segment_kernel[(grid_rows, row_tiles, split_k)](
-            x, lora_a, part, seg_cu, seg_slot, d_in, num_rows, num_segments, k_per_split,
+            x, lora_a, part, seg_cu, seg_slot, _ptr_or(slot_rank, seg_slot), d_in, num_rows, rank, num_segments,
+            k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
             BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(x.dtype),
-            num_warps=SHRINK_NUM_WARPS, num_stages=SHRINK_NUM_STAGES,
+            HAS_SLOT_RANK=slot_rank is not None, num_warps=SHRINK_NUM_WARPS, num_stages=SHRINK_NUM_STAGES,
         )
     if split_k > 1:
         _sum_splits_kernel[(num_tokens,)](
@@ -281,12 +304,12 @@ def _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4):
 
 @triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _expand_segment_kernel(
-    y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr,
+    y_ptr, v_ptr, b_ptr, scaling_ptr, seg_cu_ptr, seg_slot_ptr, slot_rank_ptr,
     rank, num_segments,
     T1, T2, T3, O1, O2, O3, O4,
     stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, SEG_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
 ):
     # grid: (token tile of some segment, output tile of some slice)
     pid_n = tl.program_id(1)
@@ -299,7 +322,7 @@ def _expand_segment_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, RANK_PAD)
     mask_m = offs_m < seg_end
-    mask_r = offs_r < rank
+    mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
     s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < o_hi
@@ -318,8 +341,10 @@ def _expand_segment_kernel(
 @triton.jit
 def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                      col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
+                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr):
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta (ranks past
+    slot_rank[slot] skipped with HAS_SLOT_RANK): slice 0 over columns
     offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
     acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
 
@@ -331,11 +356,11 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
     lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
     hi = tl.max(slots, axis=0)
     offs_r = tl.arange(0, RANK_PAD)
-    mask_r = offs_r < rank
-    mask_b = mask_r[:, None] & mask_n[None, :]
     for slot in range(lo, hi + 1):
         rows = slots == slot
         if tl.max(rows.to(tl.int32), axis=0) > 0:
+            mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
+            mask_b = mask_r[:, None] & mask_n[None, :]
             mask_v = rows[:, None] & mask_r[None, :]
             v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
             b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
@@ -352,11 +377,12 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
 
 @triton.jit
 def _expand_tile_kernel(
-    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
     num_tokens, rank,
     T1, T2, T3, O1, O2, O3, O4,
     stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SLOT_RANK: tl.constexpr,
 ):
     # grid: (tile of BLOCK_M consecutive tokens, any slots; output tile of some slice)
     pid_n = tl.program_id(1)
@@ -372,17 +398,17 @@ def _expand_tile_kernel(
     # slice s: its rank columns of v and its scale
     delta, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr + s * rank, b_ptr,
                                 scaling_ptr + s, token_slot_ptr, 0, stride_vm, stride_vl, stride_bl, stride_bn,
-                                stride_sl, rank, RANK_PAD, False, DOT_PRECISION)
+                                stride_sl, rank, RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK)
     tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 @triton.jit
 def _expand_gather_kernel(
-    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
+    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
     rank,
     T1, T2, T3, O1, O2, O3, O4,
     stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
-    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
 ):
     # grid: (token, output tile of some slice)
     t = tl.program_id(0)
@@ -394,7 +420,7 @@ def _expand_gather_kernel(
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < o_hi
-    mask_r = offs_r < rank
+    mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :]
     b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, RP]
@@ -430,12 +456,14 @@ def expand_(
     token_slot: torch.Tensor,
     max_seg_len: int,
     v_slot_stride: int = 0,
+    slot_rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In place: y[t, o_s:o_{s+1}] += scaling[l, s] * lora_b[l, o_s:o_{s+1}] @ v[t, l*V + s*R : l*V + (s+1)*R]
     with l = slot(t) and V = ``v_slot_stride``; returns y.
 
     V = 0: v [N, S*R] holds each token's own slot (``shrink``'s output). V = S*R: v [N, L*S*R] holds
     every slot's shrink (a base GEMM over the weight with the A table stacked under it).
+    ``slot_rank`` (optional, int32 [L]): each slot's rank; B's zero columns past it are not read.
     """
     num_tokens = y.shape[0]
     num_slices = len(slice_offsets) - 1
@@ -446,32 +474,34 @@ def expand_(
     assert y.shape[1] == slice_offsets[-1] == lora_b.shape[1] and v.shape == (num_tokens, width)
     assert scaling.dtype == torch.float32 and scaling.shape == (lora_b.shape[0], num_slices)
     assert v.dtype == lora_b.dtype
+    assert slot_rank is None or slot_rank.dtype == torch.int32
     if num_tokens == 0:
         return y
+    ranks = dict(HAS_SLOT_RANK=slot_rank is not None)
     rank_pad = _rank_pad(rank)
     if EXPAND_ROW_TILES:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_TILE_N)
         _expand_tile_kernel[(triton.cdiv(num_tokens, EXPAND_TILE_M), total_tiles)](
-            y, v, lora_b, scaling, token_slot, num_tokens, rank, *tiles, *bounds,
+            y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), num_tokens, rank, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_TILE_M, BLOCK_N=EXPAND_TILE_N, RANK_PAD=rank_pad, DOT_PRECISION=_dot_precision(v.dtype),
-            num_warps=4)
+            num_warps=4, **ranks)
     elif max_seg_len <= GATHER_MAX_SEG_LEN:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
-            y, v, lora_b, scaling, token_slot, rank, *tiles, *bounds,
+            y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad,
+            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, **ranks,
         )
     else:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_BLOCK_N)
         num_segments = seg_slot.numel()
         grid = (_segment_grid_rows(num_tokens, num_segments, EXPAND_BLOCK_M), total_tiles)
         _expand_segment_kernel[grid](
-            y, v, lora_b, scaling, seg_cu, seg_slot, rank, num_segments, *tiles, *bounds,
+            y, v, lora_b, scaling, seg_cu, seg_slot, _ptr_or(slot_rank, seg_slot), rank, num_segments, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
-            num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES,
+            num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES, **ranks,
         )
     return y

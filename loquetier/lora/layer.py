@@ -65,6 +65,10 @@ class VirtualLoraLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None   # [L, S*R, d_in]
         self.lora_b: torch.Tensor | None = None   # [L, d_out, R]
         self.scaling: torch.Tensor | None = None  # [L, S] float32
+        # each slot's rank (the largest of its slices'): the unfolded SMLM kernels read no A row or B
+        # column past it, so an adapter of rank 8 in a rank-64 table costs its own bytes, not 64's
+        self.slot_rank: torch.Tensor | None = None  # [L] int32
+        self._slice_ranks: list[list[int]] = []     # host copy, per slot and slice
         self.weight_aug: torch.Tensor | None = None  # [d_out + L*S*R, d_in]: base weight, then lora_a
         self.bias_aug: torch.Tensor | None = None
         self.fold_shrink = False
@@ -95,6 +99,8 @@ class VirtualLoraLinear(nn.Module):
         self.lora_b = torch.zeros(self.num_slots, self.base.out_features, self.max_rank,
                                   dtype=w.dtype, device=w.device)
         self.scaling = torch.zeros(self.num_slots, num_slices, dtype=torch.float32, device=w.device)
+        self.slot_rank = torch.zeros(self.num_slots, dtype=torch.int32, device=w.device)
+        self._slice_ranks = [[0] * num_slices for _ in range(self.num_slots)]
 
     def set_fold_shrink(self, policy: str) -> None:
         """"auto" | "always" | "never": whether inference forwards fold the shrink into the base GEMM."""
@@ -115,6 +121,8 @@ class VirtualLoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.scaling[slot].zero_()
+        self._slice_ranks[slot] = [0] * len(self.slice_names)
+        self.slot_rank[slot] = 0
         self.train_slots.pop(slot, None)
 
     def write_slice(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -133,6 +141,8 @@ class VirtualLoraLinear(nn.Module):
             self.lora_a[slot, s * R + r:(s + 1) * R].zero_()
             self.lora_b[slot, lo:hi, r:].zero_()
         self.scaling[slot, s] = scale
+        self._slice_ranks[slot][s] = r
+        self.slot_rank[slot] = max(self._slice_ranks[slot])
 
     def read_slice(self, slot: int, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one module's A [r, d_in] and B [d_out, r] in the slot."""
@@ -176,6 +186,7 @@ class VirtualLoraLinear(nn.Module):
             train = tuple((s, self.train_slots[s]) for s in meta.train_slots if s in self.train_slots)
         if self.tp_row:   # the shrink of an input shard is partial: summed over ranks before the expand
             return smlm(x, y, self.lora_a, self.lora_b, self.scaling, self.slice_offsets, meta, train,
-                        self.dropout_salt, self.backend, self.tp.all_reduce_, self.tp.rank * x.shape[1])
+                        self.dropout_salt, self.backend, self.tp.all_reduce_, self.tp.rank * x.shape[1],
+                        slot_rank=self.slot_rank)
         return smlm(x, y, self.lora_a, self.lora_b, self.scaling, self.slice_offsets, meta,
-                    train, self.dropout_salt, self.backend)
+                    train, self.dropout_salt, self.backend, slot_rank=self.slot_rank)
