@@ -151,18 +151,26 @@ def _log_step(step_log: list, info: dict, t0: float) -> None:
                      info["num_train_tokens"], round(info["time"], 5)])
 
 
+def _step_kind(decode: int, prefill: int, train: int) -> str:
+    return "prefill" if prefill else "mixed" if decode and train else "train_only" if train else "decode_only"
+
+
 def _steps_by_kind(step_log: list) -> dict:
-    """Steps, host seconds and training tokens of each kind of step (a step's `time` is its host
-    time, which is the step period once the GPU is the bottleneck)."""
+    """Steps, seconds and training tokens of each kind of step.
+
+    With asynchronous scheduling a step call launches its step, then waits for the previous step's
+    tokens: its host time is mostly the previous step's GPU time. So `s_<kind>` gives each step the
+    host time of the call after it (the last step keeps its own), and `s_call_<kind>` the calls' own
+    host times, which charge a short prefill step with the long mixed step before it."""
     out = {"steps": len(step_log), "steps_train": sum(1 for x in step_log if x[3]),
            "steps_prefill": sum(1 for x in step_log if x[2]),
            "steps_decode_only": sum(1 for x in step_log if x[1] and not x[2] and not x[3])}
     for kind in ("train_only", "mixed", "prefill", "decode_only"):
-        out[f"s_{kind}"], out[f"tok_{kind}"] = 0.0, 0
-    for _, decode, prefill, train, seconds in step_log:
-        kind = ("prefill" if prefill else "mixed" if decode and train else "train_only" if train
-                else "decode_only")
-        out[f"s_{kind}"] += seconds
+        out[f"s_{kind}"], out[f"s_call_{kind}"], out[f"tok_{kind}"] = 0.0, 0.0, 0
+    for i, (_, decode, prefill, train, seconds) in enumerate(step_log):
+        kind = _step_kind(decode, prefill, train)
+        out[f"s_{kind}"] += step_log[i + 1][4] if i + 1 < len(step_log) else seconds
+        out[f"s_call_{kind}"] += seconds
         out[f"tok_{kind}"] += train
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
