@@ -233,6 +233,19 @@ def _lora_delta(row, cols, mask, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, s: t
 
 
 @triton.jit
+def _normalize_row(h_ptr, w_ptr, y_ptr, row, width, rstd, CHUNK: tl.constexpr):
+    """y[row] = w * round(h[row] * rstd), CHUNK columns at a time (h and y contiguous [N, width])."""
+    dt = h_ptr.dtype.element_ty
+    for c in range(0, width, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < width
+        h = tl.load(h_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = (h * rstd).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                          width, eps, stride_out, stride_res, stride_v, stride_vl, stride_bl, stride_bn, stride_sl,
                          rank, CHUNK: tl.constexpr, RANK_PAD: tl.constexpr, HAS_RES: tl.constexpr,
@@ -257,13 +270,17 @@ def _add_rms_norm_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, sc
         hf = h.to(tl.float32)
         sq += hf * hf
     rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / width + eps)
-    for c in range(0, width, CHUNK):
-        cols = c + tl.arange(0, CHUNK)
-        mask = cols < width
-        h = tl.load(h_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = (h * rstd).to(dt).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    _normalize_row(h_ptr, w_ptr, y_ptr, row, width, rstd, CHUNK)
+
+
+@triton.jit
+def _grid_tile(n, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an [n, width] grid: offsets, their masks, the 2-D mask."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < n
+    mask_n = offs_n < width
+    return offs_m, offs_n, mask_m, mask_n, mask_m[:, None] & mask_n[None, :]
 
 
 @triton.jit
@@ -273,11 +290,7 @@ def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scalin
                            HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # h = residual + (out + delta) over a [BLOCK_M, BLOCK_N] tile; each row's sum of h^2 over the tile
     # goes to sq[row, column tile], for the norm kernel to add up
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < n
-    mask_n = offs_n < width
-    mask = mask_m[:, None] & mask_n[None, :]
+    offs_m, offs_n, mask_m, mask_n, mask = _grid_tile(n, width, BLOCK_M, BLOCK_N)
     rows = offs_m[:, None].to(tl.int64)
     dt = h_ptr.dtype.element_ty
     o = tl.load(out_ptr + rows * stride_out + offs_n[None, :], mask=mask, other=0.0)
@@ -304,14 +317,7 @@ def _rms_norm_from_sumsq_kernel(h_ptr, sq_ptr, w_ptr, y_ptr, width, num_chunks, 
     offs_c = tl.arange(0, CHUNKS_PAD)
     sq = tl.load(sq_ptr + row * num_chunks + offs_c, mask=offs_c < num_chunks, other=0.0)
     rstd = tl.math.rsqrt(tl.sum(sq, axis=0) / width + eps)
-    dt = h_ptr.dtype.element_ty
-    for c in range(0, width, CHUNK):
-        cols = c + tl.arange(0, CHUNK)
-        mask = cols < width
-        h = tl.load(h_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = (h * rstd).to(dt).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * width + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    _normalize_row(h_ptr, w_ptr, y_ptr, row, width, rstd, CHUNK)
 
 
 def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
@@ -419,11 +425,7 @@ def _silu_and_mul_lora_segment_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, s
 def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, n, inter, stride_x,
                                    stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, BLOCK_M: tl.constexpr,
                                    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < n
-    mask_n = offs_n < inter
-    mask = mask_m[:, None] & mask_n[None, :]
+    offs_m, offs_n, mask_m, mask_n, mask = _grid_tile(n, inter, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]
     gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
