@@ -4,7 +4,8 @@ Kinds (Llama-3-8B shape, random bf16, LoRA r16 all-linear; training on Alpaca-li
 into `--micro-batch-tokens`):
 - train-graph: training alone, steps replayed from captured (bucketed) CUDA graphs;
 - train-eager: the same steps with graphs off;
-- mixed: `--decode-batch` decoding requests plus up to `--mixed-train-tokens` training tokens a step;
+- mixed: `--decode-batch` decoding requests plus up to `--mixed-train-tokens` training tokens a step
+  (several sizes, comma-separated, give one row each: how training beside decode rows scales);
 - decode: the same requests alone (decode graphs).
 For each kind, K consecutive steps run under the profiler with no sync between them. busy = the
 union of the GPU's kernel and copy intervals over the window from the first step's start to the last
@@ -120,7 +121,7 @@ def main():
     ap.add_argument("--kinds", default="train-graph,train-eager,mixed,decode")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--decode-batch", type=int, default=32)
-    ap.add_argument("--mixed-train-tokens", type=int, default=1024)
+    ap.add_argument("--mixed-train-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1024])
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup-quiet", type=int, default=16,
@@ -159,15 +160,18 @@ def main():
         while any(not s.output_token_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()
         # the step budget leaves `--mixed-train-tokens` to training beside the decode rows
-        eng.config.scheduler.max_num_batched_tokens = args.decode_batch + args.mixed_train_tokens
+        eng.config.scheduler.max_num_batched_tokens = args.decode_batch + args.mixed_train_tokens[0]
         if "decode" in kinds:
             for _ in range(3):
                 eng.step()
             profile(eng, "decode", args.steps, rows)
         if "mixed" in kinds:
             job.status = JobStatus.RUNNING
-            warm_up(eng, args.warmup_quiet)
-            profile(eng, "mixed", args.steps, rows, trainer)
+            for size in args.mixed_train_tokens:
+                eng.config.scheduler.max_num_batched_tokens = args.decode_batch + size
+                warm_up(eng, args.warmup_quiet)
+                profile(eng, "mixed" if len(args.mixed_train_tokens) == 1 else f"mixed-{size}", args.steps, rows,
+                        trainer)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "argv": sys.argv}
     write_json(args.out, {"info": info, "rows": rows})

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in parts that each run within 10 minutes.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | prefix | peft | adapters | training | profile | unified | unified-serve | unified-sweep  (one GPU)
+#   PART: check | inference | prefix | peft | adapters | training | profile | profile-mixed | unified | unified-serve
+#         | unified-sweep  (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
 #   mkdir -p .bench_data && cp ../shared/data/burstgpt_arrivals.txt .bench_data/   (carry .bench_data)
@@ -32,6 +33,9 @@ case "$part" in
     timeout 560 python benchmarks/bench_train.py --out "$out/train.json" 2>&1 | tail -8 ;;
   profile)    # GPU-busy fraction of training (graph / eager), mixed and decode steps
     timeout 300 python benchmarks/profile_steps.py --out "$out/profile_steps.json" 2>&1 | tail -7 ;;
+  profile-mixed)  # training beside 32 decode rows at four training-token sizes, against training alone
+    timeout 400 python benchmarks/profile_steps.py --kinds train-graph,mixed --mixed-train-tokens 256,512,1024,2048 \
+      --out "$out/profile_mixed.json" 2>&1 | tail -7 ;;
   unified)    # BurstGPT replay at 3.4, 8 and 15 req/s (300 requests each): SLO-aware, then training alone
     timeout 560 python benchmarks/bench_unified.py --trace .bench_data/burstgpt_arrivals.txt --policies slo,train-only \
       --out "$out/unified.json" --plot "$out/unified.png" 2>&1 | tail -12 ;;
