@@ -1,9 +1,8 @@
 """Where a decode step's time goes: CUDA-graph replay times of the base and LoRA decode forwards
 (Llama-3-8B shape, random bf16, context 512) for each SMLM layout, then the top kernels of one
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
-bucket (the old layout) or capped at slots + 2; the folded layers' deltas added by the row-tile
-kernels (the default) or by the per-row add + RMSNorm and per-segment SiLU kernels; the q/k/v
-expand through row tiles too (smlm_triton.EXPAND_ROW_TILES, off by default).
+bucket (the old layout) or capped at slots + 2; the base add + RMSNorm as two kernels like the
+LoRA one; the q/k/v expand through row tiles (smlm_triton.EXPAND_ROW_TILES, off by default).
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -90,7 +89,7 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--profile-batch", type=int, default=64)
     ap.add_argument("--norm-configs", default="",
-                    help="also time the folded variant with these add-RMSNorm launch configs, CHUNKxWARPS,... "
+                    help="also time the folded variant with these launch configs of the base add + RMSNorm, CHUNKxWARPS,... "
                          "(e.g. 1024x8,512x4,4096x16)")
     ap.add_argument("--tile-configs", default="",
                     help="also time the row-tile kernels with these tile sizes, MxNORM_NxSILU_N,... (e.g. 16x256x128)")
@@ -115,19 +114,17 @@ def main():
     rng = np.random.default_rng(0)
     kv = eng.kv
     max_blocks = -(-eng.max_model_len // kv.block_size)
-    # label -> (fold_shrink, max segments, fused_triton constants to set); constants not named keep
+    # label -> (fold_shrink, max segments, kernel-module constants to set); constants not named keep
     # their defaults
-    no_tiles = {"LORA_TILE_MIN_ROWS": 1 << 30}
-    variants = {"unfolded, bucket-long segments": ("never", None, no_tiles),
-                "unfolded, slots+2 segments": ("never", 6, no_tiles),
-                "folded, slots+2 segments": ("always", 6, no_tiles),
-                "folded, row tiles": ("always", 6, {}),
-                "folded, row tiles, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
-                "folded, row tiles, q/k/v expand too": ("always", 6, {"smlm_triton.EXPAND_ROW_TILES": True})}
+    variants = {"unfolded, bucket-long segments": ("never", None, {}),
+                "unfolded, slots+2 segments": ("never", 6, {}),
+                "folded, slots+2 segments": ("always", 6, {}),
+                "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
+                "folded, q/k/v expand by row tiles": ("always", 6, {"smlm_triton.EXPAND_ROW_TILES": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
-        variants[f"folded, add-norm {chunk}x{warps}"] = ("always", 6, {**no_tiles, "ADD_NORM_CHUNK": chunk,
-                                                                        "ADD_NORM_NUM_WARPS": warps})
+        variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
+                                                                             "ADD_NORM_NUM_WARPS": warps})
     for cfg in filter(None, args.tile_configs.split(",")):
         m, n_norm, n_silu = (int(x) for x in cfg.split("x"))
         variants[f"folded, row tiles {m}x{n_norm}x{n_silu}"] = ("always", 6, {
@@ -169,8 +166,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, row tiles",
-                                                                "folded, row tiles, q/k/v expand too"):
+            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, q/k/v expand by row tiles"):
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:

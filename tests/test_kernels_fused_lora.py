@@ -61,14 +61,11 @@ SLOTS = [0, -1, 2, 1, 1, -1, 0]
 SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
 
 
-@pytest.fixture(params=["tile", "row", "tile-base"])
+@pytest.fixture(params=["tile", "tile-base"])
 def lora_path(request, monkeypatch):
-    """The row-tile kernels (any batch from LORA_TILE_MIN_ROWS rows) or the per-row / per-segment ones
-    below it; "tile-base": add + RMSNorm without a delta through the tiled kernels too. The norm's
-    row loop is cut to 1,024 columns so that 2,500 takes three passes."""
+    """"tile-base": add + RMSNorm without a delta through the tiled kernels too (else one program per
+    row). The norm's row loop is cut to 1,024 columns so that 2,500 takes three passes."""
     monkeypatch.setattr(fused_triton, "NORM_ROW_CHUNK", 1024)
-    if request.param == "row":
-        monkeypatch.setattr(fused_triton, "LORA_TILE_MIN_ROWS", 1 << 30)
     monkeypatch.setattr(fused_triton, "ADD_NORM_SPLIT_BASE", request.param == "tile-base")
     return request.param
 

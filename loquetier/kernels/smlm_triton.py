@@ -477,7 +477,7 @@ def expand_(
     assert slot_rank is None or slot_rank.dtype == torch.int32
     if num_tokens == 0:
         return y
-    ranks = dict(HAS_SLOT_RANK=slot_rank is not None)
+    rank_flag = dict(HAS_SLOT_RANK=slot_rank is not None)   # the kernels read slot_rank only with it
     rank_pad = _rank_pad(rank)
     if EXPAND_ROW_TILES:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_TILE_N)
@@ -485,13 +485,13 @@ def expand_(
             y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), num_tokens, rank, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_TILE_M, BLOCK_N=EXPAND_TILE_N, RANK_PAD=rank_pad, DOT_PRECISION=_dot_precision(v.dtype),
-            num_warps=4, **ranks)
+            num_warps=4, **rank_flag)
     elif max_seg_len <= GATHER_MAX_SEG_LEN:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
             y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, **ranks,
+            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, **rank_flag,
         )
     else:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_BLOCK_N)
@@ -502,6 +502,6 @@ def expand_(
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
-            num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES, **ranks,
+            num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES, **rank_flag,
         )
     return y
