@@ -118,7 +118,7 @@ def main():
     # their defaults
     variants = {"unfolded, bucket-long segments": ("never", None, {}),
                 "unfolded, slots+2 segments": ("never", 6, {}),
-                "folded, slots+2 segments": ("always", 6, {}),
+                "folded (the default), slots+2 segments": ("always", 6, {}),
                 "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
                 "folded, q/k/v expand by row tiles": ("always", 6, {"smlm_triton.EXPAND_ROW_TILES": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
@@ -166,7 +166,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label in ("folded, slots+2 segments", "folded, q/k/v expand by row tiles"):
+            if batch == args.profile_batch and label in ("folded (the default), slots+2 segments", "folded, q/k/v expand by row tiles"):
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
