@@ -7,7 +7,7 @@ throughout on Alpaca-like examples (lognormal, mean 80 tokens) packed into micro
 `--micro-batch-tokens`. Policies: SLO-aware, fixed (N inference steps per training step), serving
 alone and training alone. `--tpot-slos` also sweeps the TPOT SLO at `--sweep-load` (SLO-aware).
 One engine serves every configuration in turn, as a server would. Prints a table last, writes
-JSON and a PNG plot. Parts that fit one 10-minute GPU call each: `--policies slo,serve-only,train-only`
+JSON and a PNG plot. Parts that each run within 10 minutes on one GPU: `--policies slo,serve-only,train-only`
 over the three loads, then `--policies fixed --tpot-slos ...`.
 """
 
