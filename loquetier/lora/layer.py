@@ -68,7 +68,7 @@ class VirtualLoraLinear(nn.Module):
         # each slot's rank (the largest of its slices'): the unfolded SMLM kernels read no A row or B
         # column past it, so an adapter of rank 8 in a rank-64 table costs its own bytes, not 64's
         self.slot_rank: torch.Tensor | None = None  # [L] int32
-        self._slice_ranks: list[list[int]] = []     # host copy, per slot and slice
+        self.slice_ranks: list[list[int]] = []      # host copy, per slot and slice (slot_writes.py)
         self.weight_aug: torch.Tensor | None = None  # [d_out + L*S*R, d_in]: base weight, then lora_a
         self.bias_aug: torch.Tensor | None = None
         self.fold_shrink = False
@@ -100,7 +100,7 @@ class VirtualLoraLinear(nn.Module):
                                   dtype=w.dtype, device=w.device)
         self.scaling = torch.zeros(self.num_slots, num_slices, dtype=torch.float32, device=w.device)
         self.slot_rank = torch.zeros(self.num_slots, dtype=torch.int32, device=w.device)
-        self._slice_ranks = [[0] * num_slices for _ in range(self.num_slots)]
+        self.slice_ranks = [[0] * num_slices for _ in range(self.num_slots)]
 
     def set_fold_shrink(self, policy: str) -> None:
         """"auto" | "always" | "never": whether inference forwards fold the shrink into the base GEMM."""
@@ -116,34 +116,8 @@ class VirtualLoraLinear(nn.Module):
     def slice_index(self, name: str) -> int:
         return self.slice_names.index(name)
 
-    # ------------------------------------------------------------------ slot writes (manager only)
-    def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.scaling[slot].zero_()
-        self._slice_ranks[slot] = [0] * len(self.slice_names)
-        self.slot_rank[slot] = 0
-        self.train_slots.pop(slot, None)
-
-    def write_slice(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy one module's A [r, d_in] and B [d_out, r] into the slot, zero-padded to max_rank
-        (split over ranks: the full tensors, of which this rank keeps its shard)."""
-        if self.tp is not None:
-            a, b = self.tp.lora_shard(name, a, b)
-        s = self.slice_index(name)
-        r = a.shape[0]
-        lo, hi = self.slice_offsets[s], self.slice_offsets[s + 1]
-        R = self.max_rank
-        # from the device (AdapterManager moves an adapter in one copy) these do not wait for the host
-        self.lora_a[slot, s * R:s * R + r].copy_(a, non_blocking=True)
-        self.lora_b[slot, lo:hi, :r].copy_(b, non_blocking=True)
-        if r < R:   # a lower rank than the slot's: the rest of the slot reads as zeros
-            self.lora_a[slot, s * R + r:(s + 1) * R].zero_()
-            self.lora_b[slot, lo:hi, r:].zero_()
-        self.scaling[slot, s] = scale
-        self._slice_ranks[slot][s] = r
-        self.slot_rank[slot] = max(self._slice_ranks[slot])
-
+    # ------------------------------------------------------------------ slot tables
+    # written by the manager through slot_writes.py (many layers at once); read here
     def read_slice(self, slot: int, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one module's A [r, d_in] and B [d_out, r] in the slot."""
         s = self.slice_index(name)

@@ -24,6 +24,7 @@ from ..errors import (
 from ..kernels.lora_dropout import SlotDropout
 from ..models.llama import LlamaModel
 from .adapter import AdapterWeights
+from .slot_writes import clear_slot, write_slices
 from .trainable import AdapterTrainState
 
 
@@ -150,16 +151,14 @@ class AdapterManager:
         slot = free[0]
         keys = list(rec.weights.modules)
         moved = _on_device([t for key in keys for t in rec.weights.modules[key]], self.device)
-        for (layer, module), a, b in zip(keys, moved[0::2], moved[1::2]):
-            self.layers[layer][module].write_slice(slot, module, a, b, rec.weights.scale(layer, module))
+        write_slices(slot, [(self.layers[layer][module], module, a, b, rec.weights.scale(layer, module))
+                            for (layer, module), a, b in zip(keys, moved[0::2], moved[1::2])])
         self.slot_owner[slot] = rec.name
         rec.slot = slot
 
     def _clear(self, slot: int) -> None:
         owner = self.slot_owner[slot]
-        for table in self.layers:
-            for layer in set(table.values()):
-                layer.clear_slot(slot)
+        clear_slot([vl for table in self.layers for vl in dict.fromkeys(table.values())], slot)
         self.slot_owner[slot] = None
         if owner is not None and owner in self.records:
             self.records[owner].slot = None

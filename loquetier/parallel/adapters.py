@@ -1,6 +1,6 @@
 """Adapters under tensor parallelism: rank 0's registry writes every rank's slots.
 
-Each rank's slot table holds its shard (`VirtualLoraLinear.write_slice` cuts the full tensors).
+Each rank's slot table holds its shard (`slot_writes.write_slices` cuts the full tensors).
 Rank 0 keeps the CPU copies, as on one device, and broadcasts an adapter's tensors when it enters
 a slot; a trained adapter gets a `SplitTrainState` on every rank (train_state.py).
 """
@@ -12,6 +12,7 @@ import torch
 
 from ..lora.adapter import AdapterWeights, module_shapes
 from ..lora.manager import AdapterManager
+from ..lora.slot_writes import write_slices
 from ..lora.trainable import AdapterTrainState
 from ..models.config import LORA_TARGETS
 from .channel import Op
@@ -39,14 +40,15 @@ def full_numel(args, ranks: dict[tuple[int, str], int]) -> int:
 def write_slot(manager: AdapterManager, args, slot: int, ranks: dict[tuple[int, str], int],
                scales: np.ndarray, flat: torch.Tensor) -> None:
     """Every slice of an adapter, sent whole in `flat` (A then B per module, sorted), into a slot."""
-    offset = 0
+    offset, writes = 0, []
     for (layer, module), scale in zip(sorted(ranks), scales.tolist()):
         r = ranks[(layer, module)]
         d_in, d_out = module_shapes(args, module)
         a = flat[offset:offset + r * d_in].view(r, d_in)
         b = flat[offset + r * d_in:offset + r * (d_in + d_out)].view(d_out, r)
-        manager.layers[layer][module].write_slice(slot, module, a, b, scale)
+        writes.append((manager.layers[layer][module], module, a, b, scale))
         offset += r * (d_in + d_out)
+    write_slices(slot, writes)
 
 
 def split_train_state(manager: AdapterManager, tp, slot: int, ranks: dict[tuple[int, str], int],
