@@ -142,3 +142,24 @@ def test_new_adapters_follow_the_same_selection_and_refuse_typos(bases):
     assert len(new_adapter(LoraSpec(r=2, target_modules=["all-linear"]), args, 8).modules) == 14
     with pytest.raises(AdapterError, match=r"\['q_prj'\] match no module"):
         new_adapter(LoraSpec(r=2, target_modules=["q_proj", "q_prj"]), args, max_rank=8)
+
+
+def test_packed_weights_are_views_of_one_buffer_in_module_order(bases):
+    """The adapter manager keeps adapters packed: a swap copies `flat` as it is, which must hold
+    every module's A then B in `modules` order, with the module tensors as views of it."""
+    root, _ = bases
+    args = ModelArgs.from_dir(root / "base2")
+    weights = new_adapter(LoraSpec(r=4, target_modules="all-linear", rank_pattern={"o_proj": 2}), args, 8, seed=3)
+    for a, b in weights.modules.values():
+        b.normal_()
+    packed = weights.packed()
+    tensors = [t for pair in packed.modules.values() for t in pair]
+    assert torch.equal(packed.flat, torch.cat([t.reshape(-1) for pair in weights.modules.values() for t in pair]))
+    assert all(t.untyped_storage().data_ptr() == packed.flat.untyped_storage().data_ptr() for t in tensors)
+    assert list(packed.modules) == list(weights.modules)
+    for key, (a, b) in weights.modules.items():
+        assert torch.equal(packed.modules[key][0], a) and torch.equal(packed.modules[key][1], b)
+    mixed = new_adapter(LoraSpec(r=2, target_modules=["q_proj"]), args, 8)
+    key = next(iter(mixed.modules))
+    mixed.modules[key] = (mixed.modules[key][0].half(), mixed.modules[key][1])
+    assert mixed.packed() is mixed   # tensors of two dtypes stay as they are

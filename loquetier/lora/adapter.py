@@ -68,10 +68,24 @@ def _pattern_value(patterns: dict, key: str, default):
 
 @dataclass
 class AdapterWeights:
-    """One adapter's tensors on the CPU: (layer, module) -> (A [r, d_in], B [d_out, r])."""
+    """One adapter's tensors on the CPU: (layer, module) -> (A [r, d_in], B [d_out, r]).
+
+    `flat`, when set (`packed()`): one buffer that every tensor is a view of, A then B of each module
+    in `modules` order, so the adapter reaches the device in one copy with nothing to gather first."""
 
     spec: LoraSpec
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def packed(self) -> AdapterWeights:
+        """These weights as views of one flat CPU buffer (the same weights if they are not all CPU
+        tensors of one dtype)."""
+        tensors = [t for pair in self.modules.values() for t in pair]
+        if not tensors or any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
+            return self
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return AdapterWeights(self.spec, dict(zip(self.modules, zip(views[0::2], views[1::2]))), flat)
 
     def scale(self, layer: int, module: str) -> float:
         a, _ = self.modules[(layer, module)]

@@ -86,7 +86,7 @@ class AdapterManager:
         if len(self.records) >= self.config.max_loras + self.config.max_cpu_loras:
             raise CapacityError(f"{len(self.records)} adapters are loaded, the limit is max_loras + max_cpu_loras "
                                 f"= {self.config.max_loras + self.config.max_cpu_loras}; unload one first")
-        self.records[name] = AdapterRecord(name, weights, parent=parent, source=source,
+        self.records[name] = AdapterRecord(name, weights.packed(), parent=parent, source=source,
                                            last_used=next(self._clock), version=next(self._versions))
 
     def weights_version(self, name: str | None) -> int | None:
@@ -150,7 +150,7 @@ class AdapterManager:
             self._clear(victim.slot)
         slot = free[0]
         keys = list(rec.weights.modules)
-        moved = _on_device([t for key in keys for t in rec.weights.modules[key]], self.device)
+        moved = _on_device([t for key in keys for t in rec.weights.modules[key]], self.device, rec.weights.flat)
         write_slices(slot, [(self.layers[layer][module], module, a, b, rec.weights.scale(layer, module))
                             for (layer, module), a, b in zip(keys, moved[0::2], moved[1::2])])
         self.slot_owner[slot] = rec.name
@@ -204,19 +204,23 @@ class AdapterManager:
         rec = self.get(name)
         if not rec.trainable:
             return
-        rec.weights = self.snapshot(name)
+        rec.weights = self.snapshot(name).packed()
         rec.train_state.release()
         rec.train_state = None
         self.dropout.set(rec.slot, 0.0)
 
 
 
-def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _on_device(tensors: list[torch.Tensor], device: torch.device, flat: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
     """The tensors on `device` through one host-to-device copy, each a view of it: a rank-16
     all-linear adapter of an 8B model is 448 small tensors, and as many synchronous copies cost
-    far more than one of their total size. CPU tensors of one dtype only; others as they are."""
+    far more than one of their total size. `flat`: a buffer the tensors already are consecutive
+    views of (`AdapterWeights.packed`), copied as it is. CPU tensors of one dtype only; others as
+    they are."""
     if (device.type == "cpu" or not tensors or any(t.device.type != "cpu" for t in tensors)
             or any(t.dtype != tensors[0].dtype for t in tensors)):
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    assert flat is None or flat.numel() == sum(t.numel() for t in tensors)
+    flat = (torch.cat([t.reshape(-1) for t in tensors]) if flat is None else flat).to(device)
     return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
