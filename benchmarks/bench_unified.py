@@ -162,13 +162,12 @@ def _steps_by_kind(step_log: list) -> dict:
     tokens: its host time is mostly the previous step's GPU time. So `s_<kind>` gives each step the
     host time of the call after it (the last step keeps its own), and `s_call_<kind>` the calls' own
     host times, which charge a short prefill step with the long mixed step before it."""
+    kinds = [_step_kind(decode, prefill, train) for _, decode, prefill, train, _ in step_log]
     out = {"steps": len(step_log), "steps_train": sum(1 for x in step_log if x[3]),
-           "steps_prefill": sum(1 for x in step_log if x[2]),
-           "steps_decode_only": sum(1 for x in step_log if x[1] and not x[2] and not x[3])}
+           "steps_prefill": kinds.count("prefill"), "steps_decode_only": kinds.count("decode_only")}
     for kind in ("train_only", "mixed", "prefill", "decode_only"):
         out[f"s_{kind}"], out[f"s_call_{kind}"], out[f"tok_{kind}"] = 0.0, 0.0, 0
-    for i, (_, decode, prefill, train, seconds) in enumerate(step_log):
-        kind = _step_kind(decode, prefill, train)
+    for i, (kind, (_, _, _, train, seconds)) in enumerate(zip(kinds, step_log)):
         out[f"s_{kind}"] += step_log[i + 1][4] if i + 1 < len(step_log) else seconds
         out[f"s_call_{kind}"] += seconds
         out[f"tok_{kind}"] += train

@@ -153,8 +153,8 @@ def test_packed_weights_are_views_of_one_buffer_in_module_order(bases):
     for a, b in weights.modules.values():
         b.normal_()
     packed = weights.packed()
-    tensors = [t for pair in packed.modules.values() for t in pair]
-    assert torch.equal(packed.flat, torch.cat([t.reshape(-1) for pair in weights.modules.values() for t in pair]))
+    tensors = packed.tensors()
+    assert torch.equal(packed.flat, torch.cat([t.reshape(-1) for t in weights.tensors()]))
     assert all(t.untyped_storage().data_ptr() == packed.flat.untyped_storage().data_ptr() for t in tensors)
     assert list(packed.modules) == list(weights.modules)
     for key, (a, b) in weights.modules.items():
@@ -163,3 +163,7 @@ def test_packed_weights_are_views_of_one_buffer_in_module_order(bases):
     key = next(iter(mixed.modules))
     mixed.modules[key] = (mixed.modules[key][0].half(), mixed.modules[key][1])
     assert mixed.packed() is mixed   # tensors of two dtypes stay as they are
+    assert packed.tensors_on(torch.device("cpu")) == tensors
+    on_meta = packed.tensors_on(torch.device("meta"))   # a device other than the CPU: views of one copy of flat
+    assert [t.shape for t in on_meta] == [t.shape for t in tensors]
+    assert all(t.untyped_storage().nbytes() == packed.flat.untyped_storage().nbytes() for t in on_meta)

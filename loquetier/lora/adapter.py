@@ -77,15 +77,28 @@ class AdapterWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     flat: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """A then B of each module, in `modules` order (the layout of `flat`)."""
+        return [t for pair in self.modules.values() for t in pair]
+
     def packed(self) -> AdapterWeights:
         """These weights as views of one flat CPU buffer (the same weights if they are not all CPU
         tensors of one dtype)."""
-        tensors = [t for pair in self.modules.values() for t in pair]
+        tensors = self.tensors()
         if not tensors or any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
             return self
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        views = flat_views(flat, tensors)
         return AdapterWeights(self.spec, dict(zip(self.modules, zip(views[0::2], views[1::2]))), flat)
+
+    def tensors_on(self, device: torch.device) -> list[torch.Tensor]:
+        """`tensors()` on `device`: packed weights through one host-to-device copy of `flat`, each a
+        view of it (a rank-16 all-linear adapter of an 8B model is 448 small tensors, and as many
+        copies cost far more than one of their total size); unpacked ones, or on the CPU, as they are."""
+        tensors = self.tensors()
+        if self.flat is None or device.type == "cpu":
+            return tensors
+        return flat_views(self.flat.to(device), tensors)
 
     def scale(self, layer: int, module: str) -> float:
         a, _ = self.modules[(layer, module)]
@@ -94,6 +107,11 @@ class AdapterWeights:
     @property
     def max_rank(self) -> int:
         return max((a.shape[0] for a, _ in self.modules.values()), default=0)
+
+
+def flat_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of `flat` shaped like the tensors of `like`."""
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def module_shapes(args: ModelArgs, module: str) -> tuple[int, int]:

@@ -12,8 +12,6 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..config import LoraConfig
 from ..errors import (
     AdapterError,
@@ -149,10 +147,9 @@ class AdapterManager:
             free = [victim.slot]
             self._clear(victim.slot)
         slot = free[0]
-        keys = list(rec.weights.modules)
-        moved = _on_device([t for key in keys for t in rec.weights.modules[key]], self.device, rec.weights.flat)
+        moved = rec.weights.tensors_on(self.device)
         write_slices(slot, [(self.layers[layer][module], module, a, b, rec.weights.scale(layer, module))
-                            for (layer, module), a, b in zip(keys, moved[0::2], moved[1::2])])
+                            for (layer, module), a, b in zip(rec.weights.modules, moved[0::2], moved[1::2])])
         self.slot_owner[slot] = rec.name
         rec.slot = slot
 
@@ -208,19 +205,3 @@ class AdapterManager:
         rec.train_state.release()
         rec.train_state = None
         self.dropout.set(rec.slot, 0.0)
-
-
-
-def _on_device(tensors: list[torch.Tensor], device: torch.device, flat: torch.Tensor | None = None
-               ) -> list[torch.Tensor]:
-    """The tensors on `device` through one host-to-device copy, each a view of it: a rank-16
-    all-linear adapter of an 8B model is 448 small tensors, and as many synchronous copies cost
-    far more than one of their total size. `flat`: a buffer the tensors already are consecutive
-    views of (`AdapterWeights.packed`), copied as it is. CPU tensors of one dtype only; others as
-    they are."""
-    if (device.type == "cpu" or not tensors or any(t.device.type != "cpu" for t in tensors)
-            or any(t.dtype != tensors[0].dtype for t in tensors)):
-        return tensors
-    assert flat is None or flat.numel() == sum(t.numel() for t in tensors)
-    flat = (torch.cat([t.reshape(-1) for t in tensors]) if flat is None else flat).to(device)
-    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
