@@ -28,6 +28,16 @@ def test_greedy_and_logprobs():
         assert [t for t, _ in lp.top] == top.indices.tolist()
 
 
+def test_plain_greedy_on_bf16_logits_matches_fp32_argmax_with_ties():
+    # the plain greedy path takes the argmax without the fp32 cast; bf16 has many exact ties
+    logits = (torch.randn(6, 300) * 4).round().to(torch.bfloat16)
+    seqs = [seq(SamplingParams(temperature=0)) for _ in range(6)]
+    tokens, lps = Sampler()(logits, seqs)
+    assert tokens == logits.float().argmax(-1).tolist() and lps == [None] * 6
+    mixed = seqs[:3] + [seq(SamplingParams(temperature=0, logprobs=1))]   # one row asks: the full path
+    assert Sampler()(logits[:4], mixed)[0] == tokens[:4]
+
+
 def test_same_seed_same_tokens_and_distribution():
     logits = torch.randn(1, 20)
     s1 = [seq(SamplingParams(temperature=1.0, seed=7)) for _ in range(1)]
