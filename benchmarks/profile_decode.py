@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +67,13 @@ def engine_steps(eng, names, batch: int, context: int, steps: int, rng) -> list[
                                 None if n_ad == 0 else names[i % n_ad])
             start_decoding(eng)
             marks.clear()
+            began = time.strftime("%H:%M:%S", time.gmtime())   # to line windows up with GPU clock logs
             wall = steady_step_seconds(eng, steps, "cuda")
             replay = [a.elapsed_time(b) for a, b in marks]
             between = [b0.elapsed_time(a1) for (_, b0), (a1, _) in zip(marks, marks[1:])]
             row = {"section": "engine-steps", "batch": batch, "adapters": n_ad, "steps": steps,
                    "replays": len(marks), "step_ms": wall * 1e3, "replay_ms": statistics.median(replay),
-                   "between_replays_ms": statistics.median(between)}
+                   "between_replays_ms": statistics.median(between), "utc": [began, time.strftime("%H:%M:%S", time.gmtime())]}
             out.append(row)
             print(row, flush=True)
             for rid in list(eng.requests):
