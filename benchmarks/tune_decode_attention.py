@@ -29,8 +29,6 @@ def main():
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 64, 128])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--min-split-positions", type=int, default=at.MIN_SPLIT_POSITIONS,
-                    help="the fewest positions a split takes (1: spread the context over every split)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = device_ceilings("cuda")["bandwidth_GBps"]
@@ -49,9 +47,8 @@ def main():
         kv_bytes = batch * args.context * KVH * D * 2 * 2
         default_splits = at.default_num_splits(batch, KVH, dev)
         ref = at.paged_decode_attention(q, k_cache, v_cache, tables, lens, D ** -0.5).float()
-        split = default_splits > 1
-        configs = [(at.BLOCK_N_SPLIT if split else at.BLOCK_N, at.NUM_WARPS_SPLIT if split else at.NUM_WARPS,
-                    at.NUM_STAGES_SPLIT if split else at.NUM_STAGES, default_splits)]
+        configs = [(at.BLOCK_N if default_splits == 1 else at.BLOCK_N_SPLIT, at.NUM_WARPS, at.NUM_STAGES,
+                    default_splits)]
         splits_options = (4, 8, 16) if batch * KVH < 132 else (1, 2, 4)
         configs += [c for c in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits_options)
                     if c != configs[0]]
@@ -59,8 +56,7 @@ def main():
             if block_n * splits > 4 * args.context:
                 continue
             fn = lambda: at.paged_decode_attention(q, k_cache, v_cache, tables, lens, D ** -0.5, splits,  # noqa: E731
-                                                   block_n=block_n, num_warps=warps, num_stages=stages,
-                                                   min_split_positions=args.min_split_positions)
+                                                   block_n=block_n, num_warps=warps, num_stages=stages)
             try:
                 out = fn().float()
             except Exception as e:  # e.g. out of shared memory for this tile

@@ -265,24 +265,22 @@ def make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype=torch.
         ([64, 9, 100], 2, 2, 16, 32, 2),  # MHA (group 1)
     ],
 )
-# 1: every split gets positions; the default: short contexts leave the later splits empty
-@pytest.mark.parametrize("min_split", [1, attention_triton.MIN_SPLIT_POSITIONS])
 def test_paged_decode_attention_matches_reference(context_lens, num_heads, num_kv_heads, head_dim, block_size,
-                                                  num_splits, min_split):
+                                                  num_splits):
     torch.manual_seed(0)
     k_cache, v_cache, block_tables, lens = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size)
     q = torch.randn(len(context_lens), num_heads, head_dim, device=DEVICE)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     got = attention_triton.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale,
-                                                  num_splits=num_splits, out=out, min_split_positions=min_split)
+                                                  num_splits=num_splits, out=out)
     want = attention_triton.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got[lens == 0] == 0).all()
 
 
-@pytest.mark.parametrize("num_splits,min_split", [(1, 1), (4, 1), (4, attention_triton.MIN_SPLIT_POSITIONS)])
-def test_paged_decode_attention_sliding_window(num_splits, min_split):
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_attention_sliding_window(num_splits):
     """Only the last `window` cached positions are visible (Mistral); compared with the engine's
     PyTorch reference, which masks explicitly."""
     from loquetier.kernels.attention import paged_decode_attention_ref as engine_ref
@@ -291,8 +289,7 @@ def test_paged_decode_attention_sliding_window(num_splits, min_split):
     q = torch.randn(4, 4, 16, device=DEVICE)
     out = torch.full_like(q, float("nan"))
     got = attention_triton.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25,
-                                                  num_splits=num_splits, out=out, sliding_window=9,
-                                                  min_split_positions=min_split)
+                                                  num_splits=num_splits, out=out, sliding_window=9)
     tables = torch.where(block_tables == 10**6, 0, block_tables)  # the engine pads tables with block 0
     want = engine_ref(q, k_cache, v_cache, tables, lens, 0.25, sliding_window=9)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -23,22 +23,16 @@ import triton
 import triton.language as tl
 
 # Tuned on the H200, bf16, 32 query / 8 kv heads, head_dim 128, block_size 16, context 512
-# (benchmarks/tune_decode_attention.py; results/2026-12-02_h200_tune_decode_attention.log):
-# 64 positions x 4 warps x 2 stages is the fastest unsplit setting at batch 64 and 256 (48.2 / 144 us
-# against 49.4 / 152 with 128 positions); a split context (small batch) is fastest with 8 warps, 3
-# stages and about 128 positions a split (12.8 us at batch 1 with 4 splits, 18.3 with 16 splits
-# of 32 positions), hence MIN_SPLIT_POSITIONS below.
+# (benchmarks/tune_decode_attention.py; results/2026-12-02_h200_tune_decode_attention*.log): with
+# the context whole, 64 positions a tile beat 128 at batch 64 and 256 in two runs (48.1 / 144.7 us
+# against 48.7-49.4 / 151-152). Split contexts (small batch) keep the H100 settings: at batch 1 the
+# fastest setting differed between the runs, and 8 warps with at least 128 positions a split (the
+# first run's fastest, 12.8 us) took 85 us with 16 splits in the second.
 BLOCK_N = 64         # cached positions per inner iteration (gathered across pages, any block_size)
 BLOCK_N_SPLIT = 64   # the same when the context is split across programs
 NUM_WARPS = 4
 NUM_STAGES = 2
-NUM_WARPS_SPLIT = 8
-NUM_STAGES_SPLIT = 3
 MAX_SPLITS = 16
-# A split covers at least this many positions: the grid's split count is fixed per batch size (CUDA
-# graphs), so a short context leaves the splits past it empty (they exit at once) instead of
-# spreading a few positions over each; a long one still uses every split.
-MIN_SPLIT_POSITIONS = 128
 
 
 @triton.jit
@@ -53,7 +47,6 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MIN_CHUNK: tl.constexpr,
 ):
     # grid: (sequence, kv head, split of the context)
     b = tl.program_id(0)
@@ -63,7 +56,7 @@ def _paged_decode_kernel(
     ctx = tl.load(context_lens_ptr + b)
     # sliding window (window > 0): only the last `window` positions are visible
     first = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    chunk = tl.cdiv(tl.maximum(tl.cdiv(ctx - first, NUM_SPLITS), MIN_CHUNK), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = first + split * chunk
     end = tl.minimum(start + chunk, ctx)
 
@@ -162,16 +155,14 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
     block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    min_split_positions: int = MIN_SPLIT_POSITIONS,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache with GQA: [B, H, D] -> [B, H, D] in q.dtype.
 
     ``num_splits`` (power of two) splits each context across programs; None picks it from the
     batch size. ``out`` (optional, [B, H, D], unit last stride) is written instead of a new tensor.
-    ``block_n``, ``num_warps``, ``num_stages``: tile and launch settings (benchmarks/tune_decode_attention.py);
-    ``min_split_positions``: the fewest positions a split takes (splits past the context stay empty).
+    ``block_n``, ``num_warps``, ``num_stages``: tile and launch settings (benchmarks/tune_decode_attention.py).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -188,13 +179,8 @@ def paged_decode_attention(
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     group = num_heads // num_kv_heads
     head_dim_pad = triton.next_power_of_2(head_dim)
-    split = num_splits > 1
     if block_n is None:
-        block_n = BLOCK_N_SPLIT if split else BLOCK_N
-    if num_warps is None:
-        num_warps = NUM_WARPS_SPLIT if split else NUM_WARPS
-    if num_stages is None:
-        num_stages = NUM_STAGES_SPLIT if split else NUM_STAGES
+        block_n = BLOCK_N if num_splits == 1 else BLOCK_N_SPLIT
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -209,7 +195,7 @@ def paged_decode_attention(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, MIN_CHUNK=min_split_positions if split else 1,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit inputs ignore it
         num_warps=num_warps, num_stages=num_stages,
     )
