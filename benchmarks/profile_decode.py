@@ -2,7 +2,7 @@
 (Llama-3-8B shape, random bf16, context 512) for each SMLM layout, then the top kernels of one
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
 bucket (the old layout) or capped at slots + 2; the base add + RMSNorm as two kernels like the
-LoRA one; the q/k/v expand through row tiles (smlm_triton.EXPAND_ROW_TILES, off by default).
+LoRA one.
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -121,8 +121,7 @@ def main():
     variants = {"unfolded, bucket-long segments": ("never", None, {}),
                 "unfolded, slots+2 segments": ("never", 6, {}),
                 "folded (the default), slots+2 segments": ("always", 6, {}),
-                "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
-                "folded, q/k/v expand by row tiles": ("always", 6, {"smlm_triton.EXPAND_ROW_TILES": True})}
+                "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
@@ -168,7 +167,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label in ("folded (the default), slots+2 segments", "folded, q/k/v expand by row tiles"):
+            if batch == args.profile_batch and label == "folded (the default), slots+2 segments":
                 from torch.profiler import ProfilerActivity, profile
                 graph = graphs.graphs[(batch, True)][0]
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:

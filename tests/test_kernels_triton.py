@@ -104,21 +104,20 @@ def test_shrink_matches_reference(name, path, monkeypatch):
     assert (v[token_slot < 0] == 0).all()
 
 
-EXPAND_PATHS = ["segment", "gather", "row_tiles"]   # row_tiles: tiles of tokens with any slot mix
+EXPAND_PATHS = ["segment", "gather"]
 
 
-def _expand_path(path, max_len, monkeypatch):
-    monkeypatch.setattr(smlm_triton, "EXPAND_ROW_TILES", path == "row_tiles")
+def _expand_path(path, max_len):
     return 1 if path == "gather" else max(max_len, 2)
 
 
 @pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_reads_own_slot_from_every_slots_shrink(name, path, monkeypatch):
+def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
     """v_slot_stride = S*R: v holds every slot's shrink (the folded base GEMM's extra columns, a
     strided view); each token must add the delta of its own slot only."""
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
-    max_len = _expand_path(path, max_len, monkeypatch)
+    max_len = _expand_path(path, max_len)
     num_slots, rows = a.shape[0], a.shape[1]
     d_out = offsets[-1]
     y_aug = torch.cat([torch.randn(x.shape[0], d_out, device=DEVICE), x @ a.reshape(-1, a.shape[2]).t()], 1)
@@ -132,9 +131,9 @@ def test_expand_reads_own_slot_from_every_slots_shrink(name, path, monkeypatch):
 
 @pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_matches_reference_and_touches_only_its_columns(name, path, monkeypatch):
+def test_expand_matches_reference_and_touches_only_its_columns(name, path):
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
-    max_len = _expand_path(path, max_len, monkeypatch)
+    max_len = _expand_path(path, max_len)
     v = shrink_ref(x, a, token_slot)
     d_out = offsets[-1]
     # y is a strided view into a wider, poisoned buffer: columns outside it must stay NaN.
@@ -148,7 +147,7 @@ def test_expand_matches_reference_and_touches_only_its_columns(name, path, monke
     assert big[:, :5].isnan().all() and big[:, 5 + d_out:].isnan().all()
 
 
-@pytest.mark.parametrize("path", ["segment", "gather", "segment_split", "row_tiles"])
+@pytest.mark.parametrize("path", ["segment", "gather", "segment_split"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_slot_ranks_skip_the_padding(name, path, monkeypatch):
     """With each slot's rank given, the kernels read no rank past it: the padding (zeros in a real
@@ -168,7 +167,7 @@ def test_slot_ranks_skip_the_padding(name, path, monkeypatch):
         monkeypatch.setattr(smlm_triton, "SHRINK_BLOCK_K", 16)
     v = smlm_triton.shrink(x, a_bad, seg_cu, seg_slot, token_slot, shrink_len, slot_rank=slot_rank, table_rank=rank)
     torch.testing.assert_close(v, shrink_ref(x, a, token_slot), rtol=1e-5, atol=1e-5)
-    expand_len = _expand_path(path if path in EXPAND_PATHS else "segment", max_len, monkeypatch)
+    expand_len = _expand_path(path if path in EXPAND_PATHS else "segment", max_len)
     y0 = torch.randn(x.shape[0], offsets[-1], device=DEVICE)
     y = y0.clone()
     smlm_triton.expand_(y, v, b_bad, scaling, offsets, seg_cu, seg_slot, token_slot, expand_len, slot_rank=slot_rank)
@@ -327,7 +326,7 @@ def _lengths(name):
 
 @needs_gpu
 @pytest.mark.parametrize("name", ["decode_32", "prefill_4x512", "mixed", "train_2048"])
-def test_smlm_bf16_realistic(name, monkeypatch):
+def test_smlm_bf16_realistic(name):
     torch.manual_seed(0)
     lengths, slots = _lengths(name)
     offsets = (0, 4096, 5120, 6144)  # fused q/k/v
@@ -349,12 +348,10 @@ def test_smlm_bf16_realistic(name, monkeypatch):
         vs = v.float()[:, s * 16:(s + 1) * 16]
         delta[:, lo:hi] = torch.einsum("tor,tr->to", b.float()[idx, lo:hi], vs) * scaling[idx, s:s + 1]
     y_ref = y0.float() + delta * has
-    for row_tiles in (False, True):
-        monkeypatch.setattr(smlm_triton, "EXPAND_ROW_TILES", row_tiles)
-        y = y0.clone()
-        smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len)
-        assert rel_err(y - y0.float(), y_ref - y0.float()) < 2e-2
-        assert torch.equal(y[token_slot < 0], y0[token_slot < 0])
+    y = y0.clone()
+    smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len)
+    assert rel_err(y - y0.float(), y_ref - y0.float()) < 2e-2
+    assert torch.equal(y[token_slot < 0], y0[token_slot < 0])
 
 
 @needs_gpu

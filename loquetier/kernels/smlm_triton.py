@@ -47,12 +47,6 @@ EXPAND_NUM_STAGES = 3
 # tiles x splits reach SHRINK_WAVES waves of SMs: small batches are latency-, not bandwidth-bound.
 SHRINK_SPLIT_K_MAX = 16
 SHRINK_WAVES = 2
-# Row-tile path (`_tile_lora_delta`: tiles of consecutive tokens, any slot mix, addressed by token_slot
-# alone, one B tile per slot present in a tile). Off until measured against the two paths on the GPU
-# (benchmarks/profile_decode.py has it as a variant); the fused add-norm / SiLU kernels use it already.
-EXPAND_ROW_TILES = False
-EXPAND_TILE_M = 16
-EXPAND_TILE_N = 128
 # Gather path (decode).
 SHRINK_GATHER_BLOCK_N_MAX = 16
 SHRINK_GATHER_BLOCK_K = 512
@@ -341,10 +335,8 @@ def _expand_segment_kernel(
 @triton.jit
 def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                      col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr):
-    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta (ranks past
-    slot_rank[slot] skipped with HAS_SLOT_RANK): slice 0 over columns
+                     RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
     offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
     acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
 
@@ -359,7 +351,7 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
     for slot in range(lo, hi + 1):
         rows = slots == slot
         if tl.max(rows.to(tl.int32), axis=0) > 0:
-            mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
+            mask_r = offs_r < rank
             mask_b = mask_r[:, None] & mask_n[None, :]
             mask_v = rows[:, None] & mask_r[None, :]
             v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
@@ -373,33 +365,6 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
             if TWO_SLICES:
                 acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
     return acc0, acc1
-
-
-@triton.jit
-def _expand_tile_kernel(
-    y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
-    num_tokens, rank,
-    T1, T2, T3, O1, O2, O3, O4,
-    stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HAS_SLOT_RANK: tl.constexpr,
-):
-    # grid: (tile of BLOCK_M consecutive tokens, any slots; output tile of some slice)
-    pid_n = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < num_tokens
-    s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
-    offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < o_hi
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
-    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # slice s: its rank columns of v and its scale
-    delta, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr + s * rank, b_ptr,
-                                scaling_ptr + s, token_slot_ptr, 0, stride_vm, stride_vl, stride_bl, stride_bn,
-                                stride_sl, rank, RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK)
-    tl.store(y_ptrs, (y + delta).to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 @triton.jit
@@ -479,14 +444,7 @@ def expand_(
         return y
     rank_flag = dict(HAS_SLOT_RANK=slot_rank is not None)   # the kernels read slot_rank only with it
     rank_pad = _rank_pad(rank)
-    if EXPAND_ROW_TILES:
-        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_TILE_N)
-        _expand_tile_kernel[(triton.cdiv(num_tokens, EXPAND_TILE_M), total_tiles)](
-            y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), num_tokens, rank, *tiles, *bounds,
-            y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_M=EXPAND_TILE_M, BLOCK_N=EXPAND_TILE_N, RANK_PAD=rank_pad, DOT_PRECISION=_dot_precision(v.dtype),
-            num_warps=4, **rank_flag)
-    elif max_seg_len <= GATHER_MAX_SEG_LEN:
+    if max_seg_len <= GATHER_MAX_SEG_LEN:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
             y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, *tiles, *bounds,
