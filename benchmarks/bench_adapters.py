@@ -38,13 +38,48 @@ def make_llm(args, max_loras: int, max_rank: int) -> LLM:
                kv_cache_memory=int(args.kv_gib * 2**30), max_num_batched_tokens=8192)
 
 
-def decode_step(eng, adapters: list, context: int, steps: int, device) -> float:
+def top_kernels(eng, steps: int, limit: int) -> list[dict]:
+    """GPU time by kernel over `steps` engine steps (torch.profiler): name, calls a step, us a step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps,
+             "us_per_step": e.self_device_time_total / steps} for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r["us_per_step"] > 0), key=lambda r: -r["us_per_step"])
+    return rows[:limit] + [{"kernel": "(all kernels)", "calls_per_step": sum(r["calls_per_step"] for r in rows),
+                            "us_per_step": sum(r["us_per_step"] for r in rows)}]
+
+
+def decode_step(eng, adapters: list, context: int, steps: int, device, profile_rows: list | None = None,
+                profile_limit: int = 0) -> float:
+    """Steady decode step time of a batch with these adapters; with `profile_limit`, the top kernels of
+    a few more steps go to `profile_rows`."""
     rng = np.random.default_rng(0)
     for ad in adapters:
         eng.add_request(rng.integers(10, min(1000, eng.args.vocab_size), context).tolist(),
-                        SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True), ad)
+                        SamplingParams(max_tokens=steps + 24, temperature=0, ignore_eos=True), ad)
     start_decoding(eng)
-    dt = steady_step_seconds(eng, steps, device)
+    graphs = eng.runner.graphs
+    replays = 0
+    if graphs is not None:   # count replays: a step that misses the graphs runs eagerly, far slower
+        real_run = graphs.run
+
+        def counted_run(*a, **k):
+            nonlocal replays
+            replays += 1
+            return real_run(*a, **k)
+        graphs.run = counted_run
+    try:
+        dt = steady_step_seconds(eng, steps, device)
+    finally:
+        if graphs is not None:
+            graphs.run = real_run
+    if graphs is not None and replays < steps:
+        print(f"warning: {steps - replays} of {steps} steps ran without a CUDA graph", flush=True)
+    if profile_limit and device == "cuda":
+        profile_rows.extend(top_kernels(eng, 5, profile_limit))
     for rid in list(eng.requests):
         eng.abort(rid)
     while eng.has_unfinished():
@@ -60,9 +95,15 @@ def bench_many(args, rows):
         for i in range(n):
             eng.add_adapter(f"m{i}", random_adapter(eng, seed=200 + i, r=RANKS[i % len(RANKS)]))
             names.append(f"m{i}")
-        base = decode_step(eng, [None] * args.batch, args.context, args.steps, args.device)
+        kernels_base, kernels_lora = [], []
+        base = decode_step(eng, [None] * args.batch, args.context, args.steps, args.device, kernels_base,
+                           args.profile_kernels)
         mix = [names[i % n] for i in range(args.batch)]
-        lora = decode_step(eng, mix, args.context, args.steps, args.device)
+        lora = decode_step(eng, mix, args.context, args.steps, args.device, kernels_lora, args.profile_kernels)
+        for label, ks in (("base", kernels_base), (f"{n} adapters", kernels_lora)):
+            if ks:
+                print(f"--- top kernels a step, batch {args.batch}, {label}")
+                print(table(ks, ["kernel", "calls_per_step", "us_per_step"]), flush=True)
         # A/B in the same process: every slot's rank set to the table's, so the SMLM kernels read the
         # zero padding too, as they did before they took slot ranks (outputs unchanged: padding is zero)
         layers = [vl for per_layer in eng.model.virtual_layers() for vl in per_layer.values()]
@@ -73,7 +114,8 @@ def bench_many(args, rows):
         for vl, r in zip(layers, kept):
             vl.slot_rank.copy_(r)
         row = {"section": "many", "adapters": n, "batch": args.batch, "base_ms": base * 1e3, "lora_ms": lora * 1e3,
-               "ratio": lora / base, "padded_reads_ms": padded * 1e3, "padded_ratio": padded / base}
+               "ratio": lora / base, "padded_reads_ms": padded * 1e3, "padded_ratio": padded / base,
+               "kernels_base": kernels_base, "kernels_lora": kernels_lora}
         rows.append(row)
         print(row, flush=True)
         del llm, eng
@@ -124,6 +166,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--swaps", type=int, default=8)
     ap.add_argument("--kv-gib", type=float, default=16)
+    ap.add_argument("--profile-kernels", type=int, default=0,
+                    help="print this many top kernels (GPU time a step) of the base and many-adapter steps")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test")
     args = ap.parse_args()

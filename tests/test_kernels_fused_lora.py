@@ -15,9 +15,12 @@ EPS = 1e-5
 NUM_SLOTS, RANK = 3, 8
 
 
-def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0, segments=False):
+def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0, segments=False,
+                  slot_ranks=None):
     """A folded layer's GEMM output as the engine makes it: y_aug = [base columns | every slot's
-    shrink], returned as (out view, LoraDelta, A, x). Slots of rank RANK, scales per slice."""
+    shrink], returned as (out view, LoraDelta). Slots in a table of rank RANK, scales per slice.
+    `slot_ranks`: each slot's own rank, passed to the kernels; B's columns past it are filled with
+    large values, which a kernel that reads the padding would add (the engine keeps them zero)."""
     g = torch.Generator().manual_seed(seed)
     offsets = [0]
     for w in slice_widths:
@@ -27,6 +30,9 @@ def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, devic
     a = torch.randn(NUM_SLOTS, s * RANK, d_in, generator=g) / d_in ** 0.5
     b = torch.randn(NUM_SLOTS, offsets[-1], RANK, generator=g) / RANK ** 0.5
     scaling = torch.rand(NUM_SLOTS, s, generator=g) + 0.5
+    if slot_ranks is not None:
+        for slot, r in enumerate(slot_ranks):
+            b[slot, :, r:] = 1e3
     base = torch.randn(n, offsets[-1], generator=g)
     y_aug = torch.cat([base, x @ a.reshape(-1, d_in).t()], 1).to(dtype).to(device)
     slots = torch.tensor(token_slots, dtype=torch.int32)
@@ -37,12 +43,14 @@ def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, devic
                          seg_slot=torch.tensor([token_slots[t] for t in starts], dtype=torch.int32).to(device),
                          token_slot=slots.to(device), seg_cu_host=cu, seg_slot_host=[token_slots[t] for t in starts],
                          max_seg_len=max(b - a for a, b in zip(cu, cu[1:])))
-    delta = LoraDelta(y_aug[:, offsets[-1]:], b.to(dtype).to(device), scaling.to(device), tuple(offsets), meta)
+    slot_rank = None if slot_ranks is None else torch.tensor(slot_ranks, dtype=torch.int32, device=device)
+    delta = LoraDelta(y_aug[:, offsets[-1]:], b.to(dtype).to(device), scaling.to(device), tuple(offsets), meta,
+                      slot_rank=slot_rank)
     return y_aug[:, :offsets[-1]], delta
 
 
 def delta_ref(out, delta):
-    """out + each token's own slot's scaled B @ (A x), in fp32."""
+    """out + each token's own slot's scaled B @ (A x), in fp32, over the slot's own rank."""
     res = out.float().clone()
     v = delta.v.float()
     rank = delta.lora_b.shape[2]
@@ -52,8 +60,9 @@ def delta_ref(out, delta):
             continue
         for s in range(len(delta.slice_offsets) - 1):
             lo, hi = delta.slice_offsets[s], delta.slice_offsets[s + 1]
-            vs = v[t, slot * width + s * rank: slot * width + (s + 1) * rank]
-            res[t, lo:hi] += delta.scaling[slot, s] * (delta.lora_b[slot, lo:hi].float() @ vs)
+            r = rank if delta.slot_rank is None else int(delta.slot_rank[slot])
+            vs = v[t, slot * width + s * rank: slot * width + s * rank + r]
+            res[t, lo:hi] += delta.scaling[slot, s] * (delta.lora_b[slot, lo:hi, :r].float() @ vs)
     return res
 
 
@@ -93,6 +102,20 @@ def test_silu_and_mul_lora_matches_reference(inter, slots, lora_path, poisoned_e
     segmented = slots == "segments"
     gate_up, delta = folded_output(SORTED_SLOTS if segmented else SLOTS, [inter, inter], segments=segmented)
     assert (delta.meta.max_seg_len > 1) == segmented
+    y = fused_triton.silu_and_mul_lora(gate_up, delta)
+    torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS], ids=["mixed", "sorted-runs"])
+def test_fused_lora_kernels_skip_padding_past_slot_rank(slots, poisoned_empty):
+    """Slots of ranks 8, 3, 5 in a rank-8 table: B's padding holds 1e3, so reading it would show."""
+    ranks = [8, 3, 5]
+    out, delta = folded_output(slots, [40], slot_ranks=ranks)
+    residual = torch.randn(len(slots), 40, device=DEVICE)
+    weight = torch.rand(40, device=DEVICE) + 0.5
+    y, h = fused_triton.add_rms_norm(out, delta, residual, weight, EPS)
+    torch.testing.assert_close(h, residual + delta_ref(out, delta), rtol=1e-5, atol=1e-5)
+    gate_up, delta = folded_output(slots, [40, 40], slot_ranks=ranks, segments=True)
     y = fused_triton.silu_and_mul_lora(gate_up, delta)
     torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
 

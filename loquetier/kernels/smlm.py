@@ -118,6 +118,7 @@ class LoraDelta:
     slice_offsets: tuple[int, ...]
     meta: LoraBatchMeta
     backend: str = "auto"
+    slot_rank: torch.Tensor | None = None   # int32 [L]: each slot's rank; B's padding past it is not read
 
     @property
     def slot_stride(self) -> int:
@@ -125,7 +126,7 @@ class LoraDelta:
 
     def apply_(self, y: torch.Tensor) -> torch.Tensor:
         return expand_(y, self.v, self.lora_b, self.scaling, self.slice_offsets, self.meta, self.backend,
-                       v_slot_stride=self.slot_stride)
+                       v_slot_stride=self.slot_stride, slot_rank=self.slot_rank)
 
 
 # ----------------------------------------------------------------------------- autograd

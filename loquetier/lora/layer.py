@@ -141,7 +141,7 @@ class VirtualLoraLinear(nn.Module):
             if self.tp_row:   # partial sums of the output and of every slot's shrink: one all-reduce
                 self.tp.all_reduce_(y_aug)
             return y_aug[:, :d_out], LoraDelta(y_aug[:, d_out:], self.lora_b, self.scaling, self.slice_offsets,
-                                               meta, self.backend)
+                                               meta, self.backend, self.slot_rank)
         return self._forward_unfolded(x, meta), None
 
     def _forward_unfolded(self, x: torch.Tensor, meta: LoraBatchMeta | None) -> torch.Tensor:
