@@ -1,0 +1,186 @@
+"""Sweep the LoRA kernels' tile settings for a decode batch with many distinct adapters (Llama-3-8B
+shapes, batch 64 sorted by adapter, ranks cycling 8/16/32/64 in a rank-64 table), the case that
+`bench_adapters.py --sections many` times end to end. Per projection it times, as CUDA-graph
+replays (GPU time):
+
+- unfolded: shrink + expand (segment path, as the decode graphs run it, and the per-token gather
+  path), for every setting of the expand's tile;
+- folded: the consumers that add a folded layer's delta (SiLU-and-mul for gate/up, residual add +
+  RMSNorm for o and down), for every tile width, against the same consumer without a delta.
+
+Each figure comes with the bandwidth it implies from the bytes that must move (the adapters' real
+ranks, not the table's). Each setting's output is checked against the default's before it is timed.
+
+    python benchmarks/tune_many_adapters.py --adapters 16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_ceilings, table, write_json  # noqa: E402
+
+from loquetier.kernels import fused_triton, smlm_triton  # noqa: E402
+from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
+
+RANKS = (8, 16, 32, 64)
+TABLE_RANK = 64
+HIDDEN, INTER, KV = 4096, 14336, 1024
+PROJECTIONS = {"qkv": (HIDDEN, (HIDDEN, KV, KV)), "o": (HIDDEN, (HIDDEN,)),
+               "gate_up": (HIDDEN, (INTER, INTER)), "down": (INTER, (HIDDEN,))}
+
+
+def sorted_batch(batch: int, num_slots: int, dev):
+    """token_slot of a batch sorted by adapter (round-robin assignment), and the segment arrays the
+    decode graphs build from it: one segment per run, padded with empty ones to slots + 2."""
+    token_slot = sorted(i % num_slots for i in range(batch))
+    starts = [t for t in range(batch) if t == 0 or token_slot[t] != token_slot[t - 1]]
+    g = num_slots + 2
+    seg_cu = [batch] * (g + 1)
+    seg_cu[:len(starts)] = starts
+    seg_slot = [-1] * g
+    seg_slot[:len(starts)] = [token_slot[s] for s in starts]
+    i32 = dict(dtype=torch.int32, device=dev)
+    return (torch.tensor(token_slot, **i32), torch.tensor(seg_cu, **i32), torch.tensor(seg_slot, **i32),
+            sorted(set(token_slot)))
+
+
+def adapter_tables(num_slots: int, d_in: int, widths: tuple[int, ...], dev, g):
+    s, d_out = len(widths), sum(widths)
+    ranks = [RANKS[i % len(RANKS)] for i in range(num_slots)]
+    a = torch.randn(num_slots, s, TABLE_RANK, d_in, device=dev, generator=g) / d_in ** 0.5
+    b = torch.randn(num_slots, d_out, TABLE_RANK, device=dev, generator=g) / TABLE_RANK ** 0.5
+    for slot, r in enumerate(ranks):   # zero padding past each slot's rank, as the adapter manager writes
+        a[slot, :, r:] = 0
+        b[slot, :, r:] = 0
+    scaling = torch.rand(num_slots, s, device=dev, generator=g) + 0.5
+    return (a.reshape(num_slots, s * TABLE_RANK, d_in).bfloat16(), b.bfloat16(), scaling,
+            torch.tensor(ranks, dtype=torch.int32, device=dev), ranks)
+
+
+def gpu_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+
+
+def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
+    """Time `fn` under each setting (module constants), checking each output against the first's."""
+    defaults = {k: getattr(module, k) for k in settings[0]}
+    ref = None
+    for setting in settings:
+        for k, v in setting.items():
+            setattr(module, k, v)
+        try:
+            out = out_of()
+            if ref is None:
+                ref = out.float().clone()
+            else:
+                torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+            us = gpu_us(fn)
+        except Exception as e:   # a setting that does not compile or run is reported, not fatal
+            print(f"{label} {setting}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        finally:
+            for k, v in defaults.items():
+                setattr(module, k, v)
+        row = {**common, "kernel": label, "setting": " ".join(f"{k}={v}" for k, v in setting.items()),
+               "us": us, "GBps": bytes_moved / us / 1e3, "bw_share": bytes_moved / us / 1e3 / bw}
+        rows.append(row)
+        print(row, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--projections", default=",".join(PROJECTIONS))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = device_ceilings("cuda")["bandwidth_GBps"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows: list[dict] = []
+    expand_settings = [{"EXPAND_BLOCK_M": m, "EXPAND_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
+                       for m, n, w in itertools.product((32, 16), (128, 256, 512), (4, 8))]
+    expand_settings.sort(key=lambda s: (s["EXPAND_BLOCK_M"], s["EXPAND_BLOCK_N"], s["EXPAND_NUM_WARPS"]) != (32, 128, 4))
+    gather_settings = [{"EXPAND_GATHER_BLOCK_N": n} for n in (128, 256, 512)]
+    shrink_settings = [{"SHRINK_BLOCK_M": m, "SHRINK_BLOCK_N_MAX": n} for m, n in ((64, 32), (16, 32), (16, 64))]
+    silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
+                     for n, w in ((64, 4), (32, 4), (128, 4), (128, 8), (256, 8))]
+    silu_settings.append({"SILU_LORA_TILE_N": 64, "SILU_LORA_NUM_WARPS": 4, "TILE_SLOTS_BY_RANGE": True})
+    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)] + [{"ADD_NORM_TILE_N": 128,
+                                                                         "TILE_SLOTS_BY_RANGE": True}]
+    for num_slots in args.adapters:
+        token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
+        for name in args.projections.split(","):
+            d_in, widths = PROJECTIONS[name]
+            d_out = sum(widths)
+            offsets = tuple(itertools.accumulate(widths, initial=0))
+            a, b, scaling, slot_rank, ranks = adapter_tables(num_slots, d_in, widths, dev, g)
+            x = torch.randn(args.batch, d_in, device=dev, generator=g).bfloat16()
+            y = torch.randn(args.batch, d_out, device=dev, generator=g).bfloat16()
+            live = sum(ranks[s] for s in present)   # the ranks present in the batch
+            a_bytes, b_bytes = live * len(widths) * d_in * 2, live * d_out * 2
+            act_bytes = args.batch * (d_in + 2 * d_out) * 2
+            common = {"adapters": num_slots, "projection": name}
+
+            def unfolded(max_seg_len):
+                def run():
+                    v = smlm_triton.shrink(x, a, seg_cu, seg_slot, token_slot, max_seg_len, slot_rank=slot_rank,
+                                           table_rank=TABLE_RANK)
+                    return smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_seg_len,
+                                               slot_rank=slot_rank)
+                return run
+
+            y_init = y.clone()
+
+            def result(fn):   # the expand adds into y in place: each check starts from the same y
+                def out():
+                    y.copy_(y_init)
+                    fn()
+                    return y.clone()
+                return out
+            total = a_bytes + b_bytes + act_bytes
+            seg, gat = unfolded(args.batch), unfolded(1)
+            sweep("unfolded segment: expand tile", seg, expand_settings, smlm_triton, result(seg), rows, common,
+                  total, bw)
+            sweep("unfolded segment: shrink tile", seg, shrink_settings, smlm_triton, result(seg), rows, common,
+                  total, bw)
+            sweep("unfolded gather", gat, gather_settings, smlm_triton, result(gat), rows, common, total, bw)
+            # folded: every slot's shrink comes out of the base GEMM; the consumer adds each row's delta
+            v = (x @ a.reshape(-1, d_in).t()).contiguous()
+            meta = LoraBatchMeta(seg_cu=seg_cu, seg_slot=seg_slot, token_slot=token_slot, seg_cu_host=[],
+                                 seg_slot_host=[0], max_seg_len=args.batch)
+            delta = LoraDelta(v, b, scaling, offsets, meta, slot_rank=slot_rank)
+            consumer_bytes = b_bytes + args.batch * live * len(widths) * 2 + act_bytes
+            if name == "gate_up":
+                fn = lambda: fused_triton.silu_and_mul_lora(y, delta)  # noqa: E731
+                sweep("folded: SiLU-and-mul + delta", fn, silu_settings, fused_triton, fn, rows, common,
+                      consumer_bytes, bw)
+                base = {**common, "kernel": "SiLU-and-mul, no delta", "setting": "",
+                        "us": gpu_us(lambda: fused_triton.silu_and_mul(y))}
+                rows.append(base)
+                print(base, flush=True)
+            elif name in ("o", "down"):
+                res = torch.randn_like(y)
+                w = torch.rand(d_out, device=dev, generator=g).bfloat16() + 0.5
+                fn = lambda: fused_triton.add_rms_norm(y, delta, res, w, 1e-5)[0]  # noqa: E731
+                sweep("folded: add + RMSNorm + delta", fn, norm_settings, fused_triton, fn, rows, common,
+                      consumer_bytes, bw)
+                base = {**common, "kernel": "add + RMSNorm, no delta", "setting": "",
+                        "us": gpu_us(lambda: fused_triton.add_rms_norm(y, None, res, w, 1e-5))}
+                rows.append(base)
+                print(base, flush=True)
+    print(f"\ncopy bandwidth {bw:.0f} GB/s; bytes: the adapters' real ranks, activations in and out")
+    print(table(rows, ["adapters", "projection", "kernel", "setting", "us", "bw_share"]))
+    write_json(args.out, {"bandwidth_GBps": bw, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
