@@ -71,7 +71,7 @@ def gpu_us(fn) -> float:
 
 def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
     """Time `fn` under each setting (module constants), checking each output against the first's."""
-    defaults = {k: getattr(module, k) for k in settings[0]}
+    defaults = {k: getattr(module, k) for setting in settings for k in setting}
     ref = None
     for setting in settings:
         for k, v in setting.items():
@@ -97,7 +97,8 @@ def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    ap.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64])
+    ap.add_argument("--sections", default="unfolded,folded")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
     ap.add_argument("--out", default=None)
@@ -106,16 +107,19 @@ def main():
     bw = device_ceilings("cuda")["bandwidth_GBps"]
     g = torch.Generator(device=dev).manual_seed(0)
     rows: list[dict] = []
-    expand_settings = [{"EXPAND_BLOCK_M": m, "EXPAND_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
-                       for m, n, w in itertools.product((32, 16), (128, 256, 512), (4, 8))]
-    expand_settings.sort(key=lambda s: (s["EXPAND_BLOCK_M"], s["EXPAND_BLOCK_N"], s["EXPAND_NUM_WARPS"]) != (32, 128, 4))
-    gather_settings = [{"EXPAND_GATHER_BLOCK_N": n} for n in (128, 256, 512)]
-    shrink_settings = [{"SHRINK_BLOCK_M": m, "SHRINK_BLOCK_N_MAX": n} for m, n in ((64, 32), (16, 32), (16, 64))]
+    # batches of <= SHORT_BATCH_TOKENS take the SHORT tiles; the first setting of each is the default
+    expand_settings = [{"EXPAND_SHORT_BLOCK_M": m, "EXPAND_SHORT_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
+                       for m, n, w in ((16, 256, 4), (32, 128, 4), (16, 128, 4), (32, 256, 4), (16, 256, 8))]
+    gather_settings = [{"EXPAND_GATHER_BLOCK_N": n, "SHRINK_GATHER_BLOCK_N_MAX": k}
+                       for n, k in ((128, 16), (64, 16), (128, 32), (128, 8))]
+    shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
+                       for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
                      for n, w in ((64, 4), (32, 4), (128, 4), (128, 8), (256, 8))]
-    silu_settings.append({"SILU_LORA_TILE_N": 64, "SILU_LORA_NUM_WARPS": 4, "TILE_SLOTS_BY_RANGE": True})
-    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)] + [{"ADD_NORM_TILE_N": 128,
-                                                                         "TILE_SLOTS_BY_RANGE": True}]
+    silu_settings += [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w, "LORA_TILE_SLOT_STAGES": st}
+                      for n, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3))]
+    norm_settings = [{"ADD_NORM_TILE_N": n, "LORA_TILE_SLOT_STAGES": st} for n, st in
+                     ((128, 0), (64, 0), (256, 0), (128, 2), (128, 3), (64, 2))]
     for num_slots in args.adapters:
         token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
         for name in args.projections.split(","):
@@ -148,11 +152,14 @@ def main():
                 return out
             total = a_bytes + b_bytes + act_bytes
             seg, gat = unfolded(args.batch), unfolded(1)
-            sweep("unfolded segment: expand tile", seg, expand_settings, smlm_triton, result(seg), rows, common,
-                  total, bw)
-            sweep("unfolded segment: shrink tile", seg, shrink_settings, smlm_triton, result(seg), rows, common,
-                  total, bw)
-            sweep("unfolded gather", gat, gather_settings, smlm_triton, result(gat), rows, common, total, bw)
+            if "unfolded" in args.sections:
+                sweep("unfolded segment: expand tile", seg, expand_settings, smlm_triton, result(seg), rows, common,
+                      total, bw)
+                sweep("unfolded segment: shrink tile", seg, shrink_settings, smlm_triton, result(seg), rows, common,
+                      total, bw)
+                sweep("unfolded gather", gat, gather_settings, smlm_triton, result(gat), rows, common, total, bw)
+            if "folded" not in args.sections.split(","):
+                continue
             # folded: every slot's shrink comes out of the base GEMM; the consumer adds each row's delta
             v = (x @ a.reshape(-1, d_in).t()).contiguous()
             meta = LoraBatchMeta(seg_cu=seg_cu, seg_slot=seg_slot, token_slot=token_slot, seg_cu_host=[],

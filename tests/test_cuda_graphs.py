@@ -1,6 +1,7 @@
 """The captured decode forward (adapter-sorted rows, fixed-size padded segments, scratch KV block),
 run eagerly with the Triton kernels (interpreted on the CPU), equals the engine's eager decode step."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ from loquetier.engine.cuda_graphs import SEGMENT_MIN_BATCH, DecodeGraphs  # noqa
 
 
 @pytest.mark.parametrize("fold", ["never", "always"])
-@pytest.mark.parametrize("batch", [5, SEGMENT_MIN_BATCH + 3])
-def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
+@pytest.mark.parametrize("batch,per_token", [(5, False), (SEGMENT_MIN_BATCH + 3, False), (SEGMENT_MIN_BATCH + 3, True)])
+def test_decode_graph_forward_matches_eager_step(tmp_path, batch, per_token, fold):
     hf = write_checkpoint(tmp_path / "base", "llama")
     for i, (r, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, ["o_proj", "down_proj", "gate_proj"])]):
         write_adapter(hf, tmp_path / f"a{i}", r, targets, seed=i)
@@ -42,7 +43,7 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
     for vl in layers:
         vl.backend = "triton"
     try:
-        got = graphs.run_eager(*arrays, with_lora=True)
+        got = graphs.run_eager(*arrays, with_lora=True, per_token=per_token)
     finally:
         for vl in layers:
             vl.backend = "auto"
@@ -53,6 +54,24 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, fold):
     ref = {id(s): row for s, row in zip(eng.last_sample_seqs, eng.last_result.logits)}
     for s, row in zip(seqs, got):
         torch.testing.assert_close(row, ref[id(s)], rtol=1e-4, atol=1e-4)
+
+
+def test_per_token_graph_is_captured_where_runs_can_be_short_and_taken_for_short_runs():
+    """With 64 slots, buckets from SEGMENT_MIN_BATCH up to 2 x 65 rows get a per-token LoRA graph; a
+    replay takes it when the sorted rows' runs average under PER_TOKEN_MAX_MEAN_RUN rows."""
+    from loquetier.engine import cuda_graphs as cg
+    graphs = DecodeGraphs(None, 0, 4, 8, 256, torch.device("cpu"), max_segments=64 + 2)
+    assert [b for b in graphs.buckets if graphs._has_per_token_graph(b)] == [b for b in cg.BUCKETS if 32 <= b <= 128]
+    few = DecodeGraphs(None, 0, 4, 8, 256, torch.device("cpu"), max_segments=4 + 2)
+    assert not any(few._has_per_token_graph(b) for b in few.buckets)
+    graphs.graphs = {(64, True): "runs", (64, False): "base"}
+    graphs.per_token_graphs = {64: "per-token"}
+    one_row_each = np.arange(60)
+    four_rows_each = np.repeat(np.arange(15), 4)
+    assert graphs._graph_for(64, True, one_row_each) == "per-token"
+    assert graphs._graph_for(64, True, four_rows_each) == "runs"
+    assert graphs._graph_for(64, False, one_row_each) == "base"
+    assert cg.PER_TOKEN_MAX_MEAN_RUN == 2
 
 
 def _controlled_params():

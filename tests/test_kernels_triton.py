@@ -83,8 +83,14 @@ def _case(name):
 
 
 # "gather" forces the per-token path (valid for any batch: it reads token_slot only);
-# "segment" forces the tiled path; "_split": d_in split across programs.
-PATHS = ["segment", "gather", "segment_split", "gather_split"]
+# "segment" forces the tiled path (decode-sized batches: short tiles), "segment_long" with the tiles
+# of long batches; "_split": d_in split across programs.
+PATHS = ["segment", "gather", "segment_split", "gather_split", "segment_long"]
+
+
+def _tiles_for(path, monkeypatch):
+    if path.endswith("long"):
+        monkeypatch.setattr(smlm_triton, "SHORT_BATCH_TOKENS", 0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -92,6 +98,7 @@ PATHS = ["segment", "gather", "segment_split", "gather_split"]
 def test_shrink_matches_reference(name, path, monkeypatch):
     x, a, _, _, _, seg_cu, seg_slot, token_slot, max_len = _case(name)
     max_len = 1 if path.startswith("gather") else max(max_len, 2)
+    _tiles_for(path, monkeypatch)
     monkeypatch.setattr(smlm_triton, "SHRINK_WAVES", 1000 if path.endswith("split") else 0)
     if path.endswith("split"):
         monkeypatch.setattr(smlm_triton, "SHRINK_GATHER_BLOCK_K", 16)
@@ -104,7 +111,7 @@ def test_shrink_matches_reference(name, path, monkeypatch):
     assert (v[token_slot < 0] == 0).all()
 
 
-EXPAND_PATHS = ["segment", "gather"]
+EXPAND_PATHS = ["segment", "gather", "segment_long"]
 
 
 def _expand_path(path, max_len):
@@ -113,9 +120,10 @@ def _expand_path(path, max_len):
 
 @pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
+def test_expand_reads_own_slot_from_every_slots_shrink(name, path, monkeypatch):
     """v_slot_stride = S*R: v holds every slot's shrink (the folded base GEMM's extra columns, a
     strided view); each token must add the delta of its own slot only."""
+    _tiles_for(path, monkeypatch)
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
     max_len = _expand_path(path, max_len)
     num_slots, rows = a.shape[0], a.shape[1]
@@ -131,7 +139,8 @@ def test_expand_reads_own_slot_from_every_slots_shrink(name, path):
 
 @pytest.mark.parametrize("path", EXPAND_PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_expand_matches_reference_and_touches_only_its_columns(name, path):
+def test_expand_matches_reference_and_touches_only_its_columns(name, path, monkeypatch):
+    _tiles_for(path, monkeypatch)
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
     max_len = _expand_path(path, max_len)
     v = shrink_ref(x, a, token_slot)

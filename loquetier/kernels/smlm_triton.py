@@ -43,6 +43,15 @@ EXPAND_BLOCK_M = 32
 EXPAND_BLOCK_N = 128
 EXPAND_NUM_WARPS = 4
 EXPAND_NUM_STAGES = 3
+# Decode-sized batches (<= SHORT_BATCH_TOKENS tokens: many short segments, one per adapter) take
+# narrower token tiles: H200, batch 64 of 16 adapters (four rows each) and of 64 (one row each),
+# Llama-3-8B shapes (`benchmarks/tune_many_adapters.py`): shrink 16 x 64 instead of 64 x 32 saved
+# 2-12 us per layer and projection, expand 16 x 256 instead of 32 x 128 up to 5 us (gate/up, q/k/v).
+SHORT_BATCH_TOKENS = 256
+SHRINK_SHORT_BLOCK_M = 16
+SHRINK_SHORT_BLOCK_N_MAX = 64
+EXPAND_SHORT_BLOCK_M = 16
+EXPAND_SHORT_BLOCK_N = 256
 # Both shrink paths split d_in across programs (fp32 partials + a small sum kernel) until
 # tiles x splits reach SHRINK_WAVES waves of SMs: small batches are latency-, not bandwidth-bound.
 SHRINK_SPLIT_K_MAX = 16
@@ -250,11 +259,13 @@ def shrink(
     if num_tokens == 0:
         return v
     gather = max_seg_len <= GATHER_MAX_SEG_LEN
-    block_n_max = SHRINK_GATHER_BLOCK_N_MAX if gather else SHRINK_BLOCK_N_MAX
+    short = num_tokens <= SHORT_BATCH_TOKENS
+    block_m = SHRINK_SHORT_BLOCK_M if short else SHRINK_BLOCK_M
+    block_n_max = SHRINK_GATHER_BLOCK_N_MAX if gather else SHRINK_SHORT_BLOCK_N_MAX if short else SHRINK_BLOCK_N_MAX
     block_n = min(max(16, triton.next_power_of_2(num_rows)), block_n_max)
     block_k = SHRINK_GATHER_BLOCK_K if gather else SHRINK_BLOCK_K
     num_segments = seg_slot.numel()
-    grid_rows = num_tokens if gather else _segment_grid_rows(num_tokens, num_segments, SHRINK_BLOCK_M)
+    grid_rows = num_tokens if gather else _segment_grid_rows(num_tokens, num_segments, block_m)
     row_tiles = triton.cdiv(num_rows, block_n)
     split_k = _split_k(grid_rows * row_tiles, d_in, block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
@@ -271,7 +282,7 @@ def shrink(
             x, lora_a, part, seg_cu, seg_slot, _ptr_or(slot_rank, seg_slot), d_in, num_rows, rank, num_segments,
             k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
-            BLOCK_M=SHRINK_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(x.dtype),
             HAS_SLOT_RANK=slot_rank is not None, num_warps=SHRINK_NUM_WARPS, num_stages=SHRINK_NUM_STAGES,
         )
@@ -336,24 +347,26 @@ def _expand_segment_kernel(
 def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                      col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
                      RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr, SLOTS_BY_RANGE: tl.constexpr = False):
+                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr, SLOT_STAGES: tl.constexpr):
     """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
     offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
     acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
 
-    The tile's rows may use any slots (-1: none). One small tl.dot per slot present (and slice), over
-    only that slot's rows (the others masked to zero): a decode batch sorted by adapter has one or two
-    slots per tile, and a slot's B tile is read once per tile, not once per row. Both slices' loads are
-    issued in the same iteration, so a sorted tile waits for one round trip, not two. With
-    HAS_SLOT_RANK, B's columns (and v's) past the slot's own rank `slot_rank[l]`, zero padding, are
-    not read: with many slots of mixed ranks in a table of the largest, that halves the bytes."""
+    The tile's rows may use any slots (-1: none). One small tl.dot per slot id between the tile's
+    lowest and highest (and slice), over only that slot's rows (the others masked to zero): a decode
+    batch sorted by adapter has one or a few slots per tile, and a slot's B tile is read once per
+    tile, not once per row. Both slices' loads are issued in the same iteration. With HAS_SLOT_RANK,
+    B's columns (and v's) past the slot's own rank `slot_rank[l]`, zero padding, are not read.
+    SLOT_STAGES 0: a slot id absent from the tile is skipped by a branch; else the loop body has no
+    branch (an absent id's loads are masked off, reading nothing), which lets the compiler prefetch
+    the next slot's tiles while this one's dot runs (SLOT_STAGES stages): tiles with many slots
+    (many adapters in a batch) then do not wait for one memory round trip per slot."""
     slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
-    none_left = 1 << 30
-    slot = tl.min(tl.where(slots >= 0, slots, none_left), axis=0)
+    lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
+    hi = tl.max(slots, axis=0)
     offs_r = tl.arange(0, RANK_PAD)
-    if SLOTS_BY_RANGE:
-        hi = tl.max(slots, axis=0)
-        for slot in range(slot, hi + 1):
+    if SLOT_STAGES == 0:
+        for slot in range(lo, hi + 1):
             rows = slots == slot
             if tl.max(rows.to(tl.int32), axis=0) > 0:
                 live_rank = rank
@@ -363,7 +376,7 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
                 mask_b = mask_r[:, None] & mask_n[None, :]
                 mask_v = rows[:, None] & mask_r[None, :]
                 v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
-                b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]
+                b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
                 v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
                 b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
                 if TWO_SLICES:
@@ -372,26 +385,25 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
                 acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
                 if TWO_SLICES:
                     acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
-        slot = none_left
-    while slot < none_left:   # the slots present, in increasing order (ids absent from the tile cost nothing)
-        rows = slots == slot
-        live_rank = rank
-        if HAS_SLOT_RANK:
-            live_rank = tl.minimum(rank, tl.load(slot_rank_ptr + slot))
-        mask_r = offs_r < live_rank
-        mask_b = mask_r[:, None] & mask_n[None, :]
-        mask_v = rows[:, None] & mask_r[None, :]
-        v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
-        b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]   # [RANK_PAD, BLOCK_N]
-        v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
-        b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
-        if TWO_SLICES:
-            v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
-            b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
-        acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
-        if TWO_SLICES:
-            acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
-        slot = tl.min(tl.where(slots > slot, slots, none_left), axis=0)
+    else:
+        for slot in tl.range(lo, hi + 1, num_stages=SLOT_STAGES):
+            rows = slots == slot
+            live_rank = tl.where(tl.max(rows.to(tl.int32), axis=0) > 0, rank, 0)   # absent id: nothing read
+            if HAS_SLOT_RANK:
+                live_rank = tl.minimum(live_rank, tl.load(slot_rank_ptr + slot))
+            mask_r = offs_r < live_rank
+            mask_b = mask_r[:, None] & mask_n[None, :]
+            mask_v = rows[:, None] & mask_r[None, :]
+            v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
+            b_ptrs = b_ptr + slot * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None]
+            v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
+            b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
+            if TWO_SLICES:
+                v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
+                b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
+            acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
+            if TWO_SLICES:
+                acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
     return acc0, acc1
 
 
@@ -480,13 +492,15 @@ def expand_(
             BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, **rank_flag,
         )
     else:
-        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_BLOCK_N)
+        short = num_tokens <= SHORT_BATCH_TOKENS
+        block_m, block_n = (EXPAND_SHORT_BLOCK_M, EXPAND_SHORT_BLOCK_N) if short else (EXPAND_BLOCK_M, EXPAND_BLOCK_N)
+        total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), block_n)
         num_segments = seg_slot.numel()
-        grid = (_segment_grid_rows(num_tokens, num_segments, EXPAND_BLOCK_M), total_tiles)
+        grid = (_segment_grid_rows(num_tokens, num_segments, block_m), total_tiles)
         _expand_segment_kernel[grid](
             y, v, lora_b, scaling, seg_cu, seg_slot, _ptr_or(slot_rank, seg_slot), rank, num_segments, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, RANK_PAD=rank_pad,
+            BLOCK_M=block_m, BLOCK_N=block_n, RANK_PAD=rank_pad,
             SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
             num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES, **rank_flag,
         )
