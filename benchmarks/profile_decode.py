@@ -94,7 +94,8 @@ def main():
                     help="also time the folded variant with these launch configs of the base add + RMSNorm, CHUNKxWARPS,... "
                          "(e.g. 1024x8,512x4,4096x16)")
     ap.add_argument("--tile-configs", default="",
-                    help="also time the row-tile kernels with these tile sizes, MxNORM_NxSILU_N,... (e.g. 16x256x128)")
+                    help="also time the row-tile kernels with these tile sizes, MxNORM_NxSILU_N[xSILU_WARPS],... "
+                         "(e.g. 16x256x128,16x128x64x4)")
     ap.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64],
                     help="then time Engine.step() at these batches with the engine's own graphs ('' for none)")
     ap.add_argument("--engine-steps", type=int, default=40)
@@ -127,9 +128,10 @@ def main():
         variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
                                                                              "ADD_NORM_NUM_WARPS": warps})
     for cfg in filter(None, args.tile_configs.split(",")):
-        m, n_norm, n_silu = (int(x) for x in cfg.split("x"))
-        variants[f"folded, row tiles {m}x{n_norm}x{n_silu}"] = ("always", 6, {
-            "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu})
+        m, n_norm, n_silu, *warps = (int(x) for x in cfg.split("x"))
+        variants[f"folded, row tiles {cfg}"] = ("always", 6, {
+            "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu,
+            **({"SILU_LORA_NUM_WARPS": warps[0]} if warps else {})})
     modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton}
 
     def target(name):   # "NAME" is a fused_triton constant, "module.NAME" one of that module

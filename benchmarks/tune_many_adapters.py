@@ -116,10 +116,7 @@ def main():
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
                      for n, w in ((64, 4), (32, 4), (128, 4), (128, 8), (256, 8))]
-    silu_settings += [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w, "LORA_TILE_SLOT_STAGES": st}
-                      for n, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3))]
-    norm_settings = [{"ADD_NORM_TILE_N": n, "LORA_TILE_SLOT_STAGES": st} for n, st in
-                     ((128, 0), (64, 0), (256, 0), (128, 2), (128, 3), (64, 2))]
+    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
     for num_slots in args.adapters:
         token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
         for name in args.projections.split(","):
