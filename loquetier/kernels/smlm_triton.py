@@ -59,7 +59,9 @@ SHRINK_WAVES = 2
 # Gather path (decode).
 SHRINK_GATHER_BLOCK_N_MAX = 16
 SHRINK_GATHER_BLOCK_K = 512
+SHRINK_GATHER_NUM_WARPS = 4
 EXPAND_GATHER_BLOCK_N = 128
+EXPAND_GATHER_NUM_WARPS = 4
 
 
 def _ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -276,6 +278,7 @@ def shrink(
             x, lora_a, part, token_slot, _ptr_or(slot_rank, token_slot), d_in, num_rows, rank, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), split_stride, part.stride(-2),
             BLOCK_N=block_n, BLOCK_K=block_k, HAS_SLOT_RANK=slot_rank is not None,
+            num_warps=SHRINK_GATHER_NUM_WARPS,
         )
     else:
         _shrink_segment_kernel[(grid_rows, row_tiles, split_k)](
@@ -467,7 +470,7 @@ def expand_(
         _expand_gather_kernel[(num_tokens, total_tiles)](
             y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, **rank_flag,
+            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, num_warps=EXPAND_GATHER_NUM_WARPS, **rank_flag,
         )
     else:
         short = num_tokens <= SHORT_BATCH_TOKENS
