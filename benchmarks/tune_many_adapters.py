@@ -110,13 +110,11 @@ def main():
     # batches of <= SHORT_BATCH_TOKENS take the SHORT tiles; the first setting of each is the default
     expand_settings = [{"EXPAND_SHORT_BLOCK_M": m, "EXPAND_SHORT_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
                        for m, n, w in ((16, 256, 4), (32, 128, 4), (16, 128, 4), (32, 256, 4), (16, 256, 8))]
-    gather_settings = [{"EXPAND_GATHER_BLOCK_N": n, "SHRINK_GATHER_BLOCK_N_MAX": k, "SHRINK_GATHER_BLOCK_K": bk,
+    gather_settings = [{"EXPAND_GATHER_BLOCK_N": n, "SHRINK_GATHER_BLOCK_N_MAX": k, "SHRINK_GATHER_BLOCK_K_UNSPLIT": bk,
                         "SHRINK_GATHER_NUM_WARPS": ws, "EXPAND_GATHER_NUM_WARPS": we}
-                       for n, k, bk, ws, we in ((128, 16, 512, 4, 4), (64, 16, 512, 4, 4), (256, 16, 512, 4, 4),
-                                                (128, 32, 512, 4, 4), (128, 8, 512, 4, 4), (128, 16, 256, 4, 4),
-                                                (128, 16, 1024, 4, 4), (128, 16, 1024, 8, 4), (128, 32, 256, 4, 4),
-                                                (128, 16, 512, 2, 4), (128, 16, 512, 8, 4), (128, 16, 512, 4, 2),
-                                                (256, 16, 512, 4, 8), (64, 16, 512, 4, 2))]
+                       for n, k, bk, ws, we in ((128, 16, 1024, 4, 4), (128, 16, 512, 4, 4), (128, 32, 1024, 4, 4),
+                                                (128, 16, 1024, 2, 4), (128, 16, 2048, 4, 4), (64, 16, 1024, 4, 4),
+                                                (128, 32, 1024, 2, 4), (128, 16, 1024, 4, 2))]
     shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
