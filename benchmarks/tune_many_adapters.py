@@ -1,5 +1,5 @@
 """Sweep the LoRA kernels' tile settings for a decode batch with many distinct adapters (Llama-3-8B
-shapes, batch 64 sorted by adapter, ranks cycling 8/16/32/64 in a rank-64 table), the case that
+shapes, batch 64 sorted by adapter, ranks cycling 8/16/32/64 in a rank-64 table unless --ranks), the case that
 `bench_adapters.py --sections many` times end to end. Per projection it times, as CUDA-graph
 replays (GPU time):
 
@@ -30,8 +30,7 @@ from common import device_ceilings, table, write_json  # noqa: E402
 from loquetier.kernels import fused_triton, smlm_triton  # noqa: E402
 from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
 
-RANKS = (8, 16, 32, 64)
-TABLE_RANK = 64
+RANKS = (8, 16, 32, 64)   # cycled over the slots; the table's rank is the largest (--ranks changes both)
 HIDDEN, INTER, KV = 4096, 14336, 1024
 PROJECTIONS = {"qkv": (HIDDEN, (HIDDEN, KV, KV)), "o": (HIDDEN, (HIDDEN,)),
                "gate_up": (HIDDEN, (INTER, INTER)), "down": (INTER, (HIDDEN,))}
@@ -52,16 +51,16 @@ def sorted_batch(batch: int, num_slots: int, dev):
             sorted(set(token_slot)))
 
 
-def adapter_tables(num_slots: int, d_in: int, widths: tuple[int, ...], dev, g):
-    s, d_out = len(widths), sum(widths)
-    ranks = [RANKS[i % len(RANKS)] for i in range(num_slots)]
-    a = torch.randn(num_slots, s, TABLE_RANK, d_in, device=dev, generator=g) / d_in ** 0.5
-    b = torch.randn(num_slots, d_out, TABLE_RANK, device=dev, generator=g) / TABLE_RANK ** 0.5
+def adapter_tables(num_slots: int, d_in: int, widths: tuple[int, ...], dev, g, rank_cycle=RANKS):
+    s, d_out, table_rank = len(widths), sum(widths), max(rank_cycle)
+    ranks = [rank_cycle[i % len(rank_cycle)] for i in range(num_slots)]
+    a = torch.randn(num_slots, s, table_rank, d_in, device=dev, generator=g) / d_in ** 0.5
+    b = torch.randn(num_slots, d_out, table_rank, device=dev, generator=g) / table_rank ** 0.5
     for slot, r in enumerate(ranks):   # zero padding past each slot's rank, as the adapter manager writes
         a[slot, :, r:] = 0
         b[slot, :, r:] = 0
     scaling = torch.rand(num_slots, s, device=dev, generator=g) + 0.5
-    return (a.reshape(num_slots, s * TABLE_RANK, d_in).bfloat16(), b.bfloat16(), scaling,
+    return (a.reshape(num_slots, s * table_rank, d_in).bfloat16(), b.bfloat16(), scaling,
             torch.tensor(ranks, dtype=torch.int32, device=dev), ranks)
 
 
@@ -100,6 +99,8 @@ def main():
     ap.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64])
     ap.add_argument("--sections", default="unfolded,folded")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ranks", type=lambda s: tuple(int(x) for x in s.split(",")), default=RANKS,
+                    help="adapter ranks, cycled over the slots (e.g. 16: the engine benchmarks' 4 adapters)")
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -118,7 +119,7 @@ def main():
     shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
-                     for n, w in ((64, 4), (32, 4), (128, 4), (128, 8), (256, 8))]
+                     for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))]
     norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
     for num_slots in args.adapters:
         token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
@@ -126,7 +127,7 @@ def main():
             d_in, widths = PROJECTIONS[name]
             d_out = sum(widths)
             offsets = tuple(itertools.accumulate(widths, initial=0))
-            a, b, scaling, slot_rank, ranks = adapter_tables(num_slots, d_in, widths, dev, g)
+            a, b, scaling, slot_rank, ranks = adapter_tables(num_slots, d_in, widths, dev, g, args.ranks)
             x = torch.randn(args.batch, d_in, device=dev, generator=g).bfloat16()
             y = torch.randn(args.batch, d_out, device=dev, generator=g).bfloat16()
             live = sum(ranks[s] for s in present)   # the ranks present in the batch
@@ -137,7 +138,7 @@ def main():
             def unfolded(max_seg_len):
                 def run():
                     v = smlm_triton.shrink(x, a, seg_cu, seg_slot, token_slot, max_seg_len, slot_rank=slot_rank,
-                                           table_rank=TABLE_RANK)
+                                           table_rank=max(args.ranks))
                     return smlm_triton.expand_(y, v, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_seg_len,
                                                slot_rank=slot_rank)
                 return run
