@@ -2,7 +2,8 @@
 (Llama-3-8B shape, random bf16, context 512) for each SMLM layout, then the top kernels of one
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
 bucket (the old layout) or capped at slots + 2; the base add + RMSNorm as two kernels like the
-LoRA one.
+LoRA one; the q/k/v delta added by its own expand rather than inside the rotary kernel, or inside
+it at every batch (by default batches of one-token segments keep the expand).
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -25,7 +26,7 @@ from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig  # noqa: E402
 from loquetier.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from loquetier.engine.engine import Engine  # noqa: E402
-from loquetier.kernels import fused_triton, smlm_triton  # noqa: E402
+from loquetier.kernels import fused_triton, rotary, smlm_triton  # noqa: E402
 
 
 def replay_ms(graph, n=50) -> float:
@@ -122,7 +123,9 @@ def main():
     variants = {"unfolded, bucket-long segments": ("never", None, {}),
                 "unfolded, slots+2 segments": ("never", 6, {}),
                 "folded (the default), slots+2 segments": ("always", 6, {}),
-                "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True})}
+                "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
+                "folded, q/k/v expand apart from the rotary kernel": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 1 << 30}),
+                "folded, q/k/v delta in the rotary kernel at every batch": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 0})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
@@ -132,7 +135,7 @@ def main():
         variants[f"folded, row tiles {cfg}"] = ("always", 6, {
             "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu,
             **({"SILU_LORA_NUM_WARPS": warps[0]} if warps else {})})
-    modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton}
+    modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton, "rotary": rotary}
 
     def target(name):   # "NAME" is a fused_triton constant, "module.NAME" one of that module
         module, _, attr = name.rpartition(".")

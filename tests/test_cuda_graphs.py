@@ -15,7 +15,7 @@ from loquetier.engine.cuda_graphs import SEGMENT_MIN_BATCH, DecodeGraphs  # noqa
 
 @pytest.mark.parametrize("fold", ["never", "always"])
 @pytest.mark.parametrize("batch,per_token", [(5, False), (SEGMENT_MIN_BATCH + 3, False), (SEGMENT_MIN_BATCH + 3, True)])
-def test_decode_graph_forward_matches_eager_step(tmp_path, batch, per_token, fold):
+def test_decode_graph_forward_matches_eager_step(tmp_path, batch, per_token, fold, monkeypatch):
     hf = write_checkpoint(tmp_path / "base", "llama")
     for i, (r, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, ["o_proj", "down_proj", "gate_proj"])]):
         write_adapter(hf, tmp_path / f"a{i}", r, targets, seed=i)
@@ -42,13 +42,21 @@ def test_decode_graph_forward_matches_eager_step(tmp_path, batch, per_token, fol
     eng.model.set_lora_fold_shrink(fold)
     for vl in layers:
         vl.backend = "triton"
+    eng.model.rotary.backend = "triton"   # folded and segmented: q/k/v's delta added by the rotary kernel
+    from loquetier.kernels import rotary_triton
+    fused_rotary = []
+    real = rotary_triton.rotary_lora_forward_and_cache
+    monkeypatch.setattr(rotary_triton, "rotary_lora_forward_and_cache", lambda *a: fused_rotary.append(1) or real(*a))
     try:
         got = graphs.run_eager(*arrays, with_lora=True, per_token=per_token)
     finally:
         for vl in layers:
             vl.backend = "auto"
+        eng.model.rotary.backend = "auto"
     # the engine's eager step for the same sequences (reference kernels, reference attention,
     # shrink not folded into the base GEMM)
+    # batches of one-token segments (short buckets, per-token graphs) keep the separate expand
+    assert bool(fused_rotary) == (fold == "always" and batch >= SEGMENT_MIN_BATCH and not per_token)
     eng.model.set_lora_fold_shrink("never")
     eng.step(keep_logits=True)
     ref = {id(s): row for s, row in zip(eng.last_sample_seqs, eng.last_result.logits)}

@@ -8,7 +8,9 @@ pytest.importorskip("triton")
 
 # conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
 from helpers import DEVICE, needs_gpu  # noqa: E402
-from loquetier.kernels import fused, fused_triton  # noqa: E402
+from loquetier.kernels import fused, fused_triton, rotary_triton  # noqa: E402
+from loquetier.kernels.attention import write_kv  # noqa: E402
+from loquetier.kernels.rotary import apply_rotary_lora_and_cache, apply_rotary_ref  # noqa: E402
 from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
 
 EPS = 1e-5
@@ -131,6 +133,72 @@ def test_composite_path_equals_kernels_math_on_cpu():
     torch.testing.assert_close(y, fused.rms_norm_ref(expected, weight, EPS), rtol=1e-5, atol=1e-5)
 
 
+def _rotary_tables(head_dim, max_positions=32, dtype=torch.float32, device=DEVICE):
+    from loquetier.models.rotary import RotaryEmbedding
+    return RotaryEmbedding(head_dim, max_positions, 10000.0, None, dtype, torch.device(device))
+
+
+def _rotary_lora_reference(qkv, delta, heads, kv_heads, head_dim, rotary, positions, k_cache, v_cache, slots):
+    """Expand (fp32 math, rounded once), split, rotate, write the cache: the unfused chain."""
+    full = delta_ref(qkv, delta).to(qkv.dtype)
+    q, k, v = full.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = q.reshape(-1, heads, head_dim), k.reshape(-1, kv_heads, head_dim), v.reshape(-1, kv_heads, head_dim)
+    q, k = apply_rotary_ref(q, k, rotary.cos, rotary.sin, positions)
+    write_kv(k_cache, v_cache, k, v, slots)
+    return q, k, v
+
+
+# (H, KVH, D): grouped query heads; a half (12) that is not a power of two
+ROTARY_HEADS = [(4, 2, 16), (3, 1, 24)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", ROTARY_HEADS)
+@pytest.mark.parametrize("slots,slot_ranks", [(SLOTS, None), (SORTED_SLOTS, None), (SORTED_SLOTS, [8, 3, 5]), ([2], None)],
+                         ids=["mixed", "sorted-runs", "slot-ranks", "one-row"])
+def test_rotary_lora_cache_kernel_matches_expand_then_rotary(heads, kv_heads, head_dim, slots, slot_ranks,
+                                                              poisoned_empty):
+    """One launch adds the qkv delta, rotates q and k and writes K/V to their (NaN-poisoned) cache
+    slots: the same as the expand, the reference rotary and write_kv, and no other slot is touched."""
+    widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv, delta = folded_output(slots, widths, segments=True, slot_ranks=slot_ranks)
+    n = len(slots)
+    rotary = _rotary_tables(head_dim)
+    positions = torch.randint(0, 32, (n,), device=DEVICE, dtype=torch.int32)
+    pool = torch.full((2, 12, 4, kv_heads, head_dim), float("nan"), device=DEVICE)
+    cache_slots = torch.randperm(48, device=DEVICE)[:n]
+    ref_pool = pool.clone()
+    qkv0 = qkv.clone()
+    q, k, v = rotary_triton.rotary_lora_forward_and_cache(qkv, delta, heads, kv_heads, rotary.cos, rotary.sin,
+                                                          positions, pool[0], pool[1], cache_slots)
+    expected = _rotary_lora_reference(qkv0, delta, heads, kv_heads, head_dim, rotary, positions, ref_pool[0],
+                                      ref_pool[1], cache_slots)
+    torch.testing.assert_close((q, k, v), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool, ref_pool, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(pool.view(2, -1, kv_heads, head_dim)[:, cache_slots]).sum() == 0
+    assert torch.equal(qkv, qkv0)   # the GEMM output is read, never written
+
+
+@pytest.mark.parametrize("segmented", [True, False])
+def test_rotary_lora_dispatch_paths_agree(segmented):
+    """The dispatcher's Triton path (fused for segmented batches, expand + rotary for one-token
+    segments) and its reference path give the same q, k, v and cache."""
+    heads, kv_heads, head_dim = ROTARY_HEADS[0]
+    slots = SORTED_SLOTS if segmented else SLOTS
+    qkv, delta = folded_output(slots, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
+                               segments=segmented)
+    assert (delta.meta.max_seg_len > 1) == segmented
+    rotary = _rotary_tables(head_dim)
+    positions = torch.randint(0, 32, (len(slots),), device=DEVICE, dtype=torch.int32)
+    cache_slots = torch.randperm(48, device=DEVICE)[:len(slots)]
+    results = []
+    for backend in ("triton", "torch"):
+        pool = torch.zeros(2, 12, 4, kv_heads, head_dim, device=DEVICE)
+        out = apply_rotary_lora_and_cache(qkv.clone(), delta, heads, kv_heads, rotary.cos, rotary.sin, positions,
+                                          pool[0], pool[1], cache_slots, backend=backend)
+        results.append((*out, pool))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- GPU, bf16, decode sizes
 
 
@@ -154,3 +222,29 @@ def test_fused_lora_kernels_bf16_match_separate_kernels(sorted_rows):
     ref = fused.silu_and_mul(delta.apply_(gate_up.clone()))
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
     assert (y != ref).float().mean().item() < 0.01
+
+
+@needs_gpu
+def test_rotary_lora_cache_kernel_bf16_matches_separate_kernels():
+    """Llama-3-8B's heads at batch 64, 4 adapters sorted: against the separate Triton expand and
+    rotary-and-cache kernels, last-bit differences only."""
+    from loquetier.kernels.rotary import apply_rotary_and_cache
+    heads, kv_heads, head_dim = 32, 8, 128
+    slots = sorted(i % 4 for i in range(64))
+    widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    qkv, delta = folded_output(slots, widths, d_in=4096, dtype=torch.bfloat16, segments=True)
+    rotary = _rotary_tables(head_dim, 1024, torch.bfloat16)
+    positions = torch.randint(0, 1024, (64,), device=DEVICE, dtype=torch.int32)
+    cache_slots = torch.randperm(64 * 16, device=DEVICE)[:64]
+    pool = torch.zeros(2, 64, 16, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    ref_pool = pool.clone()
+    q, k, v = rotary_triton.rotary_lora_forward_and_cache(qkv, delta, heads, kv_heads, rotary.cos, rotary.sin,
+                                                          positions, pool[0], pool[1], cache_slots)
+    full = delta.apply_(qkv.clone())
+    q_ref, k_ref, v_ref = full.split(widths, dim=-1)
+    q_ref, k_ref = apply_rotary_and_cache(q_ref.reshape(-1, heads, head_dim), k_ref.reshape(-1, kv_heads, head_dim),
+                                          v_ref.reshape(-1, kv_heads, head_dim), rotary.cos, rotary.sin, positions,
+                                          ref_pool[0], ref_pool[1], cache_slots)
+    for got, ref in ((q, q_ref), (k, k_ref), (v, v_ref.reshape(-1, kv_heads, head_dim)), (pool, ref_pool)):
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+        assert (got != ref).float().mean().item() < 0.01

@@ -276,7 +276,7 @@ def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scalin
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         d, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr,
                                 token_slot_ptr, 0, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                                RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK)
+                                RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1)
         h = (o.to(tl.float32) + d).to(dt)
     if HAS_RES:
         h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)
@@ -356,7 +356,7 @@ def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, toke
     up = tl.load(x_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
     gate, up = _tile_lora_delta(gate, up, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                                 inter, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, True,
-                                DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK)
+                                DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1)
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)

@@ -64,3 +64,30 @@ def apply_rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         return q, k
     from .rotary_triton import rotary_forward_and_cache
     return rotary_forward_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+
+
+# The Triton path adds a folded qkv layer's LoRA delta inside the rotary kernel when the batch's
+# segments reach this length; shorter (one-token segments: batches under the decode graphs' segment
+# threshold, the per-token graphs for many adapters) keep the per-token expand, then the rotary kernel.
+QKV_DELTA_FUSE_MIN_SEG_LEN = 2
+
+
+def apply_rotary_lora_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, num_k_heads: int, cos: torch.Tensor,
+                                sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, slot_mapping: torch.Tensor, backend: str = "auto"
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) [N, heads, D] of a folded qkv layer's output `qkv` [N, (H + 2 KVH) D] once its pending
+    LoRA `delta` is added, q and k rotated, the rotated keys and the values written to their cache
+    slots (inference only). The Triton path does all of it in one launch (see
+    QKV_DELTA_FUSE_MIN_SEG_LEN); the reference runs the expand, then `apply_rotary_and_cache`."""
+    if (use_triton(qkv, backend) and qkv.dtype == cos.dtype == k_cache.dtype
+            and delta.meta.max_seg_len >= QKV_DELTA_FUSE_MIN_SEG_LEN):
+        from .rotary_triton import rotary_lora_forward_and_cache
+        return rotary_lora_forward_and_cache(qkv, delta, num_q_heads, num_k_heads, cos, sin, positions,
+                                             k_cache, v_cache, slot_mapping)
+    qkv = delta.apply_(qkv)
+    head_dim = qkv.shape[1] // (num_q_heads + 2 * num_k_heads)
+    q, k, v = qkv.split((num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim), dim=-1)
+    q, k, v = (t.reshape(-1, h, head_dim) for t, h in ((q, num_q_heads), (k, num_k_heads), (v, num_k_heads)))
+    q, k = apply_rotary_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, backend)
+    return q, k, v

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .smlm_triton import _dot_precision, _tile_lora_delta
+
 # One program rotates HEADS_PER_PROGRAM heads of one token; the grid is tokens x head blocks of q
 # followed by head blocks of k. Not yet tuned on the GPU.
 HEADS_PER_PROGRAM = 8
@@ -97,6 +99,74 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, positio
         tl.store(c_ptrs + HALF, tl.load(v_ptrs + HALF, mask=mask), mask=mask)
 
 
+# With a folded qkv layer's pending LoRA delta (inference): tiles of LORA_TILE_M consecutive tokens by
+# one head, so a slot's B columns of that head are read once per tile (a sorted decode batch has one
+# or two slots a tile), as the fused add + RMSNorm and SiLU-and-mul kernels do.
+LORA_TILE_M = 16
+LORA_NUM_WARPS = 4
+
+
+@triton.jit
+def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr, positions_ptr,
+                              k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                              lv_ptr, lb_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
+                              n, num_q_heads, num_k_heads, stride_qkv, stride_table, stride_cs,
+                              stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank,
+                              HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                              RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr):
+    # grid: (token tile, head); heads [0, H) are q's, [H, H + KVH) k's, then v's. Head h's columns
+    # in qkv are [h*D, (h+1)*D) for all three, since qkv = [q | k | v] by heads of D = 2*HALF.
+    head = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    offs_d = tl.arange(0, HALF_PAD)
+    mask_d = offs_d < HALF
+    mask = mask_m[:, None] & mask_d[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    dt = q_out_ptr.dtype.element_ty
+    is_k = head >= num_q_heads
+    is_v = head >= num_q_heads + num_k_heads
+    s = is_k.to(tl.int32) + is_v.to(tl.int32)   # the LoRA slice: q, k or v
+    cols = head * (2 * HALF) + offs_d
+    x_ptrs = qkv_ptr + rows * stride_qkv + cols[None, :]
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1, x2 = _tile_lora_delta(x1, x2, offs_m, mask_m, cols, mask_d, lv_ptr + s * rank, lb_ptr, scaling_ptr + s,
+                              token_slot_ptr, HALF, stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank,
+                              RANK_PAD, True, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 0)
+    # rounded where the stand-alone expand stores its result
+    x1 = x1.to(dt).to(tl.float32)
+    x2 = x2.to(dt).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    if is_v:
+        h = head - num_q_heads - num_k_heads
+        out_ptrs = v_out_ptr + (rows * num_k_heads + h) * (2 * HALF) + offs_d[None, :]
+        c_ptrs = v_cache_ptr + slot[:, None] * stride_cs + h * (2 * HALF) + offs_d[None, :]
+        tl.store(out_ptrs, x1.to(dt), mask=mask)
+        tl.store(out_ptrs + HALF, x2.to(dt), mask=mask)
+        tl.store(c_ptrs, x1.to(dt), mask=mask)
+        tl.store(c_ptrs + HALF, x2.to(dt), mask=mask)
+    else:
+        table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
+        c1 = tl.load(cos_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        # as _rotate_heads: each product rounded to the dtype, added in fp32, rounded once more
+        y1 = ((x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)).to(dt)
+        y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+        if is_k:
+            h = head - num_q_heads
+            out_ptrs = k_out_ptr + (rows * num_k_heads + h) * (2 * HALF) + offs_d[None, :]
+            c_ptrs = k_cache_ptr + slot[:, None] * stride_cs + h * (2 * HALF) + offs_d[None, :]
+            tl.store(c_ptrs, y1, mask=mask)
+            tl.store(c_ptrs + HALF, y2, mask=mask)
+        else:
+            out_ptrs = q_out_ptr + (rows * num_q_heads + head) * (2 * HALF) + offs_d[None, :]
+        tl.store(out_ptrs, y1, mask=mask)
+        tl.store(out_ptrs + HALF, y2, mask=mask)
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     # the qkv views already have it; anything else (rare) pays for one copy
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -156,3 +226,40 @@ def rotary_backward(dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tenso
                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Grads of q and k: the output grads rotated back by the same angles."""
     return _launch(dq_out, dk_out, cos, sin, positions, backward=True)
+
+
+def rotary_lora_forward_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, num_k_heads: int, cos: torch.Tensor,
+                                  sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                                  v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """(q, k, v) [N, heads, D] of a folded qkv layer's output `qkv` [N, (H + 2 KVH) D] (a strided view
+    is fine) plus its pending three-slice LoRA `delta`, q and k rotated, the rotated keys and the values
+    written to their cache slots: the stand-alone expand, `rotary_forward_and_cache` and the values'
+    copy in one launch. `qkv` is read, never written. Inference only."""
+    from .fused_triton import _delta_args
+    num_tokens, width = qkv.shape
+    head_dim = width // (num_q_heads + 2 * num_k_heads)
+    assert qkv.stride(1) == 1 and head_dim % 2 == 0 and width == (num_q_heads + 2 * num_k_heads) * head_dim
+    assert delta.slice_offsets == (0, num_q_heads * head_dim, (num_q_heads + num_k_heads) * head_dim, width)
+    assert cos.shape[1] == head_dim and cos.stride(1) == sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)
+    assert positions.shape == slot_mapping.shape == (num_tokens,)
+    assert k_cache.shape[2:] == (num_k_heads, head_dim) and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+    assert k_cache.dtype == v_cache.dtype == qkv.dtype == cos.dtype
+    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(num_tokens, num_k_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty(num_tokens, num_k_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q, k, v
+    (lv, lb, scaling, token_slot, slot_rank, s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank, rank_pad), has_slot_rank = \
+        _delta_args(delta, 3, qkv)
+    half = head_dim // 2
+    grid = (triton.cdiv(num_tokens, LORA_TILE_M), num_q_heads + 2 * num_k_heads)
+    _rotary_lora_cache_kernel[grid](
+        qkv, q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping,
+        lv, lb, scaling, token_slot, slot_rank,
+        num_tokens, num_q_heads, num_k_heads, qkv.stride(0), cos.stride(0), k_cache.stride(1),
+        s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank,
+        HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_M=LORA_TILE_M, RANK_PAD=rank_pad,
+        DOT_PRECISION=_dot_precision(qkv.dtype), HAS_SLOT_RANK=has_slot_rank, num_warps=LORA_NUM_WARPS,
+    )
+    return q, k, v

@@ -356,10 +356,12 @@ def _expand_segment_kernel(
 def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                      col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
                      RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr):
+                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr, SLICE1_STEP: tl.constexpr):
     """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
-    offs_n of lora_b, and with TWO_SLICES slice 1 over columns col1 + offs_n (gate and up):
+    offs_n of lora_b, and with TWO_SLICES columns col1 + offs_n too, of the slice SLICE1_STEP after
+    slice 0 (1: gate and up; 0: the two halves of one slice's heads, for the rotary kernel):
     acc_s += scaling[l, s] * v[row, slice s of slot l] @ lora_b[l, cols]^T, l = token_slot[row].
+    For a slice other than the first, the caller passes v_ptr and scaling_ptr offset to it.
 
     The tile's rows may use any slots (-1: none). One small tl.dot per slot id between the tile's
     lowest and highest (and slice), over only that slot's rows (the others masked to zero): a decode
@@ -386,11 +388,15 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
             v0 = tl.load(v_ptrs, mask=mask_v, other=0.0)
             b0 = tl.load(b_ptrs, mask=mask_b, other=0.0)
             if TWO_SLICES:
-                v1 = tl.load(v_ptrs + rank, mask=mask_v, other=0.0)
+                if SLICE1_STEP == 0:
+                    v1 = v0
+                else:
+                    v1 = tl.load(v_ptrs + SLICE1_STEP * rank, mask=mask_v, other=0.0)
                 b1 = tl.load(b_ptrs + col1 * stride_bn, mask=mask_b, other=0.0)
             acc0 += tl.load(scaling_ptr + slot * stride_sl) * tl.dot(v0, b0, input_precision=DOT_PRECISION)
             if TWO_SLICES:
-                acc1 += tl.load(scaling_ptr + slot * stride_sl + 1) * tl.dot(v1, b1, input_precision=DOT_PRECISION)
+                acc1 += (tl.load(scaling_ptr + slot * stride_sl + SLICE1_STEP)
+                         * tl.dot(v1, b1, input_precision=DOT_PRECISION))
     return acc0, acc1
 
 

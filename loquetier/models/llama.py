@@ -79,20 +79,27 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, LoraDelta | None]:
         """(o_proj output, its pending LoRA delta or None)."""
         a = self.args
-        qkv = self.qkv_proj(x, ctx.lora)  # [N, q + 2 kv]
-        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-        q = q.reshape(-1, a.num_heads, a.head_dim)
-        k = k.reshape(-1, a.num_kv_heads, a.head_dim)
-        v = v.reshape(-1, a.num_kv_heads, a.head_dim)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         m = ctx.attn
         # inference-only rows: the rotary kernel also writes K/V to the cache (one launch, not three)
         cached = kv_cache is not None and m.num_loss_tokens == 0 and m.slot_mapping is not None
-        if cached:
-            q, k = rotary.forward_and_cache(q, k, v, ctx.positions, *kv_cache, m.slot_mapping)
+        qkv, delta = self.qkv_proj.forward_deferred(x, ctx.lora)  # [N, q + 2 kv], pending LoRA delta or None
+        if delta is not None and cached and not a.qk_norm:
+            # the same launch adds the LoRA delta too (q/k norms would need it before them)
+            q, k, v = rotary.lora_forward_and_cache(qkv, delta, a.num_heads, a.num_kv_heads, ctx.positions,
+                                                    *kv_cache, m.slot_mapping)
         else:
-            q, k = rotary(q, k, ctx.positions)
+            if delta is not None:
+                qkv = delta.apply_(qkv)
+            q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
+            q = q.reshape(-1, a.num_heads, a.head_dim)
+            k = k.reshape(-1, a.num_kv_heads, a.head_dim)
+            v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+            if a.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if cached:
+                q, k = rotary.forward_and_cache(q, k, v, ctx.positions, *kv_cache, m.slot_mapping)
+            else:
+                q, k = rotary(q, k, ctx.positions)
         out = self._attend(q, k, v, m, kv_cache, cached)
         return self.o_proj.forward_deferred(out.reshape(-1, a.q_size), ctx.lora)
 

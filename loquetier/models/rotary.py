@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import ModelLoadError
-from ..kernels.rotary import apply_rotary, apply_rotary_and_cache
+from ..kernels.rotary import apply_rotary, apply_rotary_and_cache, apply_rotary_lora_and_cache
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -50,6 +50,11 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """q [N, H, D], k [N, KVH, D] -> rotated, same shapes."""
         return apply_rotary(q, k, self.cos, self.sin, positions, self.backend)
+
+    def lora_forward_and_cache(self, qkv, delta, num_q_heads, num_k_heads, positions, k_cache, v_cache, slot_mapping):
+        """(q, k, v) of a folded qkv output plus its pending LoRA delta, q/k rotated, K/V cached."""
+        return apply_rotary_lora_and_cache(qkv, delta, num_q_heads, num_k_heads, self.cos, self.sin, positions,
+                                           k_cache, v_cache, slot_mapping, self.backend)
 
     def forward_and_cache(self, q, k, v, positions, k_cache, v_cache, slot_mapping):
         """`forward`, with the rotated keys and the values written to their KV-cache slots."""
