@@ -225,26 +225,26 @@ def test_fused_lora_kernels_bf16_match_separate_kernels(sorted_rows):
 
 
 @needs_gpu
-def test_rotary_lora_cache_kernel_bf16_matches_separate_kernels():
-    """Llama-3-8B's heads at batch 64, 4 adapters sorted: against the separate Triton expand and
-    rotary-and-cache kernels, last-bit differences only."""
-    from loquetier.kernels.rotary import apply_rotary_and_cache
+def test_rotary_lora_cache_kernel_bf16_at_decode_size():
+    """Llama-3-8B's heads at batch 64, adapters sorted: v and the cached values are the separate
+    Triton expand's, bit for bit; q and k are within bf16 rounding of an fp32 rotation of the
+    expanded q/k (the rotary kernels round each product, so two kernels may differ in the last bit)."""
+    from loquetier.kernels.rotary import apply_rotary_ref
     heads, kv_heads, head_dim = 32, 8, 128
-    slots = sorted(i % 4 for i in range(64))
+    slots = sorted(i % 4 - 1 for i in range(64))   # base rows and the three slots
     widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
     qkv, delta = folded_output(slots, widths, d_in=4096, dtype=torch.bfloat16, segments=True)
     rotary = _rotary_tables(head_dim, 1024, torch.bfloat16)
     positions = torch.randint(0, 1024, (64,), device=DEVICE, dtype=torch.int32)
     cache_slots = torch.randperm(64 * 16, device=DEVICE)[:64]
     pool = torch.zeros(2, 64, 16, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
-    ref_pool = pool.clone()
     q, k, v = rotary_triton.rotary_lora_forward_and_cache(qkv, delta, heads, kv_heads, rotary.cos, rotary.sin,
                                                           positions, pool[0], pool[1], cache_slots)
-    full = delta.apply_(qkv.clone())
-    q_ref, k_ref, v_ref = full.split(widths, dim=-1)
-    q_ref, k_ref = apply_rotary_and_cache(q_ref.reshape(-1, heads, head_dim), k_ref.reshape(-1, kv_heads, head_dim),
-                                          v_ref.reshape(-1, kv_heads, head_dim), rotary.cos, rotary.sin, positions,
-                                          ref_pool[0], ref_pool[1], cache_slots)
-    for got, ref in ((q, q_ref), (k, k_ref), (v, v_ref.reshape(-1, kv_heads, head_dim)), (pool, ref_pool)):
-        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
-        assert (got != ref).float().mean().item() < 0.01
+    q_in, k_in, v_in = delta.apply_(qkv.clone()).split(widths, dim=-1)
+    assert torch.equal(v, v_in.reshape(-1, kv_heads, head_dim))
+    q32, k32 = apply_rotary_ref(q_in.reshape(-1, heads, head_dim).float(), k_in.reshape(-1, kv_heads, head_dim).float(),
+                                rotary.cos.float(), rotary.sin.float(), positions)
+    for got, ref in ((q, q32), (k, k32)):
+        assert ((got.float() - ref).norm() / ref.norm()).item() <= 1e-2
+    cache = pool.view(2, -1, kv_heads, head_dim)[:, cache_slots]
+    assert torch.equal(cache[0], k) and torch.equal(cache[1], v)
