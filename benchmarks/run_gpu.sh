@@ -19,7 +19,7 @@ case "$part" in
   inference)  # decode step times, end-to-end 256 requests and the 16 that PEFT runs; graph replay profile
     timeout 420 python benchmarks/bench_engine.py --sections ceilings,decode,e2e --batches 1,64,128,256 --e2e-subset --peft-e2e-requests 16 \
       --out "$out/inference.json" 2>&1 | tail -24
-    timeout 150 python benchmarks/profile_decode.py --batches 1,64 > "$out/profile_decode.log" 2>&1; tail -7 "$out/profile_decode.log" ;;
+    timeout 170 python benchmarks/profile_decode.py --batches 1,64 --engine-batches 1,64 > "$out/profile_decode.log" 2>&1; tail -7 "$out/profile_decode.log" ;;
   prefix)     # prefix caching on a chat workload (shared 1,000-token system prompt, 4 adapters): on against off
     timeout 300 python benchmarks/bench_prefix_cache.py --out "$out/prefix_cache.json" 2>&1 | tail -6 ;;
   peft)       # our e2e runs twice each (order effects), then PEFT decode at batch 1 and 32 and its
@@ -30,8 +30,10 @@ case "$part" in
       --out "$out/peft.json" 2>&1 | grep "^peft" ;;
   adapters)   # 16 and 64 distinct adapters (ranks 8-64) at batch 64 against base; swap cost; load to first token
     timeout 560 python benchmarks/bench_adapters.py --out "$out/adapters.json" 2>&1 | tail -6 ;;
-  training)   # through Trainer: Alpaca-like packed + fixed 4x512 (1 and 4 jobs), PEFT on the same examples
-    timeout 560 python benchmarks/bench_train.py --out "$out/train.json" 2>&1 | tail -8 ;;
+  training)   # through Trainer: Alpaca-like packed beside PEFT on the same examples, then fixed 4x512 (1 and 4 jobs)
+    timeout 330 python benchmarks/bench_train.py --workloads alpaca,peft-alpaca --steps 12 --peft-steps 10 \
+      --out "$out/train_alpaca.json" 2>&1 | tail -4
+    timeout 230 python benchmarks/bench_train.py --workloads fixed --out "$out/train_fixed.json" 2>&1 | tail -4 ;;
   profile)    # GPU-busy fraction of training (graph / eager), mixed and decode steps
     timeout 300 python benchmarks/profile_steps.py --out "$out/profile_steps.json" 2>&1 | tail -7 ;;
   profile-mixed)  # training beside 32 decode rows at four training-token sizes, against training alone
