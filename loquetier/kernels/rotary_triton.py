@@ -101,7 +101,9 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, positio
 
 # With a folded qkv layer's pending LoRA delta (inference): tiles of LORA_TILE_M consecutive tokens by
 # one head, so a slot's B columns of that head are read once per tile (a sorted decode batch has one
-# or two slots a tile), as the fused add + RMSNorm and SiLU-and-mul kernels do.
+# or two slots a tile), as the fused add + RMSNorm and SiLU-and-mul kernels do. On the H200 at batch 64
+# with 4 adapters (Llama-3-8B heads) it takes 5.4 us a layer where the expand and the rotary kernel
+# took 4.5 + 2.2 us (`benchmarks/profile_decode.py`); these tile settings were not swept.
 LORA_TILE_M = 16
 LORA_NUM_WARPS = 4
 
@@ -138,7 +140,7 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
     x1 = x1.to(dt).to(tl.float32)
     x2 = x2.to(dt).to(tl.float32)
     slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    if is_v:
+    if is_v:   # v goes to the cache and to `v` (whole prompts' attention reads it; decode reads the cache)
         h = head - num_q_heads - num_k_heads
         out_ptrs = v_out_ptr + (rows * num_k_heads + h) * (2 * HALF) + offs_d[None, :]
         c_ptrs = v_cache_ptr + slot[:, None] * stride_cs + h * (2 * HALF) + offs_d[None, :]
