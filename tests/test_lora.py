@@ -43,16 +43,26 @@ def ref_logits(model, prompt):
         return model(input_ids=torch.tensor([prompt])).logits[0]
 
 
-@pytest.mark.parametrize("fold,backend", [("never", "auto"), ("always", "auto"), ("never", "triton")])
-def test_mixed_batch_logits_match_peft(setup, fold, backend):
-    """backend "triton": the SMLM kernels (interpreted on a CPU), which skip each slot's zero padding
-    past its rank (ranks 4, 8 and 16 in a rank-16 table)."""
+@pytest.mark.parametrize("fold,backend", [("never", "auto"), ("always", "auto"), ("never", "triton"),
+                                          ("always", "triton")])
+def test_mixed_batch_logits_match_peft(setup, fold, backend, monkeypatch):
+    """backend "triton": the SMLM and rotary kernels (interpreted on a CPU), which skip each slot's
+    zero padding past its rank (ranks 4, 8 and 16 in a rank-16 table); with the shrink folded, the
+    rotary kernel adds q/k/v's delta (tiles of 16 prompt tokens holding several adapters), and the
+    whole prompts' attention reads the values it wrote."""
     root, hf, peft_models = setup
     llm = make_llm(root, lora_fold_shrink=fold, lora_backend=backend)
+    llm.engine.model.rotary.backend = backend
     g = torch.Generator().manual_seed(3)
     names = ["a", None, "b", "c", "a", None, "c", "b"]
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 11, 1, 23, 9, 2, 17, 30)]
+    from loquetier.kernels import rotary_triton
+    fused_rotary = []
+    real = rotary_triton.rotary_lora_forward_and_cache
+    monkeypatch.setattr(rotary_triton, "rotary_lora_forward_and_cache", lambda *a: fused_rotary.append(1) or real(*a))
     ours = forward_all(llm.engine, prompts, names)
+    triton_kernels = backend == "triton" or torch.device(llm.engine.device).type == "cuda"   # "auto" on a GPU
+    assert bool(fused_rotary) == (fold == "always" and triton_kernels)
     for p, name, logits in zip(prompts, names, ours):
         ref = ref_logits(hf if name is None else peft_models[name], p)
         assert (logits - ref).abs().max().item() <= 1e-4, name
