@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_triton import _delta_args
 from .smlm_triton import _dot_precision, _tile_lora_delta
 
 # One program rotates HEADS_PER_PROGRAM heads of one token; the grid is tokens x head blocks of q
@@ -169,6 +170,12 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
         tl.store(out_ptrs + HALF, y2, mask=mask)
 
 
+def _check_cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor, num_k_heads: int, head_dim: int) -> None:
+    # the cache's slots are rows of [num_kv_heads, head_dim], as write_kv's view assumes
+    assert k_cache.shape[2:] == (num_k_heads, head_dim) and k_cache.stride() == v_cache.stride()
+    assert k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     # the qkv views already have it; anything else (rare) pays for one copy
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -195,9 +202,7 @@ def _launch(q, k, cos, sin, positions, backward: bool, cache=None):
         v = _unit_last_stride(v)
         assert v.shape == k.shape and k_cache.dtype == v_cache.dtype == v.dtype == q.dtype
         assert slot_mapping.shape == (num_tokens,)
-        # the cache's slots are rows of [num_kv_heads, head_dim], as write_kv's view assumes
-        assert k_cache.shape[2:] == (num_k_heads, head_dim) and k_cache.stride() == v_cache.stride()
-        assert k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+        _check_cache_layout(k_cache, v_cache, num_k_heads, head_dim)
         stride_vn, stride_vh, stride_cs = v.stride(0), v.stride(1), k_cache.stride(1)
         num_blocks += triton.cdiv(num_k_heads, block_h)
     _rotary_kernel[(num_tokens, num_blocks)](
@@ -237,15 +242,13 @@ def rotary_lora_forward_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, nu
     is fine) plus its pending three-slice LoRA `delta`, q and k rotated, the rotated keys and the values
     written to their cache slots: the stand-alone expand, `rotary_forward_and_cache` and the values'
     copy in one launch. `qkv` is read, never written. Inference only."""
-    from .fused_triton import _delta_args
     num_tokens, width = qkv.shape
     head_dim = width // (num_q_heads + 2 * num_k_heads)
     assert qkv.stride(1) == 1 and head_dim % 2 == 0 and width == (num_q_heads + 2 * num_k_heads) * head_dim
     assert delta.slice_offsets == (0, num_q_heads * head_dim, (num_q_heads + num_k_heads) * head_dim, width)
     assert cos.shape[1] == head_dim and cos.stride(1) == sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)
     assert positions.shape == slot_mapping.shape == (num_tokens,)
-    assert k_cache.shape[2:] == (num_k_heads, head_dim) and k_cache.stride() == v_cache.stride()
-    assert k_cache.stride(3) == 1 and k_cache.stride(2) == head_dim and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
+    _check_cache_layout(k_cache, v_cache, num_k_heads, head_dim)
     assert k_cache.dtype == v_cache.dtype == qkv.dtype == cos.dtype
     q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(num_tokens, num_k_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
