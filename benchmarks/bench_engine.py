@@ -71,10 +71,13 @@ def adapter_bytes(engine, r=16) -> int:
 
 
 def bench_decode(args, llm, names, ceil, results):
-    """Decode steps at a fixed batch. `step_ms` is the steady-state step: wall time of
-    `--decode-steps` consecutive `Engine.step()` calls (a device sync before and after, none between,
-    so asynchronous scheduling can overlap the host's work with the GPU) over their number. The
-    same steps with asynchronous scheduling off run in the same process for the A/B."""
+    """Decode steps at a fixed batch. A window is `--decode-steps` consecutive `Engine.step()` calls
+    (a device sync before and after, none between, so asynchronous scheduling can overlap the host's
+    work with the GPU), timed by wall clock over their number. Each batch runs `--decode-rounds`
+    rounds; a round takes one window of each adapter count (0, 1, 4) on fresh requests, in the
+    reverse order every other round, so that the GPU's clock drift falls on all of them alike.
+    `step_ms` is the median over the rounds. The same steps with asynchronous scheduling off run in
+    the same process for the A/B."""
     eng = llm.engine
     a = eng.args
     kv_per_token = a.num_layers * 2 * eng.model.args.kv_size * 2   # one GPU's KV heads
@@ -82,33 +85,40 @@ def bench_decode(args, llm, names, ceil, results):
     rng = np.random.default_rng(0)
     modes = [True, False] if not args.no_async_ab else [True]
     for batch in args.batches:
-        for n_ad in (0, 1, 4):
-            for asynchronous in modes:
-                eng.config.async_scheduling = asynchronous
-                adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
-                for ad in adapters:
-                    eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
-                                    SamplingParams(max_tokens=2 * args.decode_steps + 8,
-                                                   temperature=0, ignore_eos=True), ad)
-                start_decoding(eng)
-                step = steady_step_seconds(eng, args.decode_steps, args.device)
-                synced = []          # the same steps, each one waited for (host work not overlapped)
-                for _ in range(args.decode_steps):
-                    t1 = time.perf_counter()
-                    eng.step()
-                    sync(args.device)
-                    synced.append(time.perf_counter() - t1)
-                for rid in list(eng.requests):
-                    eng.abort(rid)
-                while eng.has_unfinished():
-                    eng.step()
-                moved = (wbytes + n_ad * adapter_bytes(eng)
-                         + batch * (args.context + args.decode_steps) * kv_per_token)
-                row = {"section": "decode", "batch": batch, "adapters": n_ad, "async": asynchronous,
-                       "step_ms": step * 1e3, "step_ms_synced": statistics.median(synced) * 1e3,
-                       "tok_per_s": batch / step, "bw_util": moved / step / 1e9 / ceil["bandwidth_GBps"]}
-                results.append(row)
-                print(row, flush=True)
+        windows: dict[tuple[int, bool], list[float]] = {}
+        synced: dict[tuple[int, bool], list[float]] = {}   # steps each waited for (host work not overlapped)
+        for rnd in range(args.decode_rounds):
+            counts = (0, 1, 4) if rnd % 2 == 0 else (4, 1, 0)
+            for n_ad in counts:
+                for asynchronous in modes:
+                    eng.config.async_scheduling = asynchronous
+                    adapters = [None if n_ad == 0 else names[i % n_ad] for i in range(batch)]
+                    for ad in adapters:
+                        eng.add_request(rng.integers(10, a.vocab_size - 10, args.context).tolist(),
+                                        SamplingParams(max_tokens=2 * args.decode_steps + 8,
+                                                       temperature=0, ignore_eos=True), ad)
+                    start_decoding(eng)
+                    windows.setdefault((n_ad, asynchronous), []).append(
+                        steady_step_seconds(eng, args.decode_steps, args.device))
+                    for _ in range(args.decode_steps):
+                        t1 = time.perf_counter()
+                        eng.step()
+                        sync(args.device)
+                        synced.setdefault((n_ad, asynchronous), []).append(time.perf_counter() - t1)
+                    for rid in list(eng.requests):
+                        eng.abort(rid)
+                    while eng.has_unfinished():
+                        eng.step()
+        for (n_ad, asynchronous), steps in windows.items():
+            step = statistics.median(steps)
+            moved = (wbytes + n_ad * adapter_bytes(eng)
+                     + batch * (args.context + args.decode_steps) * kv_per_token)
+            row = {"section": "decode", "batch": batch, "adapters": n_ad, "async": asynchronous,
+                   "step_ms": step * 1e3, "step_ms_rounds": [t * 1e3 for t in steps],
+                   "step_ms_synced": statistics.median(synced[(n_ad, asynchronous)]) * 1e3,
+                   "tok_per_s": batch / step, "bw_util": moved / step / 1e9 / ceil["bandwidth_GBps"]}
+            results.append(row)
+            print(row, flush=True)
     eng.config.async_scheduling = True
 
 
@@ -217,6 +227,7 @@ def main():
     ap.add_argument("--peft-parts", default="decode,e2e")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--decode-rounds", type=int, default=3, help="windows of each adapter count, interleaved")
     ap.add_argument("--e2e-requests", type=int, default=256)
     ap.add_argument("--peft-e2e-requests", type=int, default=32)
     ap.add_argument("--peft-e2e-adapters", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])

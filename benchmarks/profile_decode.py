@@ -3,7 +3,8 @@
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
 bucket (the old layout) or capped at slots + 2; the base add + RMSNorm as two kernels like the
 LoRA one; the q/k/v delta added by its own expand rather than inside the rotary kernel, or inside
-it at every batch (by default batches of one-token segments keep the expand).
+it at every batch (by default batches of one-token segments keep the expand); any kernel-module
+constants named by --constants. Each variant's base and LoRA graphs are replayed in turn.
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -11,6 +12,7 @@ it at every batch (by default batches of one-token segments keep the expand).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -26,19 +28,22 @@ from loquetier import SamplingParams  # noqa: E402
 from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig  # noqa: E402
 from loquetier.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from loquetier.engine.engine import Engine  # noqa: E402
-from loquetier.kernels import fused_triton, rotary, smlm_triton  # noqa: E402
+from loquetier.kernels import fused_triton, rotary, rotary_triton, smlm_triton  # noqa: E402
 
 
-def replay_ms(graph, n=50) -> float:
-    times = []
+def paired_replay_ms(graphs, n=50) -> list[float]:
+    """Median replay time of each graph, the graphs replayed in turn (A, B, A, B, ...) so that the
+    GPU's clock and temperature drift lands on all of them alike."""
+    times = [[] for _ in graphs]
     for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for graph, out in zip(graphs, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+    return [statistics.median(t) for t in times]
 
 
 def engine_steps(eng, names, batch: int, context: int, steps: int, rng) -> list[dict]:
@@ -97,6 +102,10 @@ def main():
     ap.add_argument("--tile-configs", default="",
                     help="also time the row-tile kernels with these tile sizes, MxNORM_NxSILU_N[xSILU_WARPS],... "
                          "(e.g. 16x256x128,16x128x64x4)")
+    ap.add_argument("--constants", default="",
+                    help="also time the folded variant with these kernel-module constants, variants separated by ';' "
+                         "(e.g. 'ADD_NORM_ROW_KERNEL_MIN_ROWS=1;rotary_triton.LORA_NUM_WARPS=2,rotary_triton.LORA_TILE_M=32')")
+    ap.add_argument("--variants", default="", help="time only the variants whose label this regex matches")
     ap.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64],
                     help="then time Engine.step() at these batches with the engine's own graphs ('' for none)")
     ap.add_argument("--engine-steps", type=int, default=40)
@@ -135,7 +144,13 @@ def main():
         variants[f"folded, row tiles {cfg}"] = ("always", 6, {
             "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu,
             **({"SILU_LORA_NUM_WARPS": warps[0]} if warps else {})})
-    modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton, "rotary": rotary}
+    for cfg in filter(None, args.constants.split(";")):
+        consts = {name: int(value) for name, value in (c.split("=") for c in cfg.split(","))}
+        variants["folded, " + " ".join(f"{k}={v}" for k, v in consts.items())] = ("always", 6, consts)
+    if args.variants:
+        variants = {label: v for label, v in variants.items() if re.search(args.variants, label)}
+    modules = {"fused_triton": fused_triton, "smlm_triton": smlm_triton, "rotary": rotary,
+               "rotary_triton": rotary_triton}
 
     def target(name):   # "NAME" is a fused_triton constant, "module.NAME" one of that module
         module, _, attr = name.rpartition(".")
@@ -165,22 +180,23 @@ def main():
                 graphs.run_eager(*arrays, with_lora=True)
                 continue
             graphs.capture()
-            graphs.run(*base_arrays, with_lora=False)
-            base = replay_ms(graphs.graphs[(batch, False)][0])
+            graphs.run(*base_arrays, with_lora=False)   # copies each graph's inputs into its buffers
             graphs.run(*arrays, with_lora=True)
-            lora = replay_ms(graphs.graphs[(batch, True)][0])
+            base, lora = paired_replay_ms([graphs.graphs[(batch, False)][0], graphs.graphs[(batch, True)][0]])
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
             if batch == args.profile_batch and label == "folded (the default), slots+2 segments":
                 from torch.profiler import ProfilerActivity, profile
-                graph = graphs.graphs[(batch, True)][0]
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                print(f"--- top kernels, 5 replays, batch {batch}, 4 adapters, {label}")
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
+                for with_lora in (False, True):
+                    graph = graphs.graphs[(batch, with_lora)][0]
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            graph.replay()
+                        torch.cuda.synchronize()
+                    print(f"--- top kernels, 5 replays, batch {batch}, {'4 adapters' if with_lora else 'base'}, {label}")
+                    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22,
+                                                    max_name_column_width=70))
             del graphs
             torch.cuda.synchronize()
         for rid in list(eng.requests):

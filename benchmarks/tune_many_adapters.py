@@ -5,8 +5,9 @@ replays (GPU time):
 
 - unfolded: shrink + expand (segment path, as the decode graphs run it, and the per-token gather
   path), for every setting of the expand's tile;
-- folded: the consumers that add a folded layer's delta (SiLU-and-mul for gate/up, residual add +
-  RMSNorm for o and down), for every tile width, against the same consumer without a delta.
+- folded: the consumers that add a folded layer's delta (rotary + KV-cache write for q/k/v,
+  SiLU-and-mul for gate/up, residual add + RMSNorm for o and down, the latter both as the tiled pair
+  of kernels and in one kernel), for every tile setting, against the same consumer without a delta.
 
 Each figure comes with the bandwidth it implies from the bytes that must move (the adapters' real
 ranks, not the table's). Each setting's output is checked against the default's before it is timed.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_ceilings, table, write_json  # noqa: E402
 
-from loquetier.kernels import fused_triton, smlm_triton  # noqa: E402
+from loquetier.kernels import fused_triton, rotary_triton, smlm_triton  # noqa: E402
+from loquetier.models.rotary import RotaryEmbedding  # noqa: E402
 from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
 
 RANKS = (8, 16, 32, 64)   # cycled over the slots; the table's rank is the largest (--ranks changes both)
@@ -64,7 +67,31 @@ def adapter_tables(num_slots: int, d_in: int, widths: tuple[int, ...], dev, g, r
             torch.tensor(ranks, dtype=torch.int32, device=dev), ranks)
 
 
+def rotary_consumers(batch: int, qkv, delta, dev, g):
+    """The folded qkv layer's consumer, rotary + KV-cache write with the delta added (q, k, v
+    concatenated, for the checks), and the same kernel of a base layer (q, k, v already apart)."""
+    heads, kv_heads, head_dim = HIDDEN // 128, KV // 128, 128
+    tables = RotaryEmbedding(head_dim, 2048, 500000.0, None, torch.bfloat16, dev)
+    positions = torch.randint(0, 2048, (batch,), device=dev, generator=g)
+    k_cache = torch.zeros(batch, 16, kv_heads, head_dim, dtype=torch.bfloat16, device=dev)
+    v_cache = torch.zeros_like(k_cache)
+    slot_mapping = torch.randperm(batch * 16, device=dev, generator=g)[:batch]
+
+    def fused():
+        q, k, v = rotary_triton.rotary_lora_forward_and_cache(qkv, delta, heads, kv_heads, tables.cos, tables.sin,
+                                                              positions, k_cache, v_cache, slot_mapping)
+        return torch.cat([q.flatten(), k.flatten(), v.flatten()])
+    q, k, v = qkv.split([HIDDEN, KV, KV], dim=1)
+    q, k, v = q.view(batch, heads, head_dim), k.view(batch, kv_heads, head_dim), v.view(batch, kv_heads, head_dim)
+    return fused, lambda: rotary_triton.rotary_forward_and_cache(q, k, v, tables.cos, tables.sin, positions, k_cache,
+                                                                  v_cache, slot_mapping)
+
+
 def gpu_us(fn) -> float:
+    if not torch.cuda.is_available():   # a CPU smoke test of this script: one call, wall time
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
     return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
 
 
@@ -102,10 +129,11 @@ def main():
     ap.add_argument("--ranks", type=lambda s: tuple(int(x) for x in s.split(",")), default=RANKS,
                     help="adapter ranks, cycled over the slots (e.g. 16: the engine benchmarks' 4 adapters)")
     ap.add_argument("--projections", default=",".join(PROJECTIONS))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (needs TRITON_INTERPRET=1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    bw = device_ceilings("cuda")["bandwidth_GBps"]
+    dev = torch.device(args.device)
+    bw = device_ceilings(args.device)["bandwidth_GBps"]
     g = torch.Generator(device=dev).manual_seed(0)
     rows: list[dict] = []
     # batches of <= SHORT_BATCH_TOKENS take the SHORT tiles; the first setting of each is the default
@@ -120,7 +148,13 @@ def main():
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
                      for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))]
-    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
+    # the tiled pair of kernels, then the one-kernel form (rows a program, row chunk, warps)
+    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)] + [
+        {"ADD_NORM_ROW_KERNEL_MIN_ROWS": 1, "ADD_NORM_ROWS": m, "ADD_NORM_ROW_CHUNK": c, "ADD_NORM_ROW_NUM_WARPS": w}
+        for m, c, w in ((1, 1024, 8), (1, 512, 4), (1, 1024, 4), (1, 2048, 8), (1, 512, 8), (2, 512, 8),
+                        (2, 1024, 8), (4, 256, 8), (4, 512, 8))]
+    rotary_settings = [{"LORA_TILE_M": m, "LORA_NUM_WARPS": w}
+                       for m, w in ((16, 4), (16, 2), (16, 1), (16, 8), (32, 4), (32, 8))]
     for num_slots in args.adapters:
         token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
         for name in args.projections.split(","):
@@ -167,7 +201,14 @@ def main():
                                  seg_slot_host=[0], max_seg_len=args.batch)
             delta = LoraDelta(v, b, scaling, offsets, meta, slot_rank=slot_rank)
             consumer_bytes = b_bytes + args.batch * live * len(widths) * 2 + act_bytes
-            if name == "gate_up":
+            if name == "qkv":
+                fn, fn_base = rotary_consumers(args.batch, y, delta, dev, g)
+                sweep("folded: rotary + cache + delta", fn, rotary_settings, rotary_triton, fn, rows, common,
+                      consumer_bytes, bw)
+                base = {**common, "kernel": "rotary + cache, no delta", "setting": "", "us": gpu_us(fn_base)}
+                rows.append(base)
+                print(base, flush=True)
+            elif name == "gate_up":
                 fn = lambda: fused_triton.silu_and_mul_lora(y, delta)  # noqa: E731
                 sweep("folded: SiLU-and-mul + delta", fn, silu_settings, fused_triton, fn, rows, common,
                       consumer_bytes, bw)
