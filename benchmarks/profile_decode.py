@@ -104,7 +104,7 @@ def main():
                          "(e.g. 16x256x128,16x128x64x4)")
     ap.add_argument("--constants", default="",
                     help="also time the folded variant with these kernel-module constants, variants separated by ';' "
-                         "(e.g. 'ADD_NORM_ROW_KERNEL_MIN_ROWS=1;rotary_triton.LORA_NUM_WARPS=2,rotary_triton.LORA_TILE_M=32')")
+                         "(e.g. 'ADD_NORM_TILE_N=256;rotary_triton.LORA_NUM_WARPS=2,rotary_triton.LORA_TILE_M=32')")
     ap.add_argument("--variants", default="", help="time only the variants whose label this regex matches")
     ap.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64],
                     help="then time Engine.step() at these batches with the engine's own graphs ('' for none)")

@@ -6,8 +6,8 @@ replays (GPU time):
 - unfolded: shrink + expand (segment path, as the decode graphs run it, and the per-token gather
   path), for every setting of the expand's tile;
 - folded: the consumers that add a folded layer's delta (rotary + KV-cache write for q/k/v,
-  SiLU-and-mul for gate/up, residual add + RMSNorm for o and down, the latter both as the tiled pair
-  of kernels and in one kernel), for every tile setting, against the same consumer without a delta.
+  SiLU-and-mul for gate/up, residual add + RMSNorm for o and down), for every tile setting, against
+  the same consumer without a delta.
 
 Each figure comes with the bandwidth it implies from the bytes that must move (the adapters' real
 ranks, not the table's). Each setting's output is checked against the default's before it is timed.
@@ -148,11 +148,7 @@ def main():
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
                      for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))]
-    # the tiled pair of kernels, then the one-kernel form (rows a program, row chunk, warps)
-    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)] + [
-        {"ADD_NORM_ROW_KERNEL_MIN_ROWS": 1, "ADD_NORM_ROWS": m, "ADD_NORM_ROW_CHUNK": c, "ADD_NORM_ROW_NUM_WARPS": w}
-        for m, c, w in ((1, 1024, 8), (1, 512, 4), (1, 1024, 4), (1, 2048, 8), (1, 512, 8), (2, 512, 8),
-                        (2, 1024, 8), (4, 256, 8), (4, 512, 8))]
+    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
     rotary_settings = [{"LORA_TILE_M": m, "LORA_NUM_WARPS": w}
                        for m, w in ((16, 4), (16, 2), (16, 1), (16, 8), (32, 4), (32, 8))]
     for num_slots in args.adapters:

@@ -72,17 +72,12 @@ SLOTS = [0, -1, 2, 1, 1, -1, 0]
 SORTED_SLOTS = [-1, -1, 0, 0, 0, 1] + [2] * 19   # runs longer than a 16-token tile
 
 
-@pytest.fixture(params=["tile", "tile-base", "rows"])
+@pytest.fixture(params=["tile", "tile-base"])
 def lora_path(request, monkeypatch):
     """"tile-base": add + RMSNorm without a delta through the tiled kernels too (else one program per
-    row); "rows": add + RMSNorm with a delta in the one-kernel form, two rows a program (so a program
-    can hold two slots, or a row past the batch's end). The norms' row loops are cut to 1,024 columns
-    so that 2,500 takes three passes."""
+    row). The norm's row loop is cut to 1,024 columns so that 2,500 takes three passes."""
     monkeypatch.setattr(fused_triton, "NORM_ROW_CHUNK", 1024)
-    monkeypatch.setattr(fused_triton, "ADD_NORM_ROW_CHUNK", 1024)
     monkeypatch.setattr(fused_triton, "ADD_NORM_SPLIT_BASE", request.param == "tile-base")
-    monkeypatch.setattr(fused_triton, "ADD_NORM_ROW_KERNEL_MIN_ROWS", 1 if request.param == "rows" else 1 << 30)
-    monkeypatch.setattr(fused_triton, "ADD_NORM_ROWS", 2)
     return request.param
 
 
@@ -114,7 +109,7 @@ def test_silu_and_mul_lora_matches_reference(inter, slots, lora_path, poisoned_e
 
 
 @pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS], ids=["mixed", "sorted-runs"])
-def test_fused_lora_kernels_skip_padding_past_slot_rank(slots, lora_path, poisoned_empty):
+def test_fused_lora_kernels_skip_padding_past_slot_rank(slots, poisoned_empty):
     """Slots of ranks 8, 3, 5 in a rank-8 table: B's padding holds 1e3, so reading it would show."""
     ranks = [8, 3, 5]
     out, delta = folded_output(slots, [40], slot_ranks=ranks)

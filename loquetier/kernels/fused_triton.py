@@ -201,7 +201,10 @@ ADD_NORM_NUM_WARPS = 8
 # The delta goes in by tiles of consecutive rows, any slot mix, addressed by token_slot alone
 # (`_tile_lora_delta`); add + norm with a delta then runs as two kernels (the add over tiles of the
 # whole grid, the norm per row). On the H200 this beat one program per row that read its slot's whole
-# B, and per-segment SiLU tiles: 6.56 against 6.71 ms a batch-64 decode replay with 4 adapters.
+# B, and per-segment SiLU tiles: 6.56 against 6.71 ms a batch-64 decode replay with 4 adapters. One
+# kernel that sums each row's delta on the CUDA cores (1, 2 or 4 rows a program, chunks of 256-2048
+# columns) took 8.2-23 us a call against the pair's 4.6 at batch 64 (rank 16, Llama-3-8B widths;
+# `benchmarks/tune_many_adapters.py`), and at batches 1, 128 and 256 too.
 # ADD_NORM_SPLIT_BASE: the same two kernels without a delta too (else one program per row).
 ADD_NORM_SPLIT_BASE = False
 LORA_TILE_M = 16
@@ -212,14 +215,6 @@ ADD_NORM_TILE_N = 128
 SILU_LORA_TILE_N = 128
 SILU_LORA_NUM_WARPS = 8
 NORM_ROW_CHUNK = 4096
-# The alternative: one kernel, ADD_NORM_ROWS rows a program, each row's delta summed on the CUDA cores
-# from its own slot's B (no tl.dot, so no 16-row tile), h kept to normalise in a second pass over the
-# row. It reads each slot's B once per program rather than once per 16-row tile, but saves the second
-# launch and the round trip of the partial sums; used from ADD_NORM_ROW_KERNEL_MIN_ROWS rows on.
-ADD_NORM_ROW_KERNEL_MIN_ROWS = 1 << 30
-ADD_NORM_ROWS = 1
-ADD_NORM_ROW_CHUNK = 1024
-ADD_NORM_ROW_NUM_WARPS = 8
 
 
 @triton.jit
@@ -303,55 +298,6 @@ def _rms_norm_from_sumsq_kernel(h_ptr, sq_ptr, w_ptr, y_ptr, width, num_chunks, 
     _normalize_row(h_ptr, w_ptr, y_ptr, row, width, rstd, CHUNK)
 
 
-@triton.jit
-def _add_lora_rms_norm_rows_kernel(out_ptr, res_ptr, w_ptr, y_ptr, h_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
-                                   slot_rank_ptr, n, width, eps, stride_out, stride_res, stride_v, stride_vl,
-                                   stride_bl, stride_bn, stride_sl, rank, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                                   RANK_PAD: tl.constexpr, HAS_RES: tl.constexpr, HAS_SLOT_RANK: tl.constexpr):
-    # pass 1 over the row's chunks: h = residual + (out + delta), stored, h^2 summed; pass 2 normalises
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    mask_m = offs_m < n
-    rows = offs_m.to(tl.int64)
-    dt = h_ptr.dtype.element_ty
-    slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
-    live = slots >= 0
-    slot = tl.where(live, slots, 0).to(tl.int64)
-    offs_r = tl.arange(0, RANK_PAD)
-    live_rank = tl.full([ROWS], rank, tl.int32)
-    if HAS_SLOT_RANK:
-        live_rank = tl.minimum(live_rank, tl.load(slot_rank_ptr + slot, mask=live, other=0))
-    mask_r = live[:, None] & (offs_r[None, :] < live_rank[:, None])                  # [ROWS, RANK_PAD]
-    v = tl.load(v_ptr + rows[:, None] * stride_v + slot[:, None] * stride_vl + offs_r[None, :], mask=mask_r,
-                other=0.0).to(tl.float32)
-    scale = tl.load(scaling_ptr + slot * stride_sl, mask=live, other=0.0)
-    b_row = b_ptr + slot[:, None, None] * stride_bl + offs_r[None, None, :]
-    sq = tl.zeros([ROWS, CHUNK], dtype=tl.float32)
-    for c in range(0, width, CHUNK):
-        cols = c + tl.arange(0, CHUNK)
-        mask_n = cols < width
-        mask = mask_m[:, None] & mask_n[None, :]
-        o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0)
-        b = tl.load(b_row + cols[None, :, None] * stride_bn, mask=mask_r[:, None, :] & mask_n[None, :, None],
-                    other=0.0)                                                           # [ROWS, CHUNK, RANK_PAD]
-        d = scale[:, None] * tl.sum(b.to(tl.float32) * v[:, None, :], axis=2)
-        h = (o.to(tl.float32) + d).to(dt)
-        if HAS_RES:
-            r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
-            h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)
-        tl.store(h_ptr + rows[:, None] * width + cols[None, :], h, mask=mask)
-        hf = h.to(tl.float32)
-        sq += hf * hf
-    rstd = tl.math.rsqrt(tl.sum(sq, axis=1) / width + eps)
-    for c in range(0, width, CHUNK):   # the same layout as pass 1: each thread reads back what it wrote
-        cols = c + tl.arange(0, CHUNK)
-        mask = mask_m[:, None] & (cols < width)[None, :]
-        h = tl.load(h_ptr + rows[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        normed = (h * rstd[:, None]).to(dt).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows[:, None] * width + cols[None, :], (w[None, :] * normed).to(y_ptr.dtype.element_ty),
-                 mask=mask)
-
-
 def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
     """Kernel arguments of a pending LoRA delta (`dummy` pointers, never read, without one), and the
     HAS_SLOT_RANK flag (the kernels skip B's padding past each slot's rank when the delta has them)."""
@@ -363,12 +309,6 @@ def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
     return (v, b, delta.scaling, delta.meta.token_slot, dummy if slot_rank is None else slot_rank, v.stride(0),
             delta.slot_stride, b.stride(0), b.stride(1), delta.scaling.stride(0), b.shape[2],
             max(16, triton.next_power_of_2(b.shape[2]))), slot_rank is not None
-
-
-def _row_chunk(width: int, rank_pad: int) -> int:
-    # ADD_NORM_ROW_CHUNK is for B tiles of rank 16; larger ranks take narrower chunks, so that the
-    # [ROWS, CHUNK, RANK_PAD] tile of B stays the same size in registers
-    return max(16, min(ADD_NORM_ROW_CHUNK * 16 // rank_pad, triton.next_power_of_2(width)))
 
 
 def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -393,14 +333,6 @@ def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight
         return y, h
     (v, b, scaling, token_slot, slot_rank, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad), has_slot_rank = \
         _delta_args(delta, 1, out)
-    if delta is not None and n >= ADD_NORM_ROW_KERNEL_MIN_ROWS:
-        _add_lora_rms_norm_rows_kernel[(triton.cdiv(n, ADD_NORM_ROWS),)](
-            out, residual if residual is not None else out, weight, y, h, v, b, scaling, token_slot, slot_rank, n,
-            width, eps, out.stride(0), residual.stride(0) if residual is not None else 0, s_v, s_vl, s_bl, s_bn,
-            s_sl, rank, ROWS=ADD_NORM_ROWS, CHUNK=_row_chunk(width, rank_pad),
-            RANK_PAD=rank_pad, HAS_RES=residual is not None, HAS_SLOT_RANK=has_slot_rank,
-            num_warps=ADD_NORM_ROW_NUM_WARPS)
-        return y, h
     chunks = triton.cdiv(width, ADD_NORM_TILE_N)
     sq = torch.empty(n, chunks, dtype=torch.float32, device=out.device)
     _add_lora_sumsq_kernel[(triton.cdiv(n, LORA_TILE_M), chunks)](
