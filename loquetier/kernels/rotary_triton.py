@@ -107,7 +107,9 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, positio
 # took 4.5 + 2.2 us (`benchmarks/profile_decode.py`). `benchmarks/tune_many_adapters.py` (4 adapters of
 # rank 16) swept 16 or 32 tokens by 1-8 warps: 16 x 4 is within 0.15 us of the fastest at batches 1,
 # 64 and 128 and 0.4 us at 256 (32 x 8 there, 8.0 against 8.4 us), and no setting moved the batch-64
-# replay beyond the noise (1.045-1.053x).
+# replay beyond the noise (1.045-1.053x). Issuing the angle and cache-slot loads before the delta's
+# slot loop (so that their latency would overlap it) measured slower: 10.4 against 8.4 us at batch 256,
+# 5.3 against 4.9 at batch 1, equal at 64.
 LORA_TILE_M = 16
 LORA_NUM_WARPS = 4
 
@@ -137,21 +139,13 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
     x_ptrs = qkv_ptr + rows * stride_qkv + cols[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    # every load that does not depend on the delta is issued before its loop over slots, which the
-    # compiler does not move loads across: the angles' latency then overlaps the delta's
-    slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    mask_cs = mask_m[:, None] & (offs_d < tl.where(is_v, 0, HALF))[None, :]   # v is not rotated
-    table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
-    c1 = tl.load(cos_ptr + table + offs_d[None, :], mask=mask_cs, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=mask_cs, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + table + offs_d[None, :], mask=mask_cs, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=mask_cs, other=0.0).to(tl.float32)
     x1, x2 = _tile_lora_delta(x1, x2, offs_m, mask_m, cols, mask_d, lv_ptr + s * rank, lb_ptr, scaling_ptr + s,
                               token_slot_ptr, HALF, stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank,
                               RANK_PAD, True, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 0)
     # rounded where the stand-alone expand stores its result
     x1 = x1.to(dt).to(tl.float32)
     x2 = x2.to(dt).to(tl.float32)
+    slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     if is_v:   # v goes to the cache and to `v` (whole prompts' attention reads it; decode reads the cache)
         h = head - num_q_heads - num_k_heads
         out_ptrs = v_out_ptr + (rows * num_k_heads + h) * (2 * HALF) + offs_d[None, :]
@@ -161,6 +155,11 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
         tl.store(c_ptrs, x1.to(dt), mask=mask)
         tl.store(c_ptrs + HALF, x2.to(dt), mask=mask)
     else:
+        table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
+        c1 = tl.load(cos_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         # as _rotate_heads: each product rounded to the dtype, added in fp32, rounded once more
         y1 = ((x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)).to(dt)
         y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
