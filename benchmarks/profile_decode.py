@@ -143,7 +143,7 @@ def main():
         m, n_norm, n_silu, *warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, row tiles {cfg}"] = ("always", 6, {
             "LORA_TILE_M": m, "ADD_NORM_TILE_N": n_norm, "SILU_LORA_TILE_N": n_silu,
-            **({"SILU_LORA_NUM_WARPS": warps[0]} if warps else {})})
+            **({"SILU_LORA_NUM_WARPS": warps[0], "SILU_LORA_NUM_WARPS_SMALL_RANK": warps[0]} if warps else {})})
     for cfg in filter(None, args.constants.split(";")):
         consts = {name: int(value) for name, value in (c.split("=") for c in cfg.split(","))}
         variants["folded, " + " ".join(f"{k}={v}" for k, v in consts.items())] = ("always", 6, consts)

@@ -146,7 +146,7 @@ def main():
                                                 (128, 32, 1024, 2, 4), (128, 16, 1024, 4, 2))]
     shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
-    silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w}
+    silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w, "SILU_LORA_NUM_WARPS_SMALL_RANK": w}
                      for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))]
     norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
     rotary_settings = [{"LORA_TILE_M": m, "LORA_NUM_WARPS": w}

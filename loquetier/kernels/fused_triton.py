@@ -211,9 +211,12 @@ LORA_TILE_M = 16
 ADD_NORM_TILE_N = 128
 # `python benchmarks/tune_many_adapters.py` on the H200 (batch 64): 128 columns on 8 warps beat 64 on 4
 # at 16 and 64 adapters of ranks 8-64 (36.6 / 125 against 39.7 / 137 us a call) and are within 0.25 us
-# of the fastest setting for 4 adapters of rank 16 (5.22 against 5.10 us; `--adapters 4 --ranks 16`)
+# of the fastest setting for 4 adapters of rank 16 (5.22 against 5.10 us; `--adapters 4 --ranks 16`).
+# With a table of rank 16 or less the fastest, in two sweeps, was 128 columns on 4 warps, at batches 1,
+# 64, 128 and 256 (64: 5.07-5.10 against 5.18-5.22 us; 256: 13.7 against 14.9): such tables take it.
 SILU_LORA_TILE_N = 128
 SILU_LORA_NUM_WARPS = 8
+SILU_LORA_NUM_WARPS_SMALL_RANK = 4
 NORM_ROW_CHUNK = 4096
 
 
@@ -383,5 +386,5 @@ def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
             gate_up, y, v, b, scaling, token_slot, slot_rank, n, inter, gate_up.stride(0), s_v, s_vl, s_bl, s_bn,
             s_sl, rank, BLOCK_M=LORA_TILE_M, BLOCK_N=SILU_LORA_TILE_N, RANK_PAD=rank_pad,
             DOT_PRECISION=_dot_precision(gate_up.dtype), HAS_SLOT_RANK=has_slot_rank,
-            num_warps=SILU_LORA_NUM_WARPS)
+            num_warps=SILU_LORA_NUM_WARPS_SMALL_RANK if rank_pad <= 16 else SILU_LORA_NUM_WARPS)
     return y
