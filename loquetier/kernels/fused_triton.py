@@ -212,8 +212,10 @@ ADD_NORM_TILE_N = 128
 # `python benchmarks/tune_many_adapters.py` on the H200 (batch 64): 128 columns on 8 warps beat 64 on 4
 # at 16 and 64 adapters of ranks 8-64 (36.6 / 125 against 39.7 / 137 us a call) and are within 0.25 us
 # of the fastest setting for 4 adapters of rank 16 (5.22 against 5.10 us; `--adapters 4 --ranks 16`).
-# With a table of rank 16 or less the fastest, in two sweeps, was 128 columns on 4 warps, at batches 1,
-# 64, 128 and 256 (64: 5.07-5.10 against 5.18-5.22 us; 256: 13.7 against 14.9): such tables take it.
+# With a table of rank 16 or less, 128 columns ran faster on 4 warps than on 8 at batches 1, 64, 128 and
+# 256 in two sweeps (64: 5.07-5.10 against 5.18-5.22 us; 256: 13.7 against 14.9), the fastest setting
+# at 64-256: such tables take 4. In a batch-64 decode replay the two were equal (1.065x against 1.066x
+# the base, `benchmarks/profile_decode.py --tile-configs 16x128x128x8,16x128x128x4`).
 SILU_LORA_TILE_N = 128
 SILU_LORA_NUM_WARPS = 8
 SILU_LORA_NUM_WARPS_SMALL_RANK = 4
