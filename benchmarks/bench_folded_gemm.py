@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import table, write_json  # noqa: E402
 
-# projection -> (d_in, d_out); 4 slots of rank 16 add slices * 64 rows
+# projection -> (d_in, d_out, LoRA slices); the slots add slots * slices * rank rows (4 * 16: 64 a slice)
 PROJECTIONS = {"qkv": (4096, 6144, 3), "o": (4096, 4096, 1), "gate_up": (4096, 28672, 2), "down": (14336, 4096, 1)}
 
 

@@ -137,6 +137,7 @@ def main():
     g = torch.Generator(device=dev).manual_seed(0)
     rows: list[dict] = []
     # batches of <= SHORT_BATCH_TOKENS take the SHORT tiles; the first setting of each is the default
+    # (SiLU-and-mul's for slot tables of rank above 16; rank 16 or less runs 4 warps)
     expand_settings = [{"EXPAND_SHORT_BLOCK_M": m, "EXPAND_SHORT_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
                        for m, n, w in ((16, 256, 4), (32, 128, 4), (16, 128, 4), (32, 256, 4), (16, 256, 8))]
     gather_settings = [{"EXPAND_GATHER_BLOCK_N": n, "SHRINK_GATHER_BLOCK_N_MAX": k, "SHRINK_GATHER_BLOCK_K_UNSPLIT": bk,
