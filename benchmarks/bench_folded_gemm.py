@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import table, write_json  # noqa: E402
+from common import graph_replay_us, table, write_json  # noqa: E402
 
 # projection -> (d_in, d_out, LoRA slices); the slots add slots * slices * rank rows (4 * 16: 64 a slice)
 PROJECTIONS = {"qkv": (4096, 6144, 3), "o": (4096, 4096, 1), "gate_up": (4096, 28672, 2), "down": (14336, 4096, 1)}
 
 
 def gpu_us(fn) -> float:
-    if not torch.cuda.is_available():   # a CPU smoke test of this script: one call, wall time
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    import triton.testing
-    return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+    return graph_replay_us(fn, rep_ms=60)
 
 
 def main():

@@ -85,6 +85,17 @@ def lognormal_lengths(n: int, mean: float, cap: int, rng: np.random.Generator, s
     return [int(min(cap, max(1, round(x)))) for x in rng.lognormal(mu, sigma, n)]
 
 
+
+def graph_replay_us(fn, rep_ms: int = 40) -> float:
+    """Median GPU time of `fn` in microseconds, replayed from a CUDA graph (launch costs out). On a
+    machine without CUDA (a smoke test of the calling script), one call's wall time instead."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+
 def write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

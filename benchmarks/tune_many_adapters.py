@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_ceilings, table, write_json  # noqa: E402
+from common import device_ceilings, graph_replay_us, table, write_json  # noqa: E402
 
 from loquetier.kernels import fused_triton, rotary_triton, smlm_triton  # noqa: E402
 from loquetier.models.rotary import RotaryEmbedding  # noqa: E402
@@ -88,11 +86,7 @@ def rotary_consumers(batch: int, qkv, delta, dev, g):
 
 
 def gpu_us(fn) -> float:
-    if not torch.cuda.is_available():   # a CPU smoke test of this script: one call, wall time
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+    return graph_replay_us(fn, rep_ms=40)
 
 
 def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
