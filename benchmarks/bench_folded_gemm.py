@@ -53,16 +53,16 @@ def main():
         a_copy = a.contiguous()
         for batch in args.batches:
             x = torch.randn(batch, d_in, device=dev, dtype=dtype, generator=g)
-            variants = {
-                "base GEMM alone": lambda: torch.nn.functional.linear(x, w),
-                "folded: A rows appended": lambda: torch.nn.functional.linear(x, w_fold),
-                "folded, padded to a 256-row tile": lambda: torch.nn.functional.linear(x, w_aug),
-                "folded, weight stored transposed": lambda: x @ w_fold_t,
-                "base GEMM, then the shrink GEMM": lambda: (torch.nn.functional.linear(x, w),
-                                                             torch.nn.functional.linear(x, a_copy)),
+            linear = torch.nn.functional.linear
+            variants = {   # label -> (the GEMM(s), weight rows the main GEMM reads)
+                "base GEMM alone": (lambda: linear(x, w), d_out),
+                "folded: A rows appended": (lambda: linear(x, w_fold), d_out + extra),
+                "folded, padded to a 256-row tile": (lambda: linear(x, w_aug), padded),
+                "folded, weight stored transposed": (lambda: x @ w_fold_t, d_out + extra),
+                "base GEMM, then the shrink GEMM": (lambda: (linear(x, w), linear(x, a_copy)), d_out),
             }
-            ref = torch.nn.functional.linear(x.float(), w_fold.float())
-            for label, fn in variants.items():
+            ref = linear(x.float(), w_fold.float())
+            for label, (fn, weight_rows) in variants.items():
                 out = fn()
                 got = torch.cat(out, dim=1) if isinstance(out, tuple) else out
                 got = got[:, :ref.shape[1]] if got.shape[1] >= ref.shape[1] else got
@@ -72,8 +72,7 @@ def main():
                     err = ((got.float() - ref[:, :d_out]).norm() / ref[:, :d_out].norm()).item()
                 assert err < 2e-2, (name, label, err)
                 row = {"projection": name, "batch": batch, "variant": label, "us": gpu_us(fn), "rel_err": err,
-                       "rows": d_out + extra if "appended" in label or "transposed" in label else
-                       padded if "padded" in label else d_out}
+                       "rows": weight_rows}
                 rows.append(row)
                 print(row, flush=True)
     print(table(rows, ["projection", "batch", "variant", "rows", "us"]))

@@ -85,9 +85,15 @@ def apply_rotary_lora_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, num_
         from .rotary_triton import rotary_lora_forward_and_cache
         return rotary_lora_forward_and_cache(qkv, delta, num_q_heads, num_k_heads, cos, sin, positions,
                                              k_cache, v_cache, slot_mapping)
-    qkv = delta.apply_(qkv)
-    head_dim = qkv.shape[1] // (num_q_heads + 2 * num_k_heads)
-    q, k, v = qkv.split((num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim), dim=-1)
-    q, k, v = (t.reshape(-1, h, head_dim) for t, h in ((q, num_q_heads), (k, num_k_heads), (v, num_k_heads)))
+    q, k, v = split_qkv_heads(delta.apply_(qkv), num_q_heads, num_k_heads)
     q, k = apply_rotary_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, backend)
     return q, k, v
+
+
+def split_qkv_heads(qkv: torch.Tensor, num_q_heads: int, num_k_heads: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, H, D], k and v [N, KVH, D] of a qkv projection's output [N, (H + 2 KVH) D] (views)."""
+    head_dim = qkv.shape[1] // (num_q_heads + 2 * num_k_heads)
+    q, k, v = qkv.split((num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim), dim=-1)
+    return (q.reshape(-1, num_q_heads, head_dim), k.reshape(-1, num_k_heads, head_dim),
+            v.reshape(-1, num_k_heads, head_dim))

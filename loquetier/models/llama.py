@@ -20,6 +20,7 @@ from ..engine.context import BatchContext
 from ..kernels import attention as attn_ops
 from ..kernels import fused as fused_ops
 from ..kernels.lora_dropout import layer_salt
+from ..kernels.rotary import split_qkv_heads
 from ..kernels.smlm import LoraDelta
 from ..lora.layer import VirtualLoraLinear
 from .config import LORA_TARGETS, ModelArgs
@@ -90,10 +91,7 @@ class Attention(nn.Module):
         else:
             if delta is not None:
                 qkv = delta.apply_(qkv)
-            q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-            q = q.reshape(-1, a.num_heads, a.head_dim)
-            k = k.reshape(-1, a.num_kv_heads, a.head_dim)
-            v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+            q, k, v = split_qkv_heads(qkv, a.num_heads, a.num_kv_heads)
             if a.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             if cached:
