@@ -3,8 +3,10 @@
 replay. Variants: the shrink folded into the base GEMM or not; segment arrays as long as the
 bucket (the old layout) or capped at slots + 2; the base add + RMSNorm as two kernels like the
 LoRA one; the q/k/v delta added by its own expand rather than inside the rotary kernel, or inside
-it at every batch (by default batches of one-token segments keep the expand); any kernel-module
-constants named by --constants. Each variant's base and LoRA graphs are replayed in turn.
+it at every batch (by default batches of one-token segments keep the expand); the base graph
+running the folded GEMMs too (their slot columns unused: whether a folded GEMM costs more than the
+base one inside the graph because of its shape or because of the LoRA kernels around it); any
+kernel-module constants named by --constants. Each variant's base and LoRA graphs are replayed in turn.
 
     python benchmarks/profile_decode.py --batches 1,64
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import random_adapter, start_decoding, steady_step_seconds  # noqa: E402
@@ -29,6 +32,17 @@ from loquetier.config import CacheConfig, EngineConfig, LoraConfig, SchedulerCon
 from loquetier.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from loquetier.engine.engine import Engine  # noqa: E402
 from loquetier.kernels import fused_triton, rotary, rotary_triton, smlm_triton  # noqa: E402
+from loquetier.lora.layer import VirtualLoraLinear  # noqa: E402
+
+_forward_deferred = VirtualLoraLinear.forward_deferred
+
+
+def _folded_without_adapters(self, x, meta):
+    """VirtualLoraLinear.forward_deferred, but a forward without adapters also runs the folded GEMM
+    (base rows and slot rows) and returns its base columns, a strided view as in a LoRA forward."""
+    if self.fold_shrink and (meta is None or not meta.any_adapter) and not torch.is_grad_enabled():
+        return F.linear(x, self.weight_aug, self.bias_aug)[:, :self.base.out_features], None
+    return _forward_deferred(self, x, meta)
 
 
 def paired_replay_ms(graphs, n=50) -> list[float]:
@@ -106,6 +120,8 @@ def main():
                     help="also time the folded variant with these kernel-module constants, variants separated by ';' "
                          "(e.g. 'ADD_NORM_TILE_N=256;rotary_triton.LORA_NUM_WARPS=2,rotary_triton.LORA_TILE_M=32')")
     ap.add_argument("--variants", default="", help="time only the variants whose label this regex matches")
+    ap.add_argument("--kernel-tables", default=r"^folded \(the default\)",
+                    help="print the top kernels of the base and LoRA graphs of the variants whose label this regex matches")
     ap.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64],
                     help="then time Engine.step() at these batches with the engine's own graphs ('' for none)")
     ap.add_argument("--engine-steps", type=int, default=40)
@@ -128,13 +144,14 @@ def main():
     kv = eng.kv
     max_blocks = -(-eng.max_model_len // kv.block_size)
     # label -> (fold_shrink, max segments, kernel-module constants to set); constants not named keep
-    # their defaults
+    # their defaults. BASE_FOLDED is not a constant: it makes the base graph run the folded GEMMs.
     variants = {"unfolded, bucket-long segments": ("never", None, {}),
                 "unfolded, slots+2 segments": ("never", 6, {}),
                 "folded (the default), slots+2 segments": ("always", 6, {}),
                 "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
                 "folded, q/k/v expand apart from the rotary kernel": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 1 << 30}),
-                "folded, q/k/v delta in the rotary kernel at every batch": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 0})}
+                "folded, q/k/v delta in the rotary kernel at every batch": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 0}),
+                "folded, the base graph runs the folded GEMMs too": ("always", 6, {"BASE_FOLDED": True})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
@@ -156,7 +173,8 @@ def main():
         module, _, attr = name.rpartition(".")
         return modules[module or "fused_triton"], attr
 
-    defaults = {name: getattr(*target(name)) for _, _, consts in variants.values() for name in consts}
+    defaults = {name: getattr(*target(name)) for _, _, consts in variants.values() for name in consts
+                if name != "BASE_FOLDED"}
     rows = []
     for batch in args.batches:
         adapters = [names[i % 4] for i in range(batch)]
@@ -172,12 +190,16 @@ def main():
         for label, (fold, max_segments, consts) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
             for name, value in {**defaults, **consts}.items():
-                setattr(*target(name), value)
+                if name != "BASE_FOLDED":
+                    setattr(*target(name), value)
+            VirtualLoraLinear.forward_deferred = _folded_without_adapters if consts.get("BASE_FOLDED") else _forward_deferred
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
                                   max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
             if not cuda:
+                graphs.run_eager(*base_arrays, with_lora=False)
                 graphs.run_eager(*arrays, with_lora=True)
+                VirtualLoraLinear.forward_deferred = _forward_deferred
                 continue
             graphs.capture()
             graphs.run(*base_arrays, with_lora=False)   # copies each graph's inputs into its buffers
@@ -186,7 +208,7 @@ def main():
             row = {"batch": batch, "variant": label, "base_ms": base, "lora_ms": lora, "ratio": lora / base}
             rows.append(row)
             print(row, flush=True)
-            if batch == args.profile_batch and label == "folded (the default), slots+2 segments":
+            if batch == args.profile_batch and re.search(args.kernel_tables, label):
                 from torch.profiler import ProfilerActivity, profile
                 for with_lora in (False, True):
                     graph = graphs.graphs[(batch, with_lora)][0]
@@ -198,6 +220,7 @@ def main():
                     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22,
                                                     max_name_column_width=70))
             del graphs
+            VirtualLoraLinear.forward_deferred = _forward_deferred
             torch.cuda.synchronize()
         for rid in list(eng.requests):
             eng.abort(rid)
