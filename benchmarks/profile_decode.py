@@ -35,6 +35,7 @@ from loquetier.kernels import fused_triton, rotary, rotary_triton, smlm_triton  
 from loquetier.lora.layer import VirtualLoraLinear  # noqa: E402
 
 _forward_deferred = VirtualLoraLinear.forward_deferred
+BASE_FOLDED = "folded, the base graph runs the folded GEMMs too"   # the variant that runs the one below
 
 
 def _folded_without_adapters(self, x, meta):
@@ -144,14 +145,14 @@ def main():
     kv = eng.kv
     max_blocks = -(-eng.max_model_len // kv.block_size)
     # label -> (fold_shrink, max segments, kernel-module constants to set); constants not named keep
-    # their defaults. BASE_FOLDED is not a constant: it makes the base graph run the folded GEMMs.
+    # their defaults
     variants = {"unfolded, bucket-long segments": ("never", None, {}),
                 "unfolded, slots+2 segments": ("never", 6, {}),
                 "folded (the default), slots+2 segments": ("always", 6, {}),
                 "folded, base norm split too": ("always", 6, {"ADD_NORM_SPLIT_BASE": True}),
                 "folded, q/k/v expand apart from the rotary kernel": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 1 << 30}),
                 "folded, q/k/v delta in the rotary kernel at every batch": ("always", 6, {"rotary.QKV_DELTA_FUSE_MIN_SEG_LEN": 0}),
-                "folded, the base graph runs the folded GEMMs too": ("always", 6, {"BASE_FOLDED": True})}
+                BASE_FOLDED: ("always", 6, {})}
     for cfg in filter(None, args.norm_configs.split(",")):
         chunk, warps = (int(x) for x in cfg.split("x"))
         variants[f"folded, base add-norm {chunk}x{warps}"] = ("always", 6, {"ADD_NORM_CHUNK": chunk,
@@ -173,8 +174,7 @@ def main():
         module, _, attr = name.rpartition(".")
         return modules[module or "fused_triton"], attr
 
-    defaults = {name: getattr(*target(name)) for _, _, consts in variants.values() for name in consts
-                if name != "BASE_FOLDED"}
+    defaults = {name: getattr(*target(name)) for _, _, consts in variants.values() for name in consts}
     rows = []
     for batch in args.batches:
         adapters = [names[i % 4] for i in range(batch)]
@@ -190,9 +190,8 @@ def main():
         for label, (fold, max_segments, consts) in variants.items():
             eng.model.set_lora_fold_shrink(fold)
             for name, value in {**defaults, **consts}.items():
-                if name != "BASE_FOLDED":
-                    setattr(*target(name), value)
-            VirtualLoraLinear.forward_deferred = _folded_without_adapters if consts.get("BASE_FOLDED") else _forward_deferred
+                setattr(*target(name), value)
+            VirtualLoraLinear.forward_deferred = _folded_without_adapters if label == BASE_FOLDED else _forward_deferred
             graphs = DecodeGraphs(eng.model, kv.scratch_block, kv.block_size, max_blocks, batch, kv.pool.device,
                                   max_segments=max_segments or batch, resolve_ids=eng.runner.resolve_ids)
             graphs.buckets = [batch]
