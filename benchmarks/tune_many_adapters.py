@@ -89,13 +89,20 @@ def gpu_us(fn) -> float:
     return graph_replay_us(fn, rep_ms=40)
 
 
+MODULES = {"fused_triton": fused_triton, "rotary_triton": rotary_triton, "smlm_triton": smlm_triton}
+
+
 def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
-    """Time `fn` under each setting (module constants), checking each output against the first's."""
-    defaults = {k: getattr(module, k) for setting in settings for k in setting}
+    """Time `fn` under each setting (constants of `module`, or of another kernel module when named
+    "module.NAME"), checking each output against the first's."""
+    def target(name):
+        owner, _, attr = name.rpartition(".")
+        return (MODULES[owner] if owner else module), attr
+    defaults = {k: getattr(*target(k)) for setting in settings for k in setting}
     ref = None
     for setting in settings:
         for k, v in setting.items():
-            setattr(module, k, v)
+            setattr(*target(k), v)
         try:
             out = out_of()
             if ref is None:
@@ -108,7 +115,7 @@ def sweep(label, fn, settings, module, out_of, rows, common, bytes_moved, bw):
             continue
         finally:
             for k, v in defaults.items():
-                setattr(module, k, v)
+                setattr(*target(k), v)
         row = {**common, "kernel": label, "setting": " ".join(f"{k}={v}" for k, v in setting.items()),
                "us": us, "GBps": bytes_moved / us / 1e3, "bw_share": bytes_moved / us / 1e3 / bw}
         rows.append(row)
@@ -139,13 +146,20 @@ def main():
                        for n, k, bk, ws, we in ((128, 16, 1024, 4, 4), (128, 16, 512, 4, 4), (128, 32, 1024, 4, 4),
                                                 (128, 16, 1024, 2, 4), (128, 16, 2048, 4, 4), (64, 16, 1024, 4, 4),
                                                 (128, 32, 1024, 2, 4), (128, 16, 1024, 4, 2))]
+    gather_settings.append({"SLOT_RANKS_IN_REGISTERS_MAX": 0})   # each token's slot rank read once its slot is known
     shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
+    # how the folded consumers use each slot's rank (the first: the default): tables of rank >= 32 mask
+    # B by it, the rank table read whole with the tile's slots; the same with each row's entry read
+    # once the slot ids are in; and every table masking by it (rank 16 too)
+    rank_settings = [{"smlm_triton.SLOT_RANKS_IN_REGISTERS_MAX": m, "fused_triton.SLOT_RANK_MASK_MIN_TABLE_RANK": t}
+                     for m, t in ((1024, 32), (0, 32), (1024, 0))]
     silu_settings = [{"SILU_LORA_TILE_N": n, "SILU_LORA_NUM_WARPS": w, "SILU_LORA_NUM_WARPS_SMALL_RANK": w}
-                     for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))]
-    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)]
+                     for n, w in ((128, 8), (64, 4), (32, 4), (128, 4), (256, 8))] + rank_settings[1:]
+    norm_settings = [{"ADD_NORM_TILE_N": n} for n in (128, 64, 256)] + rank_settings[1:]
     rotary_settings = [{"LORA_TILE_M": m, "LORA_NUM_WARPS": w}
                        for m, w in ((16, 4), (16, 2), (16, 1), (16, 8), (32, 4), (32, 8))]
+    rotary_settings += [{"LORA_EARLY_LOADS": e, **ranks} for e in (0, 1, 2) for ranks in rank_settings][1:]
     for num_slots in args.adapters:
         token_slot, seg_cu, seg_slot, present = sorted_batch(args.batch, num_slots, dev)
         for name in args.projections.split(","):

@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 # conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA before this module imports triton
 from helpers import DEVICE, needs_gpu  # noqa: E402
-from loquetier.kernels import fused, fused_triton, rotary_triton  # noqa: E402
+from loquetier.kernels import fused, fused_triton, rotary_triton, smlm_triton  # noqa: E402
 from loquetier.kernels.attention import write_kv  # noqa: E402
 from loquetier.kernels.rotary import apply_rotary_lora_and_cache, apply_rotary_ref  # noqa: E402
 from loquetier.kernels.smlm import LoraBatchMeta, LoraDelta  # noqa: E402
@@ -18,23 +18,26 @@ NUM_SLOTS, RANK = 3, 8
 
 
 def folded_output(token_slots, slice_widths, d_in=24, dtype=torch.float32, device=DEVICE, seed=0, segments=False,
-                  slot_ranks=None):
+                  slot_ranks=None, table_rank=RANK):
     """A folded layer's GEMM output as the engine makes it: y_aug = [base columns | every slot's
-    shrink], returned as (out view, LoraDelta). Slots in a table of rank RANK, scales per slice.
-    `slot_ranks`: each slot's own rank, passed to the kernels; B's columns past it are filled with
-    large values, which a kernel that reads the padding would add (the engine keeps them zero)."""
+    shrink], returned as (out view, LoraDelta). Slots in a table of rank `table_rank`, scales per slice.
+    `slot_ranks`: each slot's own rank, passed to the kernels; B's columns past it are zero up to the
+    rank rounded up to `rank_step` (which the kernels may read) and large values past that, which a
+    kernel that reads the padding it may skip would add (the engine keeps them zero)."""
     g = torch.Generator().manual_seed(seed)
     offsets = [0]
     for w in slice_widths:
         offsets.append(offsets[-1] + w)
     n, s = len(token_slots), len(slice_widths)
     x = torch.randn(n, d_in, generator=g)
-    a = torch.randn(NUM_SLOTS, s * RANK, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(NUM_SLOTS, offsets[-1], RANK, generator=g) / RANK ** 0.5
+    a = torch.randn(NUM_SLOTS, s * table_rank, d_in, generator=g) / d_in ** 0.5
+    b = torch.randn(NUM_SLOTS, offsets[-1], table_rank, generator=g) / table_rank ** 0.5
     scaling = torch.rand(NUM_SLOTS, s, generator=g) + 0.5
     if slot_ranks is not None:
+        step = smlm_triton.rank_step(table_rank)
         for slot, r in enumerate(slot_ranks):
-            b[slot, :, r:] = 1e3
+            b[slot, :, r:] = 0
+            b[slot, :, -(-r // step) * step:] = 1e3
     base = torch.randn(n, offsets[-1], generator=g)
     y_aug = torch.cat([base, x @ a.reshape(-1, d_in).t()], 1).to(dtype).to(device)
     slots = torch.tensor(token_slots, dtype=torch.int32)
@@ -108,16 +111,27 @@ def test_silu_and_mul_lora_matches_reference(inter, slots, lora_path, poisoned_e
     torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["registers", "per-slot"])
+def rank_table(request, monkeypatch):
+    """How the kernels learn a slot's rank: the whole table loaded with the tile's slots (the default)
+    or one entry read once a slot is known (tables of more slots than SLOT_RANKS_IN_REGISTERS_MAX)."""
+    if request.param == "per-slot":
+        monkeypatch.setattr(smlm_triton, "SLOT_RANKS_IN_REGISTERS_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("slots", [SLOTS, SORTED_SLOTS], ids=["mixed", "sorted-runs"])
-def test_fused_lora_kernels_skip_padding_past_slot_rank(slots, poisoned_empty):
-    """Slots of ranks 8, 3, 5 in a rank-8 table: B's padding holds 1e3, so reading it would show."""
-    ranks = [8, 3, 5]
-    out, delta = folded_output(slots, [40], slot_ranks=ranks)
+@pytest.mark.parametrize("table_rank,ranks", [(32, [32, 3, 17]), (8, [8, 3, 5])], ids=["rank-32", "rank-8"])
+def test_fused_lora_kernels_skip_padding_past_slot_rank(slots, table_rank, ranks, rank_table, poisoned_empty):
+    """Slots of ranks 32, 3, 17 in a rank-32 table: B's padding past each rank rounded up to 8 holds
+    1e3, so reading it would show. A rank-8 table (under SLOT_RANK_MASK_MIN_TABLE_RANK) reads its
+    zero padding rather than mask it by each slot's rank: the same result."""
+    out, delta = folded_output(slots, [40], slot_ranks=ranks, table_rank=table_rank)
     residual = torch.randn(len(slots), 40, device=DEVICE)
     weight = torch.rand(40, device=DEVICE) + 0.5
     y, h = fused_triton.add_rms_norm(out, delta, residual, weight, EPS)
     torch.testing.assert_close(h, residual + delta_ref(out, delta), rtol=1e-5, atol=1e-5)
-    gate_up, delta = folded_output(slots, [40, 40], slot_ranks=ranks, segments=True)
+    gate_up, delta = folded_output(slots, [40, 40], slot_ranks=ranks, segments=True, table_rank=table_rank)
     y = fused_triton.silu_and_mul_lora(gate_up, delta)
     torch.testing.assert_close(y, fused.silu_and_mul_ref(delta_ref(gate_up, delta)), rtol=1e-5, atol=1e-5)
 
@@ -153,14 +167,19 @@ ROTARY_HEADS = [(4, 2, 16), (3, 1, 24)]
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", ROTARY_HEADS)
-@pytest.mark.parametrize("slots,slot_ranks", [(SLOTS, None), (SORTED_SLOTS, None), (SORTED_SLOTS, [8, 3, 5]), ([2], None)],
-                         ids=["mixed", "sorted-runs", "slot-ranks", "one-row"])
+@pytest.mark.parametrize("slots,slot_ranks", [(SLOTS, None), (SORTED_SLOTS, None), (SORTED_SLOTS, [8, 3, 5]),
+                                              (SORTED_SLOTS, [32, 3, 17]), ([2], None)],
+                         ids=["mixed", "sorted-runs", "slot-ranks", "slot-ranks-32", "one-row"])
+@pytest.mark.parametrize("early_loads", [0, 1, 2])
 def test_rotary_lora_cache_kernel_matches_expand_then_rotary(heads, kv_heads, head_dim, slots, slot_ranks,
-                                                              poisoned_empty):
+                                                              early_loads, rank_table, poisoned_empty, monkeypatch):
     """One launch adds the qkv delta, rotates q and k and writes K/V to their (NaN-poisoned) cache
-    slots: the same as the expand, the reference rotary and write_kv, and no other slot is touched."""
+    slots: the same as the expand, the reference rotary and write_kv, and no other slot is touched,
+    whatever the kernel loads before the delta."""
+    monkeypatch.setattr(rotary_triton, "LORA_EARLY_LOADS", early_loads)
     widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    qkv, delta = folded_output(slots, widths, segments=True, slot_ranks=slot_ranks)
+    qkv, delta = folded_output(slots, widths, segments=True, slot_ranks=slot_ranks,
+                               table_rank=max(slot_ranks) if slot_ranks else RANK)
     n = len(slots)
     rotary = _rotary_tables(head_dim)
     positions = torch.randint(0, 32, (n,), device=DEVICE, dtype=torch.int32)

@@ -156,19 +156,26 @@ def test_expand_matches_reference_and_touches_only_its_columns(name, path, monke
     assert big[:, :5].isnan().all() and big[:, 5 + d_out:].isnan().all()
 
 
-@pytest.mark.parametrize("path", ["segment", "gather", "segment_split"])
+@pytest.mark.parametrize("path", ["segment", "gather", "gather_per_slot_rank", "segment_split"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_slot_ranks_skip_the_padding(name, path, monkeypatch):
-    """With each slot's rank given, the kernels read no rank past it: the padding (zeros in a real
-    table) is poisoned with NaN here, and shrink and expand still match the reference on clean weights."""
+    """With each slot's rank given, the kernels read no rank past it (B: past it rounded up to
+    `rank_step`, where the table holds zeros): the padding past that (zeros in a real table) is
+    poisoned with NaN here, and shrink and expand still match the reference on clean weights.
+    The gather expand picks a token's rank from the whole table in registers, or (gather_per_slot_rank)
+    reads the one entry once it knows the slot."""
+    if path == "gather_per_slot_rank":
+        monkeypatch.setattr(smlm_triton, "SLOT_RANKS_IN_REGISTERS_MAX", 0)
+        path = "gather"
     x, a, b, scaling, offsets, seg_cu, seg_slot, token_slot, max_len = _case(name)
     num_slices, rank = len(offsets) - 1, b.shape[2]
     ranks = [rank, rank // 2, rank, 3]            # _case's slot ranks: the table is zero past them
     a_bad, b_bad = a.clone(), b.clone()
+    step = smlm_triton.rank_step(rank)   # B is read up to the slot's rank rounded up to this (zeros there)
     for slot, r in enumerate(ranks):
         for s in range(num_slices):
             a_bad[slot, s * rank + r:(s + 1) * rank] = float("nan")
-        b_bad[slot, :, r:] = float("nan")
+        b_bad[slot, :, -(-r // step) * step:] = float("nan")
     slot_rank = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
     shrink_len = 1 if path == "gather" else max(max_len, 2)
     monkeypatch.setattr(smlm_triton, "SHRINK_WAVES", 1000 if path.endswith("split") else 0)

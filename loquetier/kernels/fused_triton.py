@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .smlm_triton import _dot_precision, _tile_lora_delta
+from .smlm_triton import _dot_precision, _tile_lora_delta, rank_step, slot_ranks_pad
 
 # silu_and_mul: a [BLOCK] slice of one row per program, 16-byte loads of 16-bit values per thread.
 SILU_BLOCK = 1024
@@ -268,9 +268,10 @@ def _grid_tile(n, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
                            n, width, num_chunks, stride_out, stride_res, stride_v, stride_vl, stride_bl, stride_bn,
-                           stride_sl, rank, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
-                           HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           HAS_SLOT_RANK: tl.constexpr):
+                           stride_sl, rank, num_slots, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           RANK_PAD: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr, SLOTS_PAD: tl.constexpr,
+                           RANK_STEP: tl.constexpr):
     # h = residual + (out + delta) over a [BLOCK_M, BLOCK_N] tile; each row's sum of h^2 over the tile
     # goes to sq[row, column tile], for the norm kernel to add up
     offs_m, offs_n, mask_m, mask_n, mask = _grid_tile(n, width, BLOCK_M, BLOCK_N)
@@ -284,7 +285,8 @@ def _add_lora_sumsq_kernel(out_ptr, res_ptr, h_ptr, sq_ptr, v_ptr, b_ptr, scalin
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         d, _ = _tile_lora_delta(zero, zero, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr,
                                 token_slot_ptr, 0, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
-                                RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1)
+                                RANK_PAD, False, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1, num_slots, SLOTS_PAD,
+                                RANK_STEP)
         h = (o.to(tl.float32) + d).to(dt)
     if HAS_RES:
         h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)
@@ -303,17 +305,31 @@ def _rms_norm_from_sumsq_kernel(h_ptr, sq_ptr, w_ptr, y_ptr, width, num_chunks, 
     _normalize_row(h_ptr, w_ptr, y_ptr, row, width, rstd, CHUNK)
 
 
+# Tables of a smaller rank than this read B's zero padding past each slot's rank rather than mask it
+# by the slot's rank: on the H200 (4 adapters of rank 16, `benchmarks/tune_many_adapters.py`) the
+# masks cost SiLU-and-mul 13.6 against 10.3 us at batch 256 and the batch-128 replay 1.058x against
+# 1.045x the base (`benchmarks/profile_decode.py`).
+SLOT_RANK_MASK_MIN_TABLE_RANK = 32
+
+
 def _delta_args(delta, num_slices: int, dummy: torch.Tensor):
-    """Kernel arguments of a pending LoRA delta (`dummy` pointers, never read, without one), and the
-    HAS_SLOT_RANK flag (the kernels skip B's padding past each slot's rank when the delta has them)."""
+    """Kernel arguments of a pending LoRA delta (`dummy` pointers, never read, without one), then the
+    constexpr flags of `_tile_lora_delta` that follow from it: HAS_SLOT_RANK (B's padding past each
+    slot's rank is skipped), SLOTS_PAD and RANK_STEP."""
     if delta is None:
-        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 16), False
+        return (dummy, dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0, 16, 0), \
+            dict(HAS_SLOT_RANK=False, SLOTS_PAD=0, RANK_STEP=1)
     assert len(delta.slice_offsets) - 1 == num_slices and delta.v.stride(1) == 1 and delta.lora_b.stride(2) == 1
     b, v, slot_rank = delta.lora_b, delta.v, delta.slot_rank
+    if b.shape[2] < SLOT_RANK_MASK_MIN_TABLE_RANK:
+        slot_rank = None
     assert slot_rank is None or slot_rank.dtype == torch.int32
+    num_slots = b.shape[0]
+    flags = dict(HAS_SLOT_RANK=slot_rank is not None, SLOTS_PAD=slot_ranks_pad(num_slots, slot_rank is not None),
+                 RANK_STEP=rank_step(b.shape[2]))
     return (v, b, delta.scaling, delta.meta.token_slot, dummy if slot_rank is None else slot_rank, v.stride(0),
             delta.slot_stride, b.stride(0), b.stride(1), delta.scaling.stride(0), b.shape[2],
-            max(16, triton.next_power_of_2(b.shape[2]))), slot_rank is not None
+            max(16, triton.next_power_of_2(b.shape[2])), num_slots), flags
 
 
 def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -336,16 +352,15 @@ def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight
                                    CHUNK=min(ADD_NORM_CHUNK, triton.next_power_of_2(width)),
                                    num_warps=ADD_NORM_NUM_WARPS)
         return y, h
-    (v, b, scaling, token_slot, slot_rank, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad), has_slot_rank = \
+    (v, b, scaling, token_slot, slot_rank, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad, num_slots), flags = \
         _delta_args(delta, 1, out)
     chunks = triton.cdiv(width, ADD_NORM_TILE_N)
     sq = torch.empty(n, chunks, dtype=torch.float32, device=out.device)
     _add_lora_sumsq_kernel[(triton.cdiv(n, LORA_TILE_M), chunks)](
         out, residual if residual is not None else out, h, sq, v, b, scaling, token_slot, slot_rank, n, width, chunks,
         out.stride(0), residual.stride(0) if residual is not None else 0, s_v, s_vl, s_bl, s_bn, s_sl, rank,
-        BLOCK_M=LORA_TILE_M, BLOCK_N=ADD_NORM_TILE_N, RANK_PAD=rank_pad, HAS_RES=residual is not None,
-        HAS_LORA=delta is not None, DOT_PRECISION=_dot_precision(out.dtype), HAS_SLOT_RANK=has_slot_rank,
-        num_warps=4)
+        num_slots, BLOCK_M=LORA_TILE_M, BLOCK_N=ADD_NORM_TILE_N, RANK_PAD=rank_pad, HAS_RES=residual is not None,
+        HAS_LORA=delta is not None, DOT_PRECISION=_dot_precision(out.dtype), num_warps=4, **flags)
     _rms_norm_from_sumsq_kernel[(n,)](h, sq, weight, y, width, chunks, eps,
                                       CHUNK=min(NORM_ROW_CHUNK, triton.next_power_of_2(width)),
                                       CHUNKS_PAD=triton.next_power_of_2(chunks), num_warps=ADD_NORM_NUM_WARPS)
@@ -354,9 +369,10 @@ def add_rms_norm(out: torch.Tensor, delta, residual: torch.Tensor | None, weight
 
 @triton.jit
 def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr, n, inter,
-                                   stride_x, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
+                                   stride_x, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, num_slots,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
-                                   DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr):
+                                   DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr, SLOTS_PAD: tl.constexpr,
+                           RANK_STEP: tl.constexpr):
     offs_m, offs_n, mask_m, mask_n, mask = _grid_tile(n, inter, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]
@@ -364,7 +380,7 @@ def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, toke
     up = tl.load(x_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
     gate, up = _tile_lora_delta(gate, up, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                                 inter, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, RANK_PAD, True,
-                                DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1)
+                                DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 1, num_slots, SLOTS_PAD, RANK_STEP)
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
@@ -380,13 +396,13 @@ def silu_and_mul_lora(gate_up: torch.Tensor, delta) -> torch.Tensor:
     n, inter = gate_up.shape[0], gate_up.shape[1] // 2
     assert delta.slice_offsets == (0, inter, 2 * inter)
     y = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
-    (v, b, scaling, token_slot, slot_rank, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad), has_slot_rank = \
+    (v, b, scaling, token_slot, slot_rank, s_v, s_vl, s_bl, s_bn, s_sl, rank, rank_pad, num_slots), flags = \
         _delta_args(delta, 2, gate_up)
     if n:
         grid = (triton.cdiv(n, LORA_TILE_M), triton.cdiv(inter, SILU_LORA_TILE_N))
         _silu_and_mul_lora_tile_kernel[grid](
             gate_up, y, v, b, scaling, token_slot, slot_rank, n, inter, gate_up.stride(0), s_v, s_vl, s_bl, s_bn,
-            s_sl, rank, BLOCK_M=LORA_TILE_M, BLOCK_N=SILU_LORA_TILE_N, RANK_PAD=rank_pad,
-            DOT_PRECISION=_dot_precision(gate_up.dtype), HAS_SLOT_RANK=has_slot_rank,
-            num_warps=SILU_LORA_NUM_WARPS_SMALL_RANK if rank_pad <= 16 else SILU_LORA_NUM_WARPS)
+            s_sl, rank, num_slots, BLOCK_M=LORA_TILE_M, BLOCK_N=SILU_LORA_TILE_N, RANK_PAD=rank_pad,
+            DOT_PRECISION=_dot_precision(gate_up.dtype),
+            num_warps=SILU_LORA_NUM_WARPS_SMALL_RANK if rank_pad <= 16 else SILU_LORA_NUM_WARPS, **flags)
     return y

@@ -112,6 +112,10 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, positio
 # 5.3 against 4.9 at batch 1, equal at 64.
 LORA_TILE_M = 16
 LORA_NUM_WARPS = 4
+# What the LoRA kernel loads before the delta, so that those loads' latency overlaps the delta's:
+# 0 nothing (positions, cache slots and angles after it), 1 the positions and cache slots, 2 the
+# angles too (kept in the tables' dtype until they are used).
+LORA_EARLY_LOADS = 0
 
 
 @triton.jit
@@ -119,9 +123,10 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
                               k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                               lv_ptr, lb_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
                               n, num_q_heads, num_k_heads, stride_qkv, stride_table, stride_cs,
-                              stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank,
+                              stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank, num_slots,
                               HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                              RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr):
+                              RANK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
+                              SLOTS_PAD: tl.constexpr, RANK_STEP: tl.constexpr, EARLY_LOADS: tl.constexpr):
     # grid: (token tile, head); heads [0, H) are q's, [H, H + KVH) k's, then v's. Head h's columns
     # in qkv are [h*D, (h+1)*D) for all three, since qkv = [q | k | v] by heads of D = 2*HALF.
     head = tl.program_id(1)
@@ -139,13 +144,24 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
     x_ptrs = qkv_ptr + rows * stride_qkv + cols[None, :]
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    if EARLY_LOADS >= 1:
+        slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
+    if EARLY_LOADS >= 2:   # v's heads need no angles: their loads are masked off
+        amask = (offs_m < tl.where(is_v, 0, n))[:, None] & mask_d[None, :]
+        c1_raw = tl.load(cos_ptr + table + offs_d[None, :], mask=amask, other=0.0)
+        c2_raw = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=amask, other=0.0)
+        s1_raw = tl.load(sin_ptr + table + offs_d[None, :], mask=amask, other=0.0)
+        s2_raw = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=amask, other=0.0)
     x1, x2 = _tile_lora_delta(x1, x2, offs_m, mask_m, cols, mask_d, lv_ptr + s * rank, lb_ptr, scaling_ptr + s,
                               token_slot_ptr, HALF, stride_lv, stride_lvl, stride_lbl, stride_lbn, stride_sl, rank,
-                              RANK_PAD, True, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 0)
+                              RANK_PAD, True, DOT_PRECISION, slot_rank_ptr, HAS_SLOT_RANK, 0, num_slots, SLOTS_PAD,
+                              RANK_STEP)
     # rounded where the stand-alone expand stores its result
     x1 = x1.to(dt).to(tl.float32)
     x2 = x2.to(dt).to(tl.float32)
-    slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    if EARLY_LOADS == 0:
+        slot = tl.load(slot_mapping_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     if is_v:   # v goes to the cache and to `v` (whole prompts' attention reads it; decode reads the cache)
         h = head - num_q_heads - num_k_heads
         out_ptrs = v_out_ptr + (rows * num_k_heads + h) * (2 * HALF) + offs_d[None, :]
@@ -155,11 +171,15 @@ def _rotary_lora_cache_kernel(qkv_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr,
         tl.store(c_ptrs, x1.to(dt), mask=mask)
         tl.store(c_ptrs + HALF, x2.to(dt), mask=mask)
     else:
-        table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
-        c1 = tl.load(cos_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if EARLY_LOADS >= 2:
+            c1, c2, s1, s2 = c1_raw.to(tl.float32), c2_raw.to(tl.float32), s1_raw.to(tl.float32), s2_raw.to(tl.float32)
+        else:
+            if EARLY_LOADS == 0:
+                table = tl.load(positions_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None] * stride_table
+            c1 = tl.load(cos_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + table + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + table + HALF + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         # as _rotate_heads: each product rounded to the dtype, added in fp32, rounded once more
         y1 = ((x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)).to(dt)
         y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
@@ -260,7 +280,7 @@ def rotary_lora_forward_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, nu
     v = torch.empty(num_tokens, num_k_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q, k, v
-    (lv, lb, scaling, token_slot, slot_rank, s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank, rank_pad), has_slot_rank = \
+    (lv, lb, scaling, token_slot, slot_rank, s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank, rank_pad, num_slots), flags = \
         _delta_args(delta, 3, qkv)
     half = head_dim // 2
     grid = (triton.cdiv(num_tokens, LORA_TILE_M), num_q_heads + 2 * num_k_heads)
@@ -268,8 +288,8 @@ def rotary_lora_forward_and_cache(qkv: torch.Tensor, delta, num_q_heads: int, nu
         qkv, q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping,
         lv, lb, scaling, token_slot, slot_rank,
         num_tokens, num_q_heads, num_k_heads, qkv.stride(0), cos.stride(0), k_cache.stride(1),
-        s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank,
+        s_lv, s_lvl, s_lbl, s_lbn, s_sl, rank, num_slots,
         HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_M=LORA_TILE_M, RANK_PAD=rank_pad,
-        DOT_PRECISION=_dot_precision(qkv.dtype), HAS_SLOT_RANK=has_slot_rank, num_warps=LORA_NUM_WARPS,
+        DOT_PRECISION=_dot_precision(qkv.dtype), EARLY_LOADS=LORA_EARLY_LOADS, num_warps=LORA_NUM_WARPS, **flags,
     )
     return q, k, v

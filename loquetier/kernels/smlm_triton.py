@@ -78,6 +78,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Kernels that learn a token's slot from memory read the slot-rank table whole, in the same wave as
+# the slot ids, and pick each slot's rank from registers: a load of one entry, which can only start
+# once the slot id has arrived, would add a memory latency before the loads of B, in kernels that are
+# latency-bound at decode sizes. Tables of more slots than this read the one entry.
+SLOT_RANKS_IN_REGISTERS_MAX = 1024
+
+
+def slot_ranks_pad(num_slots: int, has_slot_rank: bool) -> int:
+    """SLOTS_PAD of the kernels that take one: the rank table's padded length, 0 to read one entry a slot."""
+    if not has_slot_rank or num_slots > SLOT_RANKS_IN_REGISTERS_MAX:
+        return 0
+    return triton.next_power_of_2(num_slots)
+
+
+def rank_step(table_rank: int) -> int:
+    """What a slot's rank is rounded up to where a kernel masks B by it: 8 ranks (16 bytes of a 16-bit
+    B row) when the table's rank allows, so that the masked loads stay vectorised."""
+    return 8 if table_rank % 8 == 0 else 1
+
+
 def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
 
@@ -323,7 +343,7 @@ def _expand_segment_kernel(
     T1, T2, T3, O1, O2, O3, O4,
     stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, SEG_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr, RANK_STEP: tl.constexpr,
 ):
     # grid: (token tile of some segment, output tile of some slice)
     pid_n = tl.program_id(1)
@@ -336,7 +356,10 @@ def _expand_segment_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, RANK_PAD)
     mask_m = offs_m < seg_end
-    mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
+    mask_r = offs_r < rank
+    if HAS_SLOT_RANK:   # the slot's rank rounded up to RANK_STEP, as in _tile_lora_delta
+        live_rank = tl.load(slot_rank_ptr + slot)
+        mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
     s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < o_hi
@@ -356,7 +379,8 @@ def _expand_segment_kernel(
 def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, scaling_ptr, token_slot_ptr,
                      col1, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank,
                      RANK_PAD: tl.constexpr, TWO_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr, SLICE1_STEP: tl.constexpr):
+                     slot_rank_ptr, HAS_SLOT_RANK: tl.constexpr, SLICE1_STEP: tl.constexpr,
+                     num_slots, SLOTS_PAD: tl.constexpr, RANK_STEP: tl.constexpr):
     """(acc0, acc1) [BLOCK_M, BLOCK_N] plus each row's own slot's LoRA delta: slice 0 over columns
     offs_n of lora_b, and with TWO_SLICES columns col1 + offs_n too, of the slice SLICE1_STEP after
     slice 0 (1: gate and up; 0: the two halves of one slice's heads, for the rotary kernel):
@@ -368,19 +392,34 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
     batch sorted by adapter has one or a few slots per tile, and a slot's B tile is read once per
     tile, not once per row. Both slices' loads are issued in the same iteration. With HAS_SLOT_RANK,
     B's columns (and v's) past the slot's own rank `slot_rank[l]`, zero padding, are not read.
+    With SLOTS_PAD > 0 the whole rank table (`num_slots` entries) is loaded with the tile's slots and
+    each row's rank picked from registers (SLOT_RANKS_IN_REGISTERS_MAX); else each row's entry is read
+    once the slot ids are in. A slot's rank is rounded up to RANK_STEP (zero padding is read past it)
+    so that the masks of B and v keep 16-byte vectors: a mask of any length makes every load scalar.
     A slot id absent from the tile is skipped by a branch (a branchless loop that lets the compiler
     prefetch the next slot's tiles was measured slower on the H200 at 4-64 adapters)."""
     slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
+    if HAS_SLOT_RANK:
+        if SLOTS_PAD > 0:
+            offs_l = tl.arange(0, SLOTS_PAD)
+            rank_table = tl.load(slot_rank_ptr + offs_l, mask=offs_l < num_slots, other=0)
+            row_rank = tl.sum(tl.where(slots[:, None] == offs_l[None, :], rank_table[None, :], 0), axis=1)
+        else:
+            row_rank = tl.load(slot_rank_ptr + slots, mask=slots >= 0, other=0)
     lo = tl.min(tl.where(slots >= 0, slots, 1 << 30), axis=0)
     hi = tl.max(slots, axis=0)
     offs_r = tl.arange(0, RANK_PAD)
     for slot in range(lo, hi + 1):
         rows = slots == slot
-        if tl.max(rows.to(tl.int32), axis=0) > 0:
-            live_rank = rank
+        if HAS_SLOT_RANK:
+            live_rank = tl.max(tl.where(rows, row_rank, 0), axis=0)   # 0: absent, or no weights here
+        else:
+            live_rank = tl.max(rows.to(tl.int32), axis=0)
+        if live_rank > 0:
             if HAS_SLOT_RANK:
-                live_rank = tl.minimum(rank, tl.load(slot_rank_ptr + slot))
-            mask_r = offs_r < live_rank
+                mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+            else:
+                mask_r = offs_r < rank
             mask_b = mask_r[:, None] & mask_n[None, :]
             mask_v = rows[:, None] & mask_r[None, :]
             v_ptrs = v_ptr + offs_m[:, None].to(tl.int64) * stride_v + slot * stride_vl + offs_r[None, :]
@@ -403,29 +442,41 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
 @triton.jit
 def _expand_gather_kernel(
     y_ptr, v_ptr, b_ptr, scaling_ptr, token_slot_ptr, slot_rank_ptr,
-    rank,
+    rank, num_slots,
     T1, T2, T3, O1, O2, O3, O4,
     stride_ym, stride_vm, stride_vl, stride_bl, stride_bn, stride_sl,
-    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, HAS_SLOT_RANK: tl.constexpr,
+    BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr, HAS_SLOT_RANK: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    RANK_STEP: tl.constexpr,
 ):
-    # grid: (token, output tile of some slice)
+    # grid: (token, output tile of some slice). y's tile, the slot id and the rank table are loaded
+    # first, together: only v and B wait for the slot id.
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.load(token_slot_ptr + t)
-    if slot < 0:
-        return
     s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, RANK_PAD)
     mask_n = offs_n < o_hi
-    mask_r = _live_rows(offs_r < rank, offs_r, slot, slot_rank_ptr, rank, HAS_SLOT_RANK)
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n
+    y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+    slot = tl.load(token_slot_ptr + t)
+    if HAS_SLOT_RANK and SLOTS_PAD > 0:
+        offs_l = tl.arange(0, SLOTS_PAD)
+        rank_table = tl.load(slot_rank_ptr + offs_l, mask=offs_l < num_slots, other=0)
+    if slot < 0:
+        return
+    offs_r = tl.arange(0, RANK_PAD)
+    if HAS_SLOT_RANK:   # the slot's rank rounded up to RANK_STEP, as in _tile_lora_delta
+        if SLOTS_PAD > 0:
+            live_rank = tl.sum(tl.where(offs_l == slot, rank_table, 0), axis=0)
+        else:
+            live_rank = tl.load(slot_rank_ptr + slot)
+        mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+    else:
+        mask_r = offs_r < rank
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
     b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :]
     b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, RP]
     acc = tl.sum(b.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
     scale = tl.load(scaling_ptr + slot * stride_sl + s)
-    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n
-    y = tl.load(y_ptrs, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -461,7 +512,8 @@ def expand_(
 
     V = 0: v [N, S*R] holds each token's own slot (``shrink``'s output). V = S*R: v [N, L*S*R] holds
     every slot's shrink (a base GEMM over the weight with the A table stacked under it).
-    ``slot_rank`` (optional, int32 [L]): each slot's rank; B's zero columns past it are not read.
+    ``slot_rank`` (optional, int32 [L]): each slot's rank; B's zero columns past it, rounded up to
+    `rank_step`, are not read.
     """
     num_tokens = y.shape[0]
     num_slices = len(slice_offsets) - 1
@@ -480,9 +532,10 @@ def expand_(
     if max_seg_len <= GATHER_MAX_SEG_LEN:
         total_tiles, tiles, bounds = _slice_tiles(tuple(slice_offsets), EXPAND_GATHER_BLOCK_N)
         _expand_gather_kernel[(num_tokens, total_tiles)](
-            y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, *tiles, *bounds,
+            y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, lora_b.shape[0], *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
-            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, num_warps=EXPAND_GATHER_NUM_WARPS, **rank_flag,
+            BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, SLOTS_PAD=slot_ranks_pad(lora_b.shape[0], slot_rank is not None),
+            RANK_STEP=rank_step(rank), num_warps=EXPAND_GATHER_NUM_WARPS, **rank_flag,
         )
     else:
         short = num_tokens <= SHORT_BATCH_TOKENS
@@ -494,7 +547,7 @@ def expand_(
             y, v, lora_b, scaling, seg_cu, seg_slot, _ptr_or(slot_rank, seg_slot), rank, num_segments, *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, RANK_PAD=rank_pad,
-            SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype),
+            SEG_PAD=_seg_pad(num_segments), DOT_PRECISION=_dot_precision(v.dtype), RANK_STEP=rank_step(rank),
             num_warps=EXPAND_NUM_WARPS, num_stages=EXPAND_NUM_STAGES, **rank_flag,
         )
     return y
