@@ -114,8 +114,11 @@ LORA_TILE_M = 16
 LORA_NUM_WARPS = 4
 # What the LoRA kernel loads before the delta, so that those loads' latency overlaps the delta's:
 # 0 nothing (positions, cache slots and angles after it), 1 the positions and cache slots, 2 the
-# angles too (kept in the tables' dtype until they are used).
-LORA_EARLY_LOADS = 0
+# angles too (kept in the tables' dtype until they are used). On the H200 (`tune_many_adapters.py`,
+# batch 64, ranks 8-64) 1 took 8.4 against 9.0 us a call with 16 adapters and 26.3 against 32.7
+# with 64; with 4 adapters of rank 16 it was within 0.1 us of 0 at batch 256 where 2 lost 1.5 us,
+# and the batch 64-256 replays did not tell the three apart (`profile_decode.py`).
+LORA_EARLY_LOADS = 1
 
 
 @triton.jit
