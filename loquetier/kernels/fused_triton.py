@@ -372,7 +372,7 @@ def _silu_and_mul_lora_tile_kernel(x_ptr, y_ptr, v_ptr, b_ptr, scaling_ptr, toke
                                    stride_x, stride_v, stride_vl, stride_bl, stride_bn, stride_sl, rank, num_slots,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, HAS_SLOT_RANK: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                           RANK_STEP: tl.constexpr):
+                                   RANK_STEP: tl.constexpr):
     offs_m, offs_n, mask_m, mask_n, mask = _grid_tile(n, inter, BLOCK_M, BLOCK_N)
     dt = x_ptr.dtype.element_ty
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + offs_n[None, :]

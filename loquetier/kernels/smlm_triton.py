@@ -149,6 +149,13 @@ def _live_rows(mask_n, offs_n, slot, slot_rank_ptr, rank, HAS_SLOT_RANK: tl.cons
     return mask_n
 
 
+@triton.jit
+def _rounded_rank(live_rank, RANK_STEP: tl.constexpr):
+    """A slot's rank rounded up to RANK_STEP (`rank_step`): the masks of B and v built from it keep
+    the 16-byte vectors that a mask of any length would likely cost (the padding read is zeros)."""
+    return (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+
+
 @triton.jit(do_not_specialize=["num_segments"])  # a new segment count is no new compile
 def _shrink_segment_kernel(
     x_ptr, a_ptr, out_ptr, seg_cu_ptr, seg_slot_ptr, slot_rank_ptr,
@@ -357,9 +364,9 @@ def _expand_segment_kernel(
     offs_r = tl.arange(0, RANK_PAD)
     mask_m = offs_m < seg_end
     mask_r = offs_r < rank
-    if HAS_SLOT_RANK:   # the slot's rank rounded up to RANK_STEP, as in _tile_lora_delta
+    if HAS_SLOT_RANK:
         live_rank = tl.load(slot_rank_ptr + slot)
-        mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+        mask_r = offs_r < _rounded_rank(live_rank, RANK_STEP)
     s, tile0, o_lo, o_hi = _slice_of_tile(pid_n, T1, T2, T3, O1, O2, O3, O4)
     offs_n = o_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < o_hi
@@ -394,8 +401,8 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
     B's columns (and v's) past the slot's own rank `slot_rank[l]`, zero padding, are not read.
     With SLOTS_PAD > 0 the whole rank table (`num_slots` entries) is loaded with the tile's slots and
     each row's rank picked from registers (SLOT_RANKS_IN_REGISTERS_MAX); else each row's entry is read
-    once the slot ids are in. A slot's rank is rounded up to RANK_STEP (zero padding is read past it)
-    so that the masks of B and v keep 16-byte vectors: a mask of any length makes every load scalar.
+    once the slot ids are in. A slot's rank is rounded up to RANK_STEP (`_rounded_rank`; zero padding
+    is read past it) so that the masks of B and v keep 16-byte vectors.
     A slot id absent from the tile is skipped by a branch (a branchless loop that lets the compiler
     prefetch the next slot's tiles was measured slower on the H200 at 4-64 adapters)."""
     slots = tl.load(token_slot_ptr + offs_m, mask=mask_m, other=-1)
@@ -417,7 +424,7 @@ def _tile_lora_delta(acc0, acc1, offs_m, mask_m, offs_n, mask_n, v_ptr, b_ptr, s
             live_rank = tl.max(rows.to(tl.int32), axis=0)
         if live_rank > 0:
             if HAS_SLOT_RANK:
-                mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+                mask_r = offs_r < _rounded_rank(live_rank, RANK_STEP)
             else:
                 mask_r = offs_r < rank
             mask_b = mask_r[:, None] & mask_n[None, :]
@@ -464,12 +471,12 @@ def _expand_gather_kernel(
     if slot < 0:
         return
     offs_r = tl.arange(0, RANK_PAD)
-    if HAS_SLOT_RANK:   # the slot's rank rounded up to RANK_STEP, as in _tile_lora_delta
+    if HAS_SLOT_RANK:
         if SLOTS_PAD > 0:
             live_rank = tl.sum(tl.where(offs_l == slot, rank_table, 0), axis=0)
         else:
             live_rank = tl.load(slot_rank_ptr + slot)
-        mask_r = offs_r < (live_rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+        mask_r = offs_r < _rounded_rank(live_rank, RANK_STEP)
     else:
         mask_r = offs_r < rank
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vm + slot * stride_vl + s * rank + offs_r, mask=mask_r, other=0.0)
