@@ -54,6 +54,10 @@ def make_engine(args):
     return eng
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
 def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool, slo_tpot: float,
             sweep: bool = False) -> dict:
     from loquetier.engine.train_budget import make_policy
@@ -97,6 +101,11 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
     for job in jobs:
         job.flush_logs(wait=True)
     eng.stats.finished.clear()
+    # every replay draws the same prompts (rng seeded alike): the cache of an earlier replay in this
+    # process must not serve them, so each replay starts as cold as the first
+    if not args.keep_prefix_cache:
+        assert eng.reset_prefix_cache()
+    cache0 = (eng.stats.prefix_cache.queries, eng.stats.prefix_cache.hits)
     tok0 = sum(j.trained_tokens for j in jobs)
     step_log: list[list] = []
     graphs0 = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs is not None else 0
@@ -134,6 +143,8 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
            "ttft_misses": sum(s.ttft is not None and s.ttft > (eng.stats.slo_ttft or float("inf")) for s in done),
            "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done),
            "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0,
+           # share of the replay's prompt tokens whose K/V came from the prefix cache
+           "prefix_hit_rate": _ratio(eng.stats.prefix_cache.hits - cache0[1], eng.stats.prefix_cache.queries - cache0[0]),
            **_steps_by_kind(step_log)}
     eng.step_observers.pop()
     for job in jobs:
@@ -234,6 +245,9 @@ def main():
                     help="run mixed (training + decode) steps eagerly (EngineConfig.mixed_cuda_graphs=False)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the waves of requests that warm the engine up before each replay's clock")
+    ap.add_argument("--keep-prefix-cache", action="store_true",
+                    help="let a replay hit the prefix cache that earlier replays of the same prompts left "
+                         "(by default each replay starts with an empty cache)")
     ap.add_argument("--step-log", action="store_true",
                     help="keep every step's [time, decode rows, prefill tokens, training tokens, seconds] in the JSON")
     ap.add_argument("--out", default=None)

@@ -49,6 +49,11 @@ class LLM:
     def unload_adapter(self, name: str) -> None:
         self.engine.unload_adapter(name)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block (as vLLM's `LLM.reset_prefix_cache`), e.g. between benchmark
+        runs of the same prompts; False, and nothing changed, while a request is unfinished."""
+        return self.engine.reset_prefix_cache()
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -180,6 +180,26 @@ def test_adapter_in_training_gets_no_stale_hit(tmp_path):
     assert np.abs(np.array(after[1][0]) - np.array(before[1][0])).max() > 1e-3   # the step changed the answer
 
 
+def test_reset_prefix_cache_forgets_cached_blocks_only_when_idle(setup, uncached):
+    """`LLM.reset_prefix_cache` (vLLM's name): after it the same prompts hit nothing and give the
+    same outputs; while a request is waiting it refuses and the cache stays whole."""
+    root, _, _ = setup
+    llm = _llm(root)
+    kv = llm.engine.kv
+    _generate(llm, PROMPTS[:2])
+    cached = kv.allocator.num_cached
+    assert cached > 0
+    rid = llm.engine.add_request(PROMPTS[2], GREEDY)
+    assert llm.reset_prefix_cache() is False and kv.allocator.num_cached == cached
+    llm.engine.abort(rid)
+    assert llm.reset_prefix_cache() is True
+    assert kv.allocator.num_cached == 0 and kv.allocator.num_free == kv.num_blocks
+    got = _generate(llm, PROMPTS)
+    assert got[2][0].metrics["num_cached_tokens"] == 0 and got[2][1].metrics["num_cached_tokens"] == 0
+    _assert_same(got, uncached)
+    assert kv.allocator.enable_caching and kv.allocator.num_cached > 0   # caching stays on
+
+
 def test_eviction_under_pool_pressure_is_lru(setup):
     root, _, _ = setup
     llm = _llm(root, num_kv_blocks=40)

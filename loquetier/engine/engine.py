@@ -225,6 +225,10 @@ class Engine:
             self.scheduler.free(seq)
             self.stats.on_finish(seq)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached KV block; False (nothing changed) while any request is unfinished."""
+        return not self.has_unfinished() and self.scheduler.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         live = self._in_flight is not None and any(not s.is_finished for s in self._in_flight.seqs)
         return self.scheduler.has_work() or live

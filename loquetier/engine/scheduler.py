@@ -58,6 +58,15 @@ class Scheduler:
             raise LoquetierError("prefix caching can only be switched with no request running or waiting")
         self.kv.allocator.reset(enabled)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, as vLLM's `reset_prefix_cache` does (e.g. so that repeated
+        benchmark runs of the same prompts each start cold). False, and nothing changed, while a
+        request is running or waiting, since its blocks are in use."""
+        if self.has_work():
+            return False
+        self.kv.allocator.reset(self.kv.allocator.enable_caching)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Return a finished or aborted sequence's blocks (its full ones stay cached) and adapter pin."""
         self.prefix_cache.release(seq)
