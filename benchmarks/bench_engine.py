@@ -148,7 +148,7 @@ def bench_e2e(args, llm, names, results):
         # every run starts with an empty prefix cache: the runs repeat the same prompts (request i of
         # the 4-adapter run has the 1-adapter run's adapter when i % 4 == 0), which would hit it
         assert llm.reset_prefix_cache()
-        cache0 = (eng.stats.prefix_cache.queries, eng.stats.prefix_cache.hits)
+        cache0 = eng.stats.prefix_cache.copy()
         sync(args.device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts[:k], params, adapters=[names[i % n_ad] for i in range(k)])
@@ -160,10 +160,9 @@ def bench_e2e(args, llm, names, results):
             print(f"--- cProfile of the first e2e run ({dt:.1f} s with the profiler on)")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         gen = sum(len(o.token_ids) for o in outs)
-        queries = eng.stats.prefix_cache.queries - cache0[0]
         row = {"section": "e2e", "adapters": n_ad, "requests": k, "gen_tokens": gen, "seconds": dt,
                "tok_per_s": gen / dt,
-               "prefix_hit_rate": (eng.stats.prefix_cache.hits - cache0[1]) / queries if queries else None}
+               "prefix_hit_rate": eng.stats.prefix_cache.since(cache0).hit_rate}
         results.append(row)
         print(row, flush=True)
     return prompts, o_lens

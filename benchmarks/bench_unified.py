@@ -54,10 +54,6 @@ def make_engine(args):
     return eng
 
 
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
 def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool, slo_tpot: float,
             sweep: bool = False) -> dict:
     from loquetier.engine.train_budget import make_policy
@@ -105,7 +101,7 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
     # process must not serve them, so each replay starts as cold as the first
     if not args.keep_prefix_cache:
         assert eng.reset_prefix_cache()
-    cache0 = (eng.stats.prefix_cache.queries, eng.stats.prefix_cache.hits)
+    cache0 = eng.stats.prefix_cache.copy()
     tok0 = sum(j.trained_tokens for j in jobs)
     step_log: list[list] = []
     graphs0 = len(eng.runner.train_graphs.entries) if eng.runner.train_graphs is not None else 0
@@ -144,7 +140,7 @@ def run_one(args, eng, policy: str, load: float | None, serve: bool, train: bool
            "tpot_misses": sum(s.tpot is not None and s.tpot > slo_tpot for s in done),
            "train_graphs_new": (len(eng.runner.train_graphs.entries) - graphs0) if eng.runner.train_graphs else 0,
            # share of the replay's prompt tokens whose K/V came from the prefix cache
-           "prefix_hit_rate": _ratio(eng.stats.prefix_cache.hits - cache0[1], eng.stats.prefix_cache.queries - cache0[0]),
+           "prefix_hit_rate": eng.stats.prefix_cache.since(cache0).hit_rate,
            **_steps_by_kind(step_log)}
     eng.step_observers.pop()
     for job in jobs:

@@ -194,8 +194,12 @@ def test_reset_prefix_cache_forgets_cached_blocks_only_when_idle(setup, uncached
     llm.engine.abort(rid)
     assert llm.reset_prefix_cache() is True
     assert kv.allocator.num_cached == 0 and kv.allocator.num_free == kv.num_blocks
+    before = llm.engine.stats.prefix_cache.copy()
     got = _generate(llm, PROMPTS)
     assert got[2][0].metrics["num_cached_tokens"] == 0 and got[2][1].metrics["num_cached_tokens"] == 0
+    window = llm.engine.stats.prefix_cache.since(before)   # the shared system prompt still hits within the batch
+    assert window.queries == sum(len(p) for p in PROMPTS)
+    assert window.hits == sum(o.metrics["num_cached_tokens"] for o in got[2])
     _assert_same(got, uncached)
     assert kv.allocator.enable_caching and kv.allocator.num_cached > 0   # caching stays on
 

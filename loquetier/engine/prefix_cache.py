@@ -32,6 +32,13 @@ class PrefixCacheStats:
     def hit_rate(self) -> float | None:
         return self.hits / self.queries if self.queries else None
 
+    def since(self, earlier: "PrefixCacheStats") -> "PrefixCacheStats":
+        """What was counted after `earlier`, a copy of these stats taken then (`copy()`)."""
+        return PrefixCacheStats(self.queries - earlier.queries, self.hits - earlier.hits)
+
+    def copy(self) -> "PrefixCacheStats":
+        return PrefixCacheStats(self.queries, self.hits)
+
 
 def hash_block(parent: bytes, weights_version: int, token_ids: list[int]) -> bytes:
     """128-bit BLAKE2 of (previous block's hash, adapter weights version, this block's tokens):
