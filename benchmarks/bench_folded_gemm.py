@@ -1,7 +1,7 @@
 """What folding every slot's LoRA shrink into a base GEMM costs the GEMM itself (Llama-3-8B
 shapes, bf16): the base projection's GEMM against the same GEMM with the slots' A rows appended
 (as `LoraLinear.weight_aug` holds them), and against other ways to get the same outputs: the extra
-rows padded to a whole 256-row tile, the weight stored transposed (a different cuBLAS kernel), and
+rows in a buffer of their own size (as the engine allocates it), padded to a whole 256-row tile, the weight stored transposed (a different cuBLAS kernel), and
 the base GEMM followed by a separate shrink GEMM. CUDA-graph replays, median; each variant's
 outputs are checked against the plain computation first.
 
@@ -51,12 +51,14 @@ def main():
         a = w_aug[d_out:d_out + extra]
         w_fold_t = w_fold.t().contiguous()                    # [d_in, d_out + extra]
         a_copy = a.contiguous()
+        w_exact = w_fold.clone()   # a buffer of exactly the folded rows, as `weight_aug` is allocated
         for batch in args.batches:
             x = torch.randn(batch, d_in, device=dev, dtype=dtype, generator=g)
             linear = torch.nn.functional.linear
             variants = {   # label -> (the GEMM(s), weight rows the main GEMM reads)
                 "base GEMM alone": (lambda: linear(x, w), d_out),
                 "folded: A rows appended": (lambda: linear(x, w_fold), d_out + extra),
+                "folded, its own buffer of exactly those rows": (lambda: linear(x, w_exact), d_out + extra),
                 "folded, padded to a 256-row tile": (lambda: linear(x, w_aug), padded),
                 "folded, weight stored transposed": (lambda: x @ w_fold_t, d_out + extra),
                 "base GEMM, then the shrink GEMM": (lambda: (linear(x, w), linear(x, a_copy)), d_out),
