@@ -1,8 +1,9 @@
 """What folding every slot's LoRA shrink into a base GEMM costs the GEMM itself (Llama-3-8B
 shapes, bf16): the base projection's GEMM against the same GEMM with the slots' A rows appended
-(as `LoraLinear.weight_aug` holds them), and against other ways to get the same outputs: the extra
-rows in a buffer of their own size (as the engine allocates it), padded to a whole 256-row tile, the weight stored transposed (a different cuBLAS kernel), and
-the base GEMM followed by a separate shrink GEMM. CUDA-graph replays, median; each variant's
+(as `LoraLinear.weight_aug` holds them), and against other ways to get the same outputs: the folded
+rows in a buffer of exactly their size (as the engine allocates it), padded to a whole 256-row
+tile, the weight stored transposed (a different cuBLAS kernel), and the base GEMM followed by a
+separate shrink GEMM. CUDA-graph replays, median; each variant's
 outputs are checked against the plain computation first.
 
     python benchmarks/bench_folded_gemm.py --batches 1,64,128,256
