@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of benchmarks/RESULTS.md, in parts that each run within 10 minutes.
 # Usage (on the GPU machine, from the repository root): bash benchmarks/run_gpu.sh PART OUT_DIR
-#   PART: check | inference | consumers | prefix | peft | adapters | training | profile | profile-mixed | unified | unified-serve
+#   PART: check | inference | consumers | kernels | prefix | peft | adapters | training | profile | profile-mixed | unified | unified-serve
 #         | unified-sweep  (one GPU)
 #         tp-check | tp2-decode | tp2-e2e (2 GPUs) | tp4-serve | tp4-train (4 GPUs)
 # The unified part needs the trace inside the repository (the device machine has no ../shared):
@@ -24,6 +24,12 @@ case "$part" in
     for b in 1 64 128 256; do timeout 100 python benchmarks/tune_many_adapters.py --sections folded --adapters 4 --ranks 16 \
       --batch $b --out "$out/tune_consumers_b$b.json" 2>&1 | tail -14; done
     timeout 120 python benchmarks/bench_folded_gemm.py --batches 64,1,128,256 --out "$out/folded_gemm.json" 2>&1 | tail -22 ;;
+  kernels)    # the many-adapter LoRA kernels' tile sweep (16 and 64 adapters at batch 64), paged decode attention's
+              # settings, and structured outputs (needs llguidance: pip install --no-deps llguidance)
+    timeout 300 python benchmarks/tune_many_adapters.py --adapters 16,64 --out "$out/tune_many_adapters.json" 2>&1 | tail -40
+    timeout 150 python benchmarks/tune_decode_attention.py --batches 1,8,64,256 > "$out/tune_decode_attention.log" 2>&1
+    tail -30 "$out/tune_decode_attention.log"
+    timeout 150 python benchmarks/bench_structured.py --out "$out/structured.json" 2>&1 | tail -8 ;;
   prefix)     # prefix caching on a chat workload (shared 1,000-token system prompt, 4 adapters): on against off
     timeout 300 python benchmarks/bench_prefix_cache.py --out "$out/prefix_cache.json" 2>&1 | tail -6 ;;
   peft)       # our e2e runs twice each (order effects), then PEFT decode at batch 1 and 32 and its
