@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 # Tuned on the H200, bf16, 32 query / 8 kv heads, head_dim 128, block_size 16, context 512
-# (benchmarks/tune_decode_attention.py; results/2026-12-02_h200_tune_decode_attention*.log): with
-# the context whole, 64 positions a tile beat 128 at batch 64 and 256 in two runs (48.1 / 144.7 us
-# against 48.7-49.4 / 151-152). Split contexts (small batch) keep the H100 settings: at batch 1 the
-# fastest setting differed between the runs, and 8 warps with at least 128 positions a split (the
-# first run's fastest, 12.8 us) took 85 us with 16 splits in the second.
+# (benchmarks/tune_decode_attention.py; benchmarks/results/2026-12-04_h200_tune_decode_attention.log):
+# with the context whole, 64 positions a tile are the fastest setting at batch 64 and 256 (48 / 144 us).
+# Split contexts (small batch) keep the H100 settings: the fastest setting at batch 1 and 8 was 1-4 us
+# faster than these (timed alone, a launch each), differed between runs, and inside a decode graph the
+# kernel and its merge take 4.6 + 1.7 us at batch 1.
 BLOCK_N = 64         # cached positions per inner iteration (gathered across pages, any block_size)
 BLOCK_N_SPLIT = 64   # the same when the context is split across programs
 NUM_WARPS = 4
