@@ -9,6 +9,9 @@ replays (GPU time):
   SiLU-and-mul for gate/up, residual add + RMSNorm for o and down), for every tile setting, against
   the same consumer without a delta.
 
+With `--sections gather-grid`, the per-token path alone over a grid of its expand's tile and warps
+and its shrink's K tile and warps.
+
 Each figure comes with the bandwidth it implies from the bytes that must move (the adapters' real
 ranks, not the table's). Each setting's output is checked against the default's before it is timed.
 
@@ -141,12 +144,22 @@ def main():
     # (SiLU-and-mul's for slot tables of rank above 16; rank 16 or less runs 4 warps)
     expand_settings = [{"EXPAND_SHORT_BLOCK_M": m, "EXPAND_SHORT_BLOCK_N": n, "EXPAND_NUM_WARPS": w}
                        for m, n, w in ((16, 256, 4), (32, 128, 4), (16, 128, 4), (32, 256, 4), (16, 256, 8))]
+    # the gather expand's warps: one setting below GATHER_MANY_TOKENS tokens, another from there
+    ew_key = ("EXPAND_GATHER_NUM_WARPS_MANY_TOKENS" if args.batch >= smlm_triton.GATHER_MANY_TOKENS
+              else "EXPAND_GATHER_NUM_WARPS")
+    ew, ew_other = getattr(smlm_triton, ew_key), 4 if getattr(smlm_triton, ew_key) != 4 else 2
     gather_settings = [{"EXPAND_GATHER_BLOCK_N": n, "SHRINK_GATHER_BLOCK_N_MAX": k, "SHRINK_GATHER_BLOCK_K_UNSPLIT": bk,
-                        "SHRINK_GATHER_NUM_WARPS": ws, "EXPAND_GATHER_NUM_WARPS": we}
-                       for n, k, bk, ws, we in ((128, 16, 1024, 4, 4), (128, 16, 512, 4, 4), (128, 32, 1024, 4, 4),
-                                                (128, 16, 1024, 2, 4), (128, 16, 2048, 4, 4), (64, 16, 1024, 4, 4),
-                                                (128, 32, 1024, 2, 4), (128, 16, 1024, 4, 2))]
+                        "SHRINK_GATHER_NUM_WARPS": ws, ew_key: we}
+                       for n, k, bk, ws, we in ((128, 16, 1024, 4, ew), (128, 16, 512, 4, ew), (128, 32, 1024, 4, ew),
+                                                (128, 16, 1024, 2, ew), (128, 16, 2048, 4, ew), (64, 16, 1024, 4, ew),
+                                                (128, 32, 1024, 2, ew), (128, 16, 1024, 4, ew_other))]
     gather_settings.append({"SLOT_RANKS_IN_REGISTERS_MAX": 0})   # each token's slot rank read once its slot is known
+    # --sections gather-grid: the per-token path's expand tile x warps (shrink at its default), then the
+    # shrink's K tile x warps (expand at its default); the first setting of each is the default
+    gather_expand_grid = [{"EXPAND_GATHER_BLOCK_N": n, ew_key: w}
+                          for n, w in itertools.product((128, 64, 256), dict.fromkeys((ew, 4, 2, 1)))]
+    gather_shrink_grid = [{"SHRINK_GATHER_BLOCK_K_UNSPLIT": k, "SHRINK_GATHER_NUM_WARPS": w}
+                          for k, w in ((1024, 4), (512, 2), (1024, 2), (512, 4), (2048, 4), (2048, 8), (1024, 8))]
     shrink_settings = [{"SHRINK_SHORT_BLOCK_M": m, "SHRINK_SHORT_BLOCK_N_MAX": n}
                        for m, n in ((16, 64), (64, 32), (16, 128), (32, 64))]
     # how the folded consumers use each slot's rank (the first: the default): tables of rank >= 32 mask
@@ -192,12 +205,15 @@ def main():
                 return out
             total = a_bytes + b_bytes + act_bytes
             seg, gat = unfolded(args.batch), unfolded(1)
-            if "unfolded" in args.sections:
+            if "unfolded" in args.sections.split(","):
                 sweep("unfolded segment: expand tile", seg, expand_settings, smlm_triton, result(seg), rows, common,
                       total, bw)
                 sweep("unfolded segment: shrink tile", seg, shrink_settings, smlm_triton, result(seg), rows, common,
                       total, bw)
                 sweep("unfolded gather", gat, gather_settings, smlm_triton, result(gat), rows, common, total, bw)
+            if "gather-grid" in args.sections.split(","):
+                sweep("gather grid: expand", gat, gather_expand_grid, smlm_triton, result(gat), rows, common, total, bw)
+                sweep("gather grid: shrink", gat, gather_shrink_grid, smlm_triton, result(gat), rows, common, total, bw)
             if "folded" not in args.sections.split(","):
                 continue
             # folded: every slot's shrink comes out of the base GEMM; the consumer adds each row's delta

@@ -66,6 +66,13 @@ SHRINK_GATHER_BLOCK_K_UNSPLIT = 1024
 SHRINK_GATHER_NUM_WARPS = 4
 EXPAND_GATHER_BLOCK_N = 128
 EXPAND_GATHER_NUM_WARPS = 4
+# From GATHER_MANY_TOKENS tokens (the per-token graphs of many adapters, where every row has its own
+# slot) the gather expand's programs fill the GPU many times over, and 2 warps a program beat 4: H200,
+# 64 adapters, Llama-3-8B shapes, per layer (q/k/v + o + gate/up + down) 16 us less at batch 64, 36 at
+# 128, 67 at 256, gate/up most (`python benchmarks/tune_many_adapters.py --sections gather-grid`).
+# Smaller batches were not timed with 2 warps and keep 4.
+GATHER_MANY_TOKENS = 32
+EXPAND_GATHER_NUM_WARPS_MANY_TOKENS = 2
 
 
 def _ptr_or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -542,7 +549,8 @@ def expand_(
             y, v, lora_b, scaling, token_slot, _ptr_or(slot_rank, token_slot), rank, lora_b.shape[0], *tiles, *bounds,
             y.stride(0), v.stride(0), v_slot_stride, lora_b.stride(0), lora_b.stride(1), scaling.stride(0),
             BLOCK_N=EXPAND_GATHER_BLOCK_N, RANK_PAD=rank_pad, SLOTS_PAD=slot_ranks_pad(lora_b.shape[0], slot_rank is not None),
-            RANK_STEP=rank_step(rank), num_warps=EXPAND_GATHER_NUM_WARPS, **rank_flag,
+            RANK_STEP=rank_step(rank), **rank_flag,
+            num_warps=EXPAND_GATHER_NUM_WARPS_MANY_TOKENS if num_tokens >= GATHER_MANY_TOKENS else EXPAND_GATHER_NUM_WARPS,
         )
     else:
         short = num_tokens <= SHORT_BATCH_TOKENS
