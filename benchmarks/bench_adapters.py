@@ -3,7 +3,7 @@
 Sections (Llama-3-8B shape, random bf16 weights; adapters on all seven projections):
 - `many`: a batch-64 decode step with 16 or 64 distinct adapters in the batch (ranks cycling
   through 8, 16, 32, 64; every adapter in a device slot), against the base-only step of the same
-  engine.
+  engine; base and adapter windows alternate over `--rounds`, medians reported.
 - `swap`: adapters registered beyond the device slots live in the CPU cache; the time to bring one
   into a slot (CPU -> GPU copy of its A/B into every layer's slot table), median of `--swaps`.
 - `load`: `load_adapter` of a rank-16 adapter saved to disk in PEFT format (safetensors), then the
@@ -96,10 +96,17 @@ def bench_many(args, rows):
             eng.add_adapter(f"m{i}", random_adapter(eng, seed=200 + i, r=RANKS[i % len(RANKS)]))
             names.append(f"m{i}")
         kernels_base, kernels_lora = [], []
-        base = decode_step(eng, [None] * args.batch, args.context, args.steps, args.device, kernels_base,
-                           args.profile_kernels)
         mix = [names[i % n] for i in range(args.batch)]
-        lora = decode_step(eng, mix, args.context, args.steps, args.device, kernels_lora, args.profile_kernels)
+        # base and adapter windows alternate over the rounds (the order reversed every other round), as
+        # the same graph can replay a few % faster or slower from one window of steps to the next
+        windows = {"base": [], "lora": []}
+        for r in range(args.rounds):
+            for kind in (("base", "lora") if r % 2 == 0 else ("lora", "base")):
+                profile = args.profile_kernels if r == 0 else 0
+                windows[kind].append(decode_step(eng, [None] * args.batch if kind == "base" else mix, args.context,
+                                                 args.steps, args.device,
+                                                 kernels_base if kind == "base" else kernels_lora, profile))
+        base, lora = statistics.median(windows["base"]), statistics.median(windows["lora"])
         for label, ks in (("base", kernels_base), (f"{n} adapters", kernels_lora)):
             if ks:
                 print(f"--- top kernels a step, batch {args.batch}, {label}")
@@ -115,6 +122,7 @@ def bench_many(args, rows):
             vl.slot_rank.copy_(r)
         row = {"section": "many", "adapters": n, "batch": args.batch, "base_ms": base * 1e3, "lora_ms": lora * 1e3,
                "ratio": lora / base, "padded_reads_ms": padded * 1e3, "padded_ratio": padded / base,
+               "base_windows_ms": [w * 1e3 for w in windows["base"]], "lora_windows_ms": [w * 1e3 for w in windows["lora"]],
                "kernels_base": kernels_base, "kernels_lora": kernels_lora}
         rows.append(row)
         print(row, flush=True)
@@ -164,6 +172,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="windows of base and of adapter steps (medians reported)")
     ap.add_argument("--swaps", type=int, default=8)
     ap.add_argument("--kv-gib", type=float, default=16)
     ap.add_argument("--profile-kernels", type=int, default=0,
